@@ -1,0 +1,35 @@
+"""flowkern: fused kernels for training few-step generative models (flow maps, consistency models, MeanFlow, sCM).
+
+Public API
+----------
+* `flowkern.jvp_attention(q, k, v, q_t, k_t, v_t)` -> (out, out_t): softmax attention and its forward-mode tangent
+  in one fused kernel pass.
+* `flowkern.attention(q, k, v)`: drop-in for `F.scaled_dot_product_attention` that works under `torch.func.jvp`,
+  `torch.autograd.forward_ad` and ordinary backward, with the tangent from the fused kernel.
+* `flowkern.reference`: pure-PyTorch implementations with the same signatures (CPU fallback and test ground truth).
+* `flowkern.use_backend(name)`: pick 'auto', 'triton', 'torch' for the ops inside a ``with`` block.
+"""
+from __future__ import annotations
+
+import importlib.util as _importlib_util
+import os as _os
+
+
+def _expose_source_tree_kernels() -> None:
+    """Installed, the Triton sources in `kernels/` are `flowkern.kernels`. Run from a source tree (PYTHONPATH=.),
+    map that folder to the same name so both ways import the same modules."""
+    if _importlib_util.find_spec("flowkern.kernels") is not None:
+        return
+    tree_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    if _os.path.isfile(_os.path.join(tree_root, "kernels", "__init__.py")):
+        __path__.append(tree_root)  # noqa: F821 - the package's own __path__
+
+
+_expose_source_tree_kernels()
+
+from flowkern._config import use_backend  # noqa: E402
+from flowkern.attention import attention, jvp_attention  # noqa: E402
+from flowkern import reference  # noqa: E402
+
+__all__ = ["attention", "jvp_attention", "reference", "use_backend"]
+__version__ = "0.1.0"

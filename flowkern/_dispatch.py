@@ -1,0 +1,60 @@
+"""Backend selection, shared by every public op.
+
+* ``auto``: Triton for CUDA tensors, the PyTorch reference for CPU tensors, Triton's interpreter for CPU tensors
+  when ``TRITON_INTERPRET=1``. Inputs a Triton kernel cannot take (say float64) go to the reference. ``auto`` never
+  fails for lack of a backend.
+* a backend asked for by name (``FLOWKERN_BACKEND`` or `flowkern.use_backend`) that cannot serve the inputs
+  raises a ``ValueError`` naming the backends that could.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from flowkern._config import requested_backend, triton_interpreting
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_can_serve(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None if Triton can run these inputs, else the reason it cannot."""
+    if not triton_available():
+        return "triton is not installed"
+    if dtype not in _TRITON_DTYPES:
+        return f"the Triton kernels take float16, bfloat16 and float32, not {dtype}"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and triton_interpreting():
+        return None
+    return f"Triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), not on {device.type}"
+
+
+def select_backend(op: str, device: torch.device, dtype: torch.dtype, *, supported=("triton", "torch"),
+                   triton_reason: str | None = None) -> str:
+    """Pick the backend for one call of `op` on inputs of this device and dtype.
+
+    `supported` lists the backends the op has; `triton_reason`, when not None, is an op-specific reason why the
+    Triton kernel cannot take these inputs (an unsupported head dim, say).
+    """
+    asked = requested_backend()
+    reasons: dict[str, str | None] = {"torch": None}
+    if "triton" in supported:
+        reasons["triton"] = triton_reason or _triton_can_serve(device, dtype)
+    for name in ("triton", "cuda", "torch"):
+        reasons.setdefault(name, f"{op} has no {name} backend")
+
+    if asked == "auto":
+        if device.type == "cuda" or triton_interpreting():
+            if reasons["triton"] is None:
+                return "triton"
+        return "torch"
+    if reasons[asked] is None:
+        return asked
+    usable = [name for name in ("triton", "cuda", "torch") if reasons[name] is None]
+    raise ValueError(f"{op}: backend {asked!r} cannot serve inputs on {device} of {dtype}: {reasons[asked]}. "
+                     f"Backends that can: {usable}")

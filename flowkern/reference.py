@@ -1,0 +1,21 @@
+"""Pure-PyTorch references with the public signatures: the ground truth for benchmarks and the CPU fallback.
+
+They run the same autograd.Function as the public ops on the PyTorch backend (`flowkern/attention/torch_launch.py`),
+so they differentiate, take forward-mode tangents, and keep O(N·D) memory like the kernels.
+"""
+from __future__ import annotations
+
+from flowkern._config import use_backend
+from flowkern.attention import api as _attention_api
+
+
+def jvp_attention(q, k, v, q_t, k_t, v_t, *, causal=False, attn_mask=None, scale=None):
+    """`flowkern.jvp_attention` in chunked PyTorch."""
+    with use_backend("torch"):
+        return _attention_api.jvp_attention(q, k, v, q_t, k_t, v_t, causal=causal, attn_mask=attn_mask, scale=scale)
+
+
+def attention(q, k, v, *, causal=False, attn_mask=None, scale=None):
+    """`flowkern.attention` in chunked PyTorch."""
+    with use_backend("torch"):
+        return _attention_api.attention(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale)

@@ -1,0 +1,147 @@
+"""Flash-style attention backward of O (the tangent Ȯ is stop-gradient), recomputing P from the saved LSE.
+
+With P = exp(S − LSE), dO the incoming gradient and Δᵢ = Σ_d dOᵢ_d·Oᵢ_d:
+    dV = Pᵀ dO,   dP = dO Vᵀ,   dS = P ⊙ (dP − Δ),   dQ = c·dS K,   dK = c·dSᵀ Q.
+Three kernels:
+* `attention_bwd_delta_kernel`: Δ, grid (cdiv(seq_q, BLOCK_M), batch·q_heads).
+* `attention_bwd_dkdv_kernel`: one program per key tile of one key/value head walks every query tile of every query
+  head of its GQA group, so dK and dV are summed over the group in registers (no atomics, deterministic);
+  grid (cdiv(seq_k, BLOCK_N), batch·kv_heads).
+* `attention_bwd_dq_kernel`: one program per query tile walks the key tiles; grid (cdiv(seq_q, BLOCK_M), batch·q_heads).
+Rows whose every key is removed have LSE = +inf, so P = 0 and every gradient they send is exactly 0.
+"""
+import triton
+import triton.language as tl
+
+from flowkern.kernels.attention_scores import masked_scores_log2
+from flowkern.kernels.utils import LOG2E, load_tile, mma, store_tile
+
+
+@triton.jit
+def attention_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od,
+                               stride_dob, stride_doh, stride_dom, stride_dod, q_heads, seq_q, head_dim,
+                               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Δ[b, h, i] = Σ_d dO[b, h, i, d]·O[b, h, i, d] in float32; DELTA is [batch·q_heads, seq_q] contiguous."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // q_heads
+    h = pid_bh % q_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = load_tile(O + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od, seq_q, head_dim, 0.0)
+    do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, 0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # [BLOCK_M]
+    tl.store(DELTA + pid_bh * seq_q + offs_m, delta, mask=offs_m < seq_q)
+
+
+@triton.jit
+def attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, MASK, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    q_heads, kv_heads, kv_group, seq_q, seq_k, head_dim, scale, scale_log2,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // kv_heads
+    h_kv = pid_bh % kv_heads
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    offs_m0 = tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+
+    k = load_tile(K + b * stride_kb + h_kv * stride_kh, offs_n, offs_d, stride_kn, stride_kd,
+                  seq_k, head_dim, 0.0)  # [BLOCK_N, BLOCK_D]
+    v = load_tile(V + b * stride_vb + h_kv * stride_vh, offs_n, offs_d, stride_vn, stride_vd,
+                  seq_k, head_dim, 0.0)  # [BLOCK_N, BLOCK_D]
+    kT = tl.trans(k)
+    vT = tl.trans(v)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    lo = 0
+    if CAUSAL:  # query rows before this key tile's first key see none of it
+        lo = ((pid_n * BLOCK_N) // BLOCK_M) * BLOCK_M
+    for g in range(0, kv_group):
+        h = h_kv * kv_group + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        row_base = (b * q_heads + h) * seq_q
+        mask_base = MASK + b * stride_maskb + h * stride_maskh
+        for start_m in range(lo, seq_q, BLOCK_M):
+            offs_m = start_m + offs_m0
+            q = load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, 0.0)  # [BLOCK_M, BLOCK_D]
+            do = load_tile(do_base, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, 0.0)
+            lse = tl.load(LSE + row_base + offs_m, mask=offs_m < seq_q, other=float("inf"))  # [BLOCK_M]
+            delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < seq_q, other=0.0)  # [BLOCK_M]
+            qk = mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
+            s = masked_scores_log2(qk, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k,
+                                   scale_log2, CAUSAL, MASK_KIND)
+            p = tl.math.exp2(s - lse[:, None] * LOG2E)  # [BLOCK_M, BLOCK_N]
+            dv = mma(tl.trans(p).to(do.dtype), do, dv, UPCAST, INPUT_PRECISION)
+            dp = mma(do, vT, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
+            ds = p * (dp - delta[:, None])  # [BLOCK_M, BLOCK_N]
+            dk = mma(tl.trans(ds).to(q.dtype), q, dk, UPCAST, INPUT_PRECISION)
+
+    store_tile(DK + b * stride_dkb + h_kv * stride_dkh, dk * scale, offs_n, offs_d, stride_dkn, stride_dkd,
+               seq_k, head_dim)
+    store_tile(DV + b * stride_dvb + h_kv * stride_dvh, dv, offs_n, offs_d, stride_dvn, stride_dvd,
+               seq_k, head_dim)
+
+
+@triton.jit
+def attention_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, MASK, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    q_heads, kv_group, seq_q, seq_k, head_dim, scale, scale_log2,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // q_heads
+    h = pid_bh % q_heads
+    h_kv = h // kv_group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    offs_n0 = tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+
+    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd,
+                  seq_q, head_dim, 0.0)  # [BLOCK_M, BLOCK_D]
+    do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod,
+                   seq_q, head_dim, 0.0)  # [BLOCK_M, BLOCK_D]
+    lse = tl.load(LSE + pid_bh * seq_q + offs_m, mask=offs_m < seq_q, other=float("inf"))  # [BLOCK_M]
+    delta = tl.load(DELTA + pid_bh * seq_q + offs_m, mask=offs_m < seq_q, other=0.0)  # [BLOCK_M]
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
+    mask_base = MASK + b * stride_maskb + h * stride_maskh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    hi = seq_k
+    if CAUSAL:
+        hi = tl.minimum(seq_k, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, seq_k, head_dim, 0.0)  # [BLOCK_N, BLOCK_D]
+        v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim, 0.0)  # [BLOCK_N, BLOCK_D]
+        qk = mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
+        s = masked_scores_log2(qk, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k,
+                               scale_log2, CAUSAL, MASK_KIND)
+        p = tl.math.exp2(s - lse[:, None] * LOG2E)  # [BLOCK_M, BLOCK_N]
+        dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = mma(ds.to(k.dtype), k, dq, UPCAST, INPUT_PRECISION)
+
+    store_tile(DQ + b * stride_dqb + h * stride_dqh, dq * scale, offs_m, offs_d, stride_dqm, stride_dqd,
+               seq_q, head_dim)
