@@ -45,6 +45,10 @@ def select_backend(op: str, device: torch.device, dtype: torch.dtype, *, support
     reasons: dict[str, str | None] = {"torch": None}
     if "triton" in supported:
         reasons["triton"] = triton_reason or _triton_can_serve(device, dtype)
+    if "cuda" in supported and asked == "cuda":  # only by name: auto never builds the extension
+        from flowkern import _cuda_ext
+
+        reasons["cuda"] = _cuda_ext.cannot_serve(device, dtype)
     for name in ("triton", "cuda", "torch"):
         reasons.setdefault(name, f"{op} has no {name} backend")
 
@@ -55,6 +59,8 @@ def select_backend(op: str, device: torch.device, dtype: torch.dtype, *, support
         return "torch"
     if reasons[asked] is None:
         return asked
-    usable = [name for name in ("triton", "cuda", "torch") if reasons[name] is None]
+    usable = [name for name in ("triton", "torch") if reasons[name] is None]
+    if "cuda" in supported and device.type == "cuda":
+        usable.append("cuda (if the extension builds)")
     raise ValueError(f"{op}: backend {asked!r} cannot serve inputs on {device} of {dtype}: {reasons[asked]}. "
                      f"Backends that can: {usable}")
