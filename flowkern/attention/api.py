@@ -77,6 +77,7 @@ def _spec(q, k, v, attn_mask, causal, scale, op: str) -> AttentionSpec:
     return AttentionSpec(batch, q_heads, kv_heads, seq_q, seq_k, head_dim, causal, scale, mask_kind, backend)
 
 
+@torch.compiler.disable
 def jvp_attention(q, k, v, q_t, k_t, v_t, *, causal=False, attn_mask=None, scale=None):
     """Softmax attention and its forward-mode tangent, from ONE fused kernel pass.
 
@@ -110,6 +111,7 @@ def jvp_attention(q, k, v, q_t, k_t, v_t, *, causal=False, attn_mask=None, scale
     return o, o_t
 
 
+@torch.compiler.disable
 def attention(q, k, v, *, causal=False, attn_mask=None, scale=None):
     """Drop-in for `F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=causal, scale=scale)` that also
     works under `torch.func.jvp`, `torch.autograd.forward_ad` and ordinary backward.
@@ -118,8 +120,10 @@ def attention(q, k, v, *, causal=False, attn_mask=None, scale=None):
     q, k, v are unpacked and passed to it), so a JVP costs one fused pass. Shapes, masks, dtypes and GQA as in
     `jvp_attention`, except that `causal` and `attn_mask` may be combined here (SDPA refuses that).
 
-    `torch.compile`: the op is kept out of Dynamo's graph (a graph break) so its custom forward-AD rule is never
-    dropped; see the README for what that means under `torch.func.jvp(torch.compile(f))`.
+    `torch.compile`: the op runs eagerly inside compiled code (`torch.compiler.disable`: one graph break per call;
+    `fullgraph=True` refuses loudly). Dynamo is known to drop custom forward-AD rules and `torch.library.custom_op`
+    has none, so tracing it could only give silently wrong tangents; eagerly, `torch.func.jvp(torch.compile(f))` and
+    dual tensors through a compiled `f` get the fused tangent (tested).
     """
     qp, q_t = fwAD.unpack_dual(q)
     kp, k_t = fwAD.unpack_dual(k)

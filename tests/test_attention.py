@@ -1,0 +1,184 @@
+"""flowkern.jvp_attention / flowkern.attention against torch.func.jvp of a float64 math attention."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from attention_cases import (assert_close_to, make_inputs, reference_grads, reference_jvp, torch_own_error)
+from conftest import backends_under_test
+
+import flowkern
+from flowkern.attention.function import STOP_GRAD_MESSAGE
+
+BACKENDS = backends_under_test()
+
+# (B, Hq, Hkv, Nq, Nk, D): odd lengths, one-element sequences, cross-attention both ways, GQA and MQA.
+SHAPES = [
+    (1, 1, 1, 1, 1, 16),
+    (2, 2, 2, 37, 45, 24),
+    (1, 4, 2, 50, 19, 32),
+    (1, 3, 1, 17, 70, 40),
+    (2, 2, 1, 33, 33, 64),
+]
+
+
+def _run(backend, *args, **kw):
+    with flowkern.use_backend(backend):
+        return flowkern.jvp_attention(*args, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_output_tangent_and_grads_match_float64_math(backend, shape, causal, device):
+    inputs = make_inputs(*shape, device=device, seed=hash((shape, causal)) % 1000)
+    out, out_t = _run(backend, *inputs, causal=causal)
+    ref_out, ref_t = reference_jvp(*inputs, causal=causal)
+    assert out.shape == ref_out.shape and out.dtype == torch.float32 and out_t.dtype == torch.float32
+    assert_close_to(out, ref_out, torch.float32, what="out")
+    assert_close_to(out_t, ref_t, torch.float32, what="out_t")
+
+    q, k, v = (x.clone().requires_grad_() for x in inputs[:3])
+    with flowkern.use_backend(backend):
+        out = flowkern.attention(q, k, v, causal=causal)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    for name, got, want in zip("qkv", (q.grad, k.grad, v.grad), reference_grads(*inputs[:3], grad_out, causal=causal)):
+        assert_close_to(got, want, torch.float32, what=f"d{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 72, 96, 128, 256])
+def test_head_dims(backend, head_dim, device):
+    inputs = make_inputs(1, 2, 1, 9, 21, head_dim, device=device, seed=head_dim)
+    out, out_t = _run(backend, *inputs, causal=True)
+    ref_out, ref_t = reference_jvp(*inputs, causal=True)
+    assert_close_to(out, ref_out, torch.float32, what="out")
+    assert_close_to(out_t, ref_t, torch.float32, what="out_t")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_low_precision_within_a_multiple_of_pytorchs_own_error(backend, dtype, causal, device):
+    inputs = make_inputs(1, 2, 1, 41, 29, 32, dtype=dtype, device=device, seed=7)
+    out, out_t = _run(backend, *inputs, causal=causal)
+    assert out.dtype == dtype and out_t.dtype == dtype, "outputs and tangents come back in the input dtype"
+    ref = reference_jvp(*inputs, causal=causal)
+    err_out, err_t = torch_own_error(*inputs, ref, causal=causal)
+    assert_close_to(out, ref[0], dtype, err_out, what="out")
+    assert_close_to(out_t, ref[1], dtype, err_t, what="out_t")
+
+    q, k, v = (x.clone().requires_grad_() for x in inputs[:3])
+    with flowkern.use_backend(backend):
+        out = flowkern.attention(q, k, v, causal=causal)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    ref_grads = reference_grads(*inputs[:3], grad_out, causal=causal)
+    low = [x.detach().clone().requires_grad_() for x in inputs[:3]]
+    from flowkern.testing import math_attention
+    own = torch.autograd.grad(math_attention(*low, causal=causal), low, grad_out)
+    for name, got, want, theirs in zip("qkv", (q.grad, k.grad, v.grad), ref_grads, own):
+        assert got.dtype == dtype
+        assert_close_to(got, want, dtype, (theirs.double().cpu() - want).abs().max().item(), what=f"d{name}")
+
+
+@pytest.mark.parametrize("nq,nk", [(5, 12), (12, 5), (8, 8)])
+def test_causal_alignment_is_that_of_stock_sdpa(nq, nk):
+    """is_causal in SDPA is top-left aligned (query i sees keys j <= i) also when Nq != Nk."""
+    q, k, v = make_inputs(1, 2, 2, nq, nk, 16, dtype=torch.float64, seed=nq * nk)[:3]
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    got = flowkern.attention(q, k, v, causal=True)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def _masks(b, h, nq, nk, seed):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(b, h, nq, nk, generator=g) > 0.4
+    additive = torch.randn(b, h, nq, nk, generator=g)
+    additive = additive.masked_fill(torch.rand(b, h, nq, nk, generator=g) > 0.7, float("-inf"))
+    return {
+        "bool_full": keep,
+        "bool_2d": keep[0, 0],
+        "bool_key_padding": keep[:, :1, :1, :],
+        "additive_with_-inf": additive,
+        "additive_head_broadcast": additive[:, :1],
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask_name", list(_masks(1, 1, 2, 2, 0)))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_masks(backend, mask_name, causal, device):
+    b, hq, hkv, nq, nk, d = 2, 2, 1, 19, 23, 16
+    inputs = make_inputs(b, hq, hkv, nq, nk, d, device=device, seed=3)
+    mask = _masks(b, hq, nq, nk, seed=5)[mask_name].to(device)
+    out, out_t = _run(backend, *inputs, causal=causal, attn_mask=mask)
+    ref_out, ref_t = reference_jvp(*inputs, causal=causal, attn_mask=mask)
+    assert_close_to(out, ref_out, torch.float32, what="out")
+    assert_close_to(out_t, ref_t, torch.float32, what="out_t")
+    q, k, v = (x.clone().requires_grad_() for x in inputs[:3])
+    with flowkern.use_backend(backend):
+        out = flowkern.attention(q, k, v, causal=causal, attn_mask=mask)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    ref = reference_grads(*inputs[:3], grad_out, causal=causal, attn_mask=mask)
+    for name, got, want in zip("qkv", (q.grad, k.grad, v.grad), ref):
+        assert_close_to(got, want, torch.float32, what=f"d{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_fully_masked_rows_give_zero_output_tangent_and_gradient(backend, kind, device):
+    b, h, nq, nk, d = 1, 2, 6, 9, 16
+    inputs = make_inputs(b, h, h, nq, nk, d, device=device, seed=11)
+    keep = torch.ones(b, h, nq, nk, dtype=torch.bool)
+    keep[:, 0, 2] = False  # row 2 of head 0 sees no key
+    keep[:, 1, 4:] = False
+    mask = keep if kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    mask = mask.to(device)
+    out, out_t = _run(backend, *inputs, attn_mask=mask)
+    assert torch.isfinite(out).all() and torch.isfinite(out_t).all()
+    assert (out[:, 0, 2] == 0).all() and (out_t[:, 0, 2] == 0).all()
+    assert (out[:, 1, 4:] == 0).all() and (out_t[:, 1, 4:] == 0).all()
+    ref_out, ref_t = reference_jvp(*inputs, attn_mask=mask)
+    assert_close_to(out, ref_out, torch.float32, what="out")
+    assert_close_to(out_t, ref_t, torch.float32, what="out_t")
+    q, k, v = (x.clone().requires_grad_() for x in inputs[:3])
+    with flowkern.use_backend(backend):
+        flowkern.attention(q, k, v, attn_mask=mask).backward(torch.randn(out.shape, device=device))
+    for grad in (q.grad, k.grad, v.grad):
+        assert torch.isfinite(grad).all()
+    assert (q.grad[:, 0, 2] == 0).all() and (q.grad[:, 1, 4:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["bnhd", "expanded_tangent"])
+def test_non_contiguous_inputs(backend, layout, device):
+    inputs = make_inputs(2, 4, 2, 13, 18, 24, device=device, seed=5, layout=layout)
+    assert not all(x.is_contiguous() for x in inputs)
+    out, out_t = _run(backend, *inputs, causal=True)
+    ref_out, ref_t = reference_jvp(*inputs, causal=True)
+    assert_close_to(out, ref_out, torch.float32, what="out")
+    assert_close_to(out_t, ref_t, torch.float32, what="out_t")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scale_argument(backend, device):
+    inputs = make_inputs(1, 2, 2, 11, 13, 32, device=device, seed=2)
+    out, out_t = _run(backend, *inputs, scale=0.37)
+    ref_out, ref_t = reference_jvp(*inputs, scale=0.37)
+    assert_close_to(out, ref_out, torch.float32, what="out")
+    assert_close_to(out_t, ref_t, torch.float32, what="out_t")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backprop_through_the_tangent_raises(backend, device):
+    inputs = [x.requires_grad_() for x in make_inputs(1, 1, 1, 4, 5, 16, device=device)]
+    out, out_t = _run(backend, *inputs)
+    with pytest.raises(RuntimeError, match="stop-gradient"):
+        (out + out_t).sum().backward()
+    out, out_t = _run(backend, *inputs)
+    out.sum().backward()  # through out alone it works, and the tangent inputs get no gradient
+    assert inputs[0].grad is not None and inputs[3].grad is None
+    assert "stop-gradient" in STOP_GRAD_MESSAGE

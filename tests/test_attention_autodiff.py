@@ -1,0 +1,151 @@
+"""flowkern.attention under torch.func.jvp, torch.autograd.forward_ad, gradcheck and torch.compile."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+from attention_cases import assert_close_to, make_inputs, reference_jvp
+from conftest import backends_under_test
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import flowkern
+from flowkern.attention import torch_launch, triton_launch
+from flowkern.testing import math_attention
+
+BACKENDS = backends_under_test()
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Records (backend, with_tangent) for every forward kernel pass."""
+    calls = []
+    for name, module in (("torch", torch_launch), ("triton", triton_launch)):
+        original = module.attention_fwd
+
+        def counting(*args, _original=original, _name=name, **kwargs):
+            calls.append((_name, args[3] is not None))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, "attention_fwd", counting)
+    return calls
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_func_jvp_uses_one_fused_pass(backend, device, fused_calls):
+    q, k, v, q_t, k_t, v_t = make_inputs(1, 4, 2, 21, 26, 32, device=device, seed=1)
+    with flowkern.use_backend(backend):
+        out, out_t = torch.func.jvp(lambda a, b, c: flowkern.attention(a, b, c, causal=True), (q, k, v),
+                                    (q_t, k_t, v_t))
+    assert fused_calls == [(backend, True)], "the JVP must be exactly one fused pass, no separate primal pass"
+    ref_out, ref_t = reference_jvp(q, k, v, q_t, k_t, v_t, causal=True)
+    assert_close_to(out, ref_out, torch.float32, what="out")
+    assert_close_to(out_t, ref_t, torch.float32, what="out_t")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_ad_with_tangent_on_q_only(backend, device, fused_calls):
+    q, k, v, q_t, _, _ = make_inputs(2, 2, 2, 15, 15, 16, device=device, seed=4)
+    with fwAD.dual_level(), flowkern.use_backend(backend):
+        out = flowkern.attention(fwAD.make_dual(q, q_t), k, v)
+        primal, tangent = fwAD.unpack_dual(out)
+    assert fused_calls == [(backend, True)]
+    zeros = torch.zeros_like(k)
+    ref_out, ref_t = reference_jvp(q, k, v, q_t, zeros, zeros)
+    assert_close_to(primal, ref_out, torch.float32, what="out")
+    assert_close_to(tangent, ref_t, torch.float32, what="out_t")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plain_forward_runs_no_tangent_work(backend, device, fused_calls):
+    q, k, v = make_inputs(1, 2, 2, 8, 8, 16, device=device)[:3]
+    with flowkern.use_backend(backend):
+        flowkern.attention(q, k, v)
+    assert fused_calls == [(backend, False)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_meanflow_pattern_jvp_then_grad(backend, device):
+    """The pattern every method uses: a no-grad JVP pass for the target, then a grad pass through the same op;
+    also torch.func.grad over a function that calls torch.func.jvp (sCM's tangent-in-loss form)."""
+    q, k, v, q_t, k_t, v_t = make_inputs(1, 2, 1, 12, 12, 16, device=device, seed=9)
+    w = torch.randn(16, 16, device=device, dtype=torch.float64).float()
+
+    def net(x, weight):
+        return flowkern.attention(x @ weight, k, v, causal=True)
+
+    with flowkern.use_backend(backend):
+        with torch.no_grad():
+            _, target = torch.func.jvp(lambda x: net(x, w), (q,), (q_t,))
+        grad = torch.func.grad(lambda weight: (torch.func.jvp(lambda x: net(x, weight), (q,), (q_t,))[0]
+                                               * target).sum())(w)
+
+    def net_ref(x, weight):
+        return math_attention(x @ weight, k.double(), v.double(), causal=True)
+
+    wd, qd, qtd = w.double(), q.double(), q_t.double()
+    _, target_ref = torch.func.jvp(lambda x: net_ref(x, wd), (qd,), (qtd,))
+    grad_ref = torch.func.grad(lambda weight: (net_ref(qd, weight) * target_ref).sum())(wd)
+    assert_close_to(target, target_ref, torch.float32, what="jvp target")
+    assert_close_to(grad, grad_ref, torch.float32, what="grad")
+
+
+def test_gradcheck_with_forward_ad_on_the_reference():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 5, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(1, 1, 6, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(1, 1, 6, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    mask = torch.rand(1, 2, 5, 6, generator=g) > 0.3
+    for kwargs in ({}, {"causal": True}, {"attn_mask": mask, "scale": 0.7}):
+        assert torch.autograd.gradcheck(lambda a, b, c: flowkern.reference.attention(a, b, c, **kwargs), (q, k, v),
+                                        check_forward_ad=True, check_backward_ad=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_under_torch_compile_the_tangent_is_never_silently_wrong(backend, device, fused_calls):
+    """Dynamo drops custom forward-AD rules, so the op runs eagerly inside compiled code (a graph break):
+    forward, backward, torch.func.jvp(compiled) and dual inputs all get the fused results; fullgraph refuses."""
+    torch._dynamo.reset()
+    q, k, v, q_t, k_t, v_t = make_inputs(1, 2, 2, 9, 9, 16, device=device, seed=12)
+
+    def f(a, b, c):
+        return flowkern.attention(a, b, c) * 2.0
+
+    compiled = torch.compile(f, backend="aot_eager")
+    ref_out, ref_t = reference_jvp(q, k, v, q_t, k_t, v_t)
+    with flowkern.use_backend(backend):
+        out, out_t = torch.func.jvp(compiled, (q, k, v), (q_t, k_t, v_t))
+        assert_close_to(out, 2 * ref_out, torch.float32, what="out")
+        assert_close_to(out_t, 2 * ref_t, torch.float32, what="out_t")
+        with fwAD.dual_level():
+            dual_out = compiled(fwAD.make_dual(q, q_t), fwAD.make_dual(k, k_t), fwAD.make_dual(v, v_t))
+            assert_close_to(fwAD.unpack_dual(dual_out).tangent, 2 * ref_t, torch.float32, what="dual out_t")
+        qg = q.clone().requires_grad_()
+        compiled(qg, k, v).sum().backward()
+        assert torch.isfinite(qg.grad).all() and qg.grad.abs().sum() > 0
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="disable|compiled frames"):
+            torch.compile(lambda a, b, c: flowkern.attention(a, b, c) + 1.0, backend="aot_eager",
+                          fullgraph=True)(q, k, v)
+    assert all(with_tangent for _, with_tangent in fused_calls[:2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(hkv=st.integers(1, 2), group=st.integers(1, 3), nq=st.integers(1, 40), nk=st.integers(1, 40),
+       head_dim=st.sampled_from([8, 16, 24, 48]), causal=st.booleans(),
+       mask=st.sampled_from([None, "bool", "additive"]), seed=st.integers(0, 2**16))
+def test_hypothesis_shapes_and_masks(backend, device, hkv, group, nq, nk, head_dim, causal, mask, seed):
+    inputs = make_inputs(1, hkv * group, hkv, nq, nk, head_dim, device=device, seed=seed)
+    attn_mask = None
+    if mask is not None:
+        g = torch.Generator().manual_seed(seed)
+        keep = torch.rand(1, 1, nq, nk, generator=g) > 0.3
+        attn_mask = keep if mask == "bool" else torch.randn(1, 1, nq, nk, generator=g).masked_fill(~keep, -torch.inf)
+        attn_mask = attn_mask.to(device)
+    with flowkern.use_backend(backend):
+        out, out_t = flowkern.jvp_attention(*inputs, causal=causal, attn_mask=attn_mask)
+    ref_out, ref_t = reference_jvp(*inputs, causal=causal, attn_mask=attn_mask)
+    assert torch.isfinite(out).all() and torch.isfinite(out_t).all()
+    assert_close_to(out, ref_out, torch.float32, what="out")
+    assert_close_to(out_t, ref_t, torch.float32, what="out_t")
