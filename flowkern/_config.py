@@ -4,6 +4,7 @@
 |-------------------|---------------------------------|---------|---------------------------------------------------------------|
 | FLOWKERN_BACKEND  | auto, triton, cuda, torch       | auto    | backend for every op (see `flowkern._dispatch`)               |
 | FLOWKERN_NVTX     | 0, 1                            | 0       | emit NVTX ranges around public ops and training phases        |
+| FLOWKERN_AUTOTUNE | 0, 1                            | 1       | autotune Triton block sizes on a GPU (0: one default config)  |
 | TRITON_INTERPRET  | 0, 1 (read by Triton itself)    | 0       | run Triton kernels in Triton's CPU interpreter                |
 
 Values are read on every call (cheap), so a test or a script can change them at run time.
@@ -51,6 +52,11 @@ def use_backend(name: str):
 
 def nvtx_enabled() -> bool:
     return _env_flag("FLOWKERN_NVTX")
+
+
+def autotune_enabled() -> bool:
+    """Read once, when the kernel modules are imported (Triton's autotuner is set up at import)."""
+    return os.environ.get("FLOWKERN_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def triton_interpreting() -> bool:

@@ -2,12 +2,12 @@
 
 On a GPU each kernel is tuned per (sequence lengths, padded head dim, feature flags); configs whose tiles cannot
 fit (three [BLOCK_M, BLOCK_D] float32 accumulators for the tangent forward at head dim 256, say) are pruned before
-compiling. In Triton's interpreter there is one small config, chosen with BLOCK_M ≠ BLOCK_N so the causal tile
-bounds are exercised.
+compiling. With FLOWKERN_AUTOTUNE=0 (the GPU test suite) each kernel takes its first config. In Triton's
+interpreter there is one small config, chosen with BLOCK_M ≠ BLOCK_N so the causal tile bounds are exercised.
 """
 import triton
 
-from flowkern._config import triton_interpreting
+from flowkern._config import autotune_enabled, triton_interpreting
 from flowkern.kernels.attention_bwd import (attention_bwd_delta_kernel, attention_bwd_dkdv_kernel,
                                            attention_bwd_dq_kernel)
 from flowkern.kernels.attention_fwd import attention_fwd_kernel
@@ -18,8 +18,9 @@ _INTERPRETER = triton_interpreting()
 def _configs(block_m, block_n, warps, stages):
     if _INTERPRETER:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm in block_m for bn in block_n for w in warps for s in stages]
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bm in block_m for bn in block_n for w in warps for s in stages]
+    return configs if autotune_enabled() else configs[:1]
 
 
 def _prune_by_head_dim(configs, named_args, **kwargs):
