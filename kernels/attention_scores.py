@@ -5,7 +5,7 @@ import triton.language as tl
 
 from flowkern.kernels.utils import LOG2E
 
-# MASK_KIND values
+# MASK_KIND values (host side; the kernels compare with the literals)
 NO_MASK = 0
 BOOL_MASK = 1  # True keeps a score (the meaning of a boolean `attn_mask` in F.scaled_dot_product_attention)
 ADDITIVE_MASK = 2  # added to c·QKᵀ; −inf removes a score

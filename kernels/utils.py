@@ -2,8 +2,8 @@
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x·log2 e)
-LN2 = 0.6931471805599453  # ln(2)
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x·log2 e)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
 
 
 @triton.jit
