@@ -1,11 +1,15 @@
 // Flow-map jump (see flow_map_jump.h and kernels/flow_map_jump.py for the maths):
 //   h_b = s_b - t_b,   y[b, f] = x[b, f] + h_b * u[b, f],   l'[b] = l[b] + h_b * D[b]   (float32 maths)
-// One grid-stride loop over the batch*features elements (flat index i -> b = i / features, f = i % features), then
-// one over the batch rows for the log-density. Each element is read and written by one thread, so y may alias x.
+// One grid-stride loop over the batch*features elements (flat index i -> b = i / features, f = i % features: small
+// feature sizes, 2-D toys, keep every thread busy), then one over the batch rows for the log-density. The flat index
+// is 32-bit when it cannot overflow (integer division is far cheaper), else 64-bit. Each element is read and written
+// by one thread, so y may alias x (in place).
 #include "flow_map_jump.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <cstdint>
 
 namespace flowkern {
 namespace {
@@ -32,19 +36,20 @@ template <>
 __device__ __forceinline__ void store_float<__nv_bfloat16>(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 // No __restrict__ on x / y (or logp / logp_out): they may alias (in place).
-template <typename T>
+template <typename T, typename Index>
 __global__ void flow_map_jump_kernel(const T* x, const T* __restrict__ u, const float* __restrict__ t,
                                      const float* __restrict__ s, T* y, int64_t batch, int64_t features,
                                      int64_t stride_xb, int64_t stride_ub, int64_t stride_yb, int64_t stride_t,
                                      int64_t stride_s, bool has_logp, const float* logp,
                                      const float* __restrict__ div, float* logp_out, int64_t stride_lp,
                                      int64_t stride_div, int64_t stride_lpo) {
-  const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t n = batch * features;
-  for (int64_t i = start; i < n; i += step) {
-    const int64_t b = i / features;
-    const int64_t f = i - b * features;
+  const Index start = static_cast<Index>(blockIdx.x) * static_cast<Index>(blockDim.x) + static_cast<Index>(threadIdx.x);
+  const Index step = static_cast<Index>(gridDim.x) * static_cast<Index>(blockDim.x);
+  const Index n = static_cast<Index>(batch * features);
+  const Index nf = static_cast<Index>(features);
+  for (Index i = start; i < n; i += step) {
+    const int64_t b = static_cast<int64_t>(i / nf);
+    const int64_t f = static_cast<int64_t>(i - static_cast<Index>(b) * nf);
     const float h = s[b * stride_s] - t[b * stride_t];
     const float xv = load_float<T>(x + b * stride_xb + f);
     const float uv = load_float<T>(u + b * stride_ub + f);
@@ -66,9 +71,17 @@ cudaError_t launch_typed(const void* x, const void* u, const float* t, const flo
   const int64_t work = batch * features > batch ? batch * features : batch;
   int64_t blocks = (work + kThreads - 1) / kThreads;
   if (blocks > kMaxBlocks) blocks = kMaxBlocks;
-  flow_map_jump_kernel<T><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
-      static_cast<const T*>(x), static_cast<const T*>(u), t, s, static_cast<T*>(y), batch, features, stride_xb,
-      stride_ub, stride_yb, stride_t, stride_s, has_logp, logp, div, logp_out, stride_lp, stride_div, stride_lpo);
+  const dim3 grid(static_cast<unsigned int>(blocks));
+  // 32-bit flat indices when i + step stays below 2^31 for every i < work
+  if (work + blocks * kThreads < static_cast<int64_t>(INT32_MAX)) {
+    flow_map_jump_kernel<T, int32_t><<<grid, kThreads, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<const T*>(u), t, s, static_cast<T*>(y), batch, features, stride_xb,
+        stride_ub, stride_yb, stride_t, stride_s, has_logp, logp, div, logp_out, stride_lp, stride_div, stride_lpo);
+  } else {
+    flow_map_jump_kernel<T, int64_t><<<grid, kThreads, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<const T*>(u), t, s, static_cast<T*>(y), batch, features, stride_xb,
+        stride_ub, stride_yb, stride_t, stride_s, has_logp, logp, div, logp_out, stride_lp, stride_div, stride_lpo);
+  }
   return cudaGetLastError();
 }
 

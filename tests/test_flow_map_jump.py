@@ -60,8 +60,8 @@ def test_jump_float64_reference_is_exact():
 
 @pytest.mark.parametrize("backend", backends_under_test())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_joint_jump_and_in_place(backend, dtype):
-    shape = (19, 3, 5)
+@pytest.mark.parametrize("shape", [(19, 3, 5), (3, 1500)], ids=str)  # one and several feature blocks per sample
+def test_joint_jump_and_in_place(backend, dtype, shape):
     x, u, t, s = _inputs(shape, dtype, seed=1)
     logp = torch.randn(shape[0], device=DEVICE)
     div = torch.randn(shape[0], device=DEVICE)
@@ -220,3 +220,46 @@ def test_cuda_backend_by_name_on_cpu_raises_clearly():
     x, u, t, s = _inputs((2, 3), torch.float32)
     with use_backend("cuda"), pytest.raises(ValueError, match="backend 'cuda' cannot serve"):
         fm.jump(x, u, t, s)
+
+
+_COMPILE_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from flowkern.kernels.flow_map_jump import flow_map_jump_kernel
+
+ints = ["batch", "features", "stride_xb", "stride_ub", "stride_yb", "stride_t", "stride_s", "stride_lp",
+        "stride_div", "stride_lpo"]
+for dtype in ("*fp32", "*fp16", "*bf16"):
+    for has_logp in (False, True):
+        sig = {"X": dtype, "U": dtype, "T": "*fp32", "S": "*fp32", "Y": dtype, "LOGP": "*fp32", "DIV": "*fp32",
+               "LOGP_OUT": "*fp32", **{n: "i32" for n in ints},
+               "HAS_LOGP": "constexpr", "BLOCK_B": "constexpr", "BLOCK_F": "constexpr"}
+        src = ASTSource(fn=flow_map_jump_kernel, signature=sig,
+                        constexprs={"HAS_LOGP": has_logp, "BLOCK_B": 2, "BLOCK_F": 1024})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        assert "flow_map_jump_kernel" in compiled.asm["ptx"], (dtype, has_logp)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernel runs for real")
+def test_triton_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
+    """The interpreter skips Triton's compiler: compile the jump kernel to PTX for sm_90 (in a fresh process, since
+    this one runs kernels in the interpreter) to catch what the interpreter lets through."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    probe = subprocess.run([sys.executable, "-c", "from triton.backends.compiler import GPUTarget; "
+                            "from triton.compiler import ASTSource"], capture_output=True, text=True, env=env)
+    if probe.returncode != 0:
+        pytest.skip("this Triton has no ASTSource/GPUTarget compile API")
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
+                            cwd=root, timeout=300)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
