@@ -354,5 +354,9 @@ def test_validation_errors():
         fm.semigroup_target(g, z, 1.0, math.inf, 0.0)
     with pytest.raises(ValueError, match=r"r must lie in \[0, 1\]"):
         fm.semigroup_target(g, z, 1.0, 1.5, 0.0)
+    with pytest.raises(ValueError, match="logp was given but the model returned u alone"):
+        fm.evaluate(g, z, torch.zeros(3, 1), torch.zeros(3, 1), logp=torch.zeros(3))
+    with pytest.raises(ValueError, match="logp was given but the model returned u alone"):
+        fm.semigroup_target(g, z, 1.0, 0.5, 0.0, logp=torch.zeros(3))
     with pytest.raises(TypeError, match="needs the end time s"):
         fm.semigroup_target(g, z, 1.0, 0.5)

@@ -248,6 +248,8 @@ def evaluate(model: Callable, x, t, s, *, logp=None, max_batch=None, return_u=Fa
         xr = x.unsqueeze(1).expand(batch, k, *x.shape[1:]).reshape(batch * k, *x.shape[1:])
         tf, sf = t.reshape(batch * k), s.reshape(batch * k)
         u, d = _call_model(model, xr, tf, sf, max_batch)
+        if d is None and logp is not None:
+            raise ValueError("logp was given but the model returned u alone: log-densities need a (u, D) model")
         lp = None
         if d is not None:
             lp = (torch.zeros(batch * k, dtype=_logp_dtype(x), device=x.device) if logp is None
@@ -451,6 +453,8 @@ def semigroup_target(model: Callable, x, t, r=None, s=None, *, logp=None, max_ba
         both_t = torch.cat([t, t])
         both_s = torch.cat([r, s])
         u, d = _call_model(model, both_x, both_t, both_s, max_batch)
+        if d is None and logp is not None:
+            raise ValueError("logp was given but the model returned u alone: log-densities need a (u, D) model")
         if d is None:
             backend = _backend(op, x, None)
             first = _jump(both_x, u, both_t, both_s, None, None, backend, inplace=False)
