@@ -58,3 +58,42 @@ def check_int(name: str, value, *, minimum: int | None = None) -> int:
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def check_times(name: str, value, batch: int, *, device: torch.device, dtype: torch.dtype = torch.float32,
+                shapes: str = "[B]", check_values: bool = True) -> torch.Tensor:
+    """A time argument in [0, 1] (t = 0 data, t = 1 noise), returned as a `dtype` tensor of shape [batch].
+
+    `value` is a finite Python number, a 0-d tensor (broadcast over the batch), or a tensor of shape [batch].
+    Floating tensors keep their autograd graph and forward-mode tangents (the cast to `dtype` is differentiable).
+    `check_values` checks every entry is finite and in [0, 1] (one host sync on CUDA tensors).
+    """
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor (times are float32), got {value.dtype}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but x is on {device}; they must be on one device")
+        if value.dim() == 0:
+            value = value.expand(batch)
+        elif value.shape != (batch,):
+            raise ValueError(f"{name} must be a scalar or have shape {shapes} = [{batch}], got {tuple(value.shape)}")
+        value = value.to(dtype)
+        if check_values:
+            check_time_values(name, value)
+        return value
+    value = check_finite_scalar(name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1] (t = 0 data, t = 1 noise), got {value}")
+    return torch.full((batch,), value, dtype=dtype, device=device)
+
+
+def check_time_values(name: str, value: torch.Tensor) -> None:
+    """Every entry of the time tensor `value` is finite and in [0, 1]."""
+    if value.numel() == 0:
+        return
+    v = value.detach()
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(f"{name} must be finite, got non-finite entries")
+    if not bool(((v >= 0) & (v <= 1)).all()):
+        raise ValueError(f"{name} must lie in [0, 1] (t = 0 data, t = 1 noise), got values in "
+                         f"[{float(v.min())}, {float(v.max())}]")
