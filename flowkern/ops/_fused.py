@@ -53,7 +53,11 @@ class FusedFunction(torch.autograd.Function):
         inputs, tangents = args[:op.n_inputs], args[op.n_inputs:]
         has_tangent = any(t is not None for t in tangents)
         y, y_t, aux = op.forward(inputs, tangents if has_tangent else None)
-        return (y, y_t, *aux)
+        # Outputs may be reshaped views of kernel buffers (or two halves of one GEMM output); autograd forbids
+        # in-place ops on view outputs of a custom Function, so hand out non-view aliases (no copy). They keep the
+        # buffer's version counter: y and y_t of the linear op share one, which only matters if y_t is saved for
+        # a backward and y is then modified in place.
+        return tuple(None if o is None else o.detach() for o in (y, y_t, *aux))
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -67,6 +67,8 @@ def activation(x, v, *, kind: str, write_y: bool = True):
     y = torch.empty_like(x) if write_y else None
     yv = torch.empty_like(v) if v is not None else None
     n = x.numel()
+    if n == 0:
+        return y, yv
     kern.activation_kernel[(triton.cdiv(n, ACTIVATION_BLOCK),)](
         x, _or(v, x), _or(y, x), _or(yv, x), n,
         ACT=act, WRITE_Y=write_y, HAS_V=v is not None, BLOCK=ACTIVATION_BLOCK, num_warps=4,
