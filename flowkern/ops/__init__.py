@@ -16,3 +16,5 @@ __all__ = [
     "linear_jvp", "modulate", "modulate_jvp", "rms_norm", "rms_norm_jvp", "silu", "silu_jvp", "time_embedding",
     "time_embedding_jvp",
 ]
+
+from flowkern.ops import reference  # noqa: E402 - reads __all__ above
