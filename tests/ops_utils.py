@@ -55,7 +55,8 @@ def check_against_plain(backend, fused, plain, primals, tangents, dtype, *, scal
     grads_ref = torch.autograd.grad(plain(*leaves64), leaves64, g.double())
     for i, (a, b) in enumerate(zip(grads, grads_ref)):
         assert a.dtype == primals[i].dtype
-        assert_close(a, b, dtype, f"gradient of input {i}", scale_tol=scale_tol)
+        coarser = primals[i].dtype if TOL[primals[i].dtype] > TOL[dtype] else dtype  # gradients come back in it
+        assert_close(a, b, coarser, f"gradient of input {i}", scale_tol=scale_tol)
 
 
 def check_explicit(backend, explicit, plain, primals, tangents, dtype, *, scale_tol: float = 1.0) -> None:

@@ -45,6 +45,19 @@ def stop_grad_message(name: str) -> str:
             "torch.func.jvp over the drop-in op inside torch.func.grad if you need second-order terms.")
 
 
+def _not_a_view(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The same memory as a tensor that is not a view (no copy).
+
+    Outputs may be reshaped views of kernel buffers, or the two halves of one GEMM output. Autograd forbids in-place
+    ops on view outputs of a custom Function, and forward AD mishandles tangents of view outputs (`detach()` is a
+    view for forward AD, so it does not help): a fresh tensor over the same storage is neither.
+    """
+    if t is None or not t._is_view():
+        return t
+    alias = torch.empty(0, dtype=t.dtype, device=t.device)
+    return alias.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+
+
 class FusedFunction(torch.autograd.Function):
     """apply(op, serve_tangent, *inputs, *tangents) -> (y, y_t, *aux)."""
 
@@ -53,11 +66,7 @@ class FusedFunction(torch.autograd.Function):
         inputs, tangents = args[:op.n_inputs], args[op.n_inputs:]
         has_tangent = any(t is not None for t in tangents)
         y, y_t, aux = op.forward(inputs, tangents if has_tangent else None)
-        # Outputs may be reshaped views of kernel buffers (or two halves of one GEMM output); autograd forbids
-        # in-place ops on view outputs of a custom Function, so hand out non-view aliases (no copy). They keep the
-        # buffer's version counter: y and y_t of the linear op share one, which only matters if y_t is saved for
-        # a backward and y is then modified in place.
-        return tuple(None if o is None else o.detach() for o in (y, y_t, *aux))
+        return tuple(_not_a_view(o) for o in (y, y_t, *aux))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -71,6 +80,7 @@ class FusedFunction(torch.autograd.Function):
         ctx.save_for_forward(*primals)
         # served by jvp(): computed in the same kernel pass as y
         ctx.fused_tangent = y_t if serve_tangent else None
+        ctx.has_tangent_output = y_t is not None and not serve_tangent  # the explicit form's stop-grad y_t
         # one call: each mark_non_differentiable call replaces the previous one
         ctx.mark_non_differentiable(*aux, *((y_t,) if ctx.fused_tangent is not None else ()))
 
@@ -96,6 +106,12 @@ class FusedFunction(torch.autograd.Function):
         if any(t is not None for t in dargs[op.n_inputs:]):
             raise NotImplementedError(f"{op.name}: forward-mode AD through the tangent inputs (second-order forward "
                                       "mode) is not supported")
+        if ctx.has_tangent_output:
+            # PyTorch cannot take a None tangent for the (differentiable) tangent output, and a zero one would be
+            # silently wrong: it is the second-order term.
+            raise NotImplementedError(
+                f"{op.name}: the explicit (x, x_t) form was called on inputs that carry forward-mode tangents "
+                "(inside torch.func.jvp or forward_ad); call the drop-in op there, whose tangent is fused")
         y_t = ctx.fused_tangent
         ctx.fused_tangent = None
         if y_t is None:  # tangents arrived through forward AD only: one fused pass for them
