@@ -12,7 +12,7 @@ import triton.language as tl
 
 @triton.jit
 def _pair(T, S, row, DELTA: tl.constexpr):
-    """(τ₀, τ₁) of sample `row` as float32 scalars: (t, s), or (t, t − s) when DELTA. Linear, so it maps tangents too."""
+    """(τ₀, τ₁) of sample `row` as float32 scalars: (t, s), or (t, t − s) when DELTA. Linear: maps tangents too."""
     t = tl.load(T + row).to(tl.float32)
     s = tl.load(S + row).to(tl.float32)
     if DELTA:

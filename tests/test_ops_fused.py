@@ -71,7 +71,7 @@ def test_unserved_jvp_path(backend):
 
     x, v = torch.randn(3, 10), torch.randn(3, 10)
     ref = torch.func.jvp(lambda x: F.layer_norm(x.double(), (10,)), (x,), (v,))[1]
-    op = NormOp("test", backend, False, False, 1e-5, 3, 3)
+    op = NormOp("test", backend, False, False, 1e-5, 3)
     with flowkern.use_backend(backend), fwAD.dual_level():
         y = FusedFunction.apply(op, False, fwAD.make_dual(x, v), None, None, None, None, None)[0]
         tangent = fwAD.unpack_dual(y).tangent

@@ -17,4 +17,4 @@ __all__ = [
     "time_embedding_jvp",
 ]
 
-from flowkern.ops import reference  # noqa: E402 - reads __all__ above
+from flowkern.ops import reference  # noqa: E402,F401 - reads __all__ above

@@ -123,6 +123,7 @@ class FusedFunction(torch.autograd.Function):
         return (y_t, None) + (None,) * ctx.n_aux
 
 
+@torch.compiler.disable  # a graph break: Dynamo would silently drop the custom jvp (KERNELS.md §5)
 def apply_dual(op: FusedOp, *inputs):
     """y = op(inputs); under forward AD (`forward_ad` or `torch.func.jvp`) its tangent is the fused one."""
     tangents = [fwAD.unpack_dual(x).tangent if isinstance(x, torch.Tensor) else None for x in inputs]
@@ -132,6 +133,7 @@ def apply_dual(op: FusedOp, *inputs):
         return FusedFunction.apply(op, True, *inputs, *tangents)[0]
 
 
+@torch.compiler.disable
 def apply_explicit(op: FusedOp, inputs, tangents):
     """(y, y_t) of op from one fused pass, with the tangents given explicitly (None = zero)."""
     with nvtx_range(op.name):

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 from flowkern._dispatch import select_backend
 from flowkern._validate import check_finite_scalar
-from flowkern.ops._fused import FusedOp, apply_dual, apply_explicit, acc_dtype, launcher, primal, zeros_if_none
+from flowkern.ops._fused import FusedOp, acc_dtype, apply_dual, apply_explicit, launcher, primal, zeros_if_none
 from flowkern.ops._rows import as_rows, check_tangent, param_group, reduce_rows, row_layout, triton_reason
 
 NORMS = ("layer", "rms")
@@ -27,38 +27,31 @@ class NormOp(FusedOp):
     is_rms: bool
     one_plus: bool
     eps: float
-    w_group: int
-    b_group: int
+    group: int  # rows of x per row of w and b (flowkern/ops/_rows.py); w and b share one layout
     n_inputs: ClassVar[int] = 3
 
     def forward(self, inputs, tangents):
         x, w, b = inputs
         d = x.shape[-1]
-        group = self.w_group if w is not None else self.b_group
         x_t = w_t = b_t = None
         if tangents is not None:
             x_t, w_t, b_t = tangents
             x_t = zeros_if_none(x_t, x)
         y, y_t, mean, rstd = launcher(self.backend).norm_fwd(
-            as_rows(x, d), _params(w, d), _params(b, d), as_rows(x_t, d), _params(w_t, d), _params(b_t, d),
-            is_rms=self.is_rms, one_plus=self.one_plus, group=group, eps=self.eps)
+            as_rows(x, d), as_rows(w, d), as_rows(b, d), as_rows(x_t, d), as_rows(w_t, d), as_rows(b_t, d),
+            is_rms=self.is_rms, one_plus=self.one_plus, group=self.group, eps=self.eps)
         return y.view(x.shape), (None if y_t is None else y_t.view(x.shape)), (mean, rstd)
 
     def backward(self, inputs, aux, dy, needs):
         x, w, b = inputs
         mean, rstd = aux
         d = x.shape[-1]
-        group = self.w_group if w is not None else self.b_group
         dx, dw_rows = launcher(self.backend).norm_bwd(
-            as_rows(x, d), _params(w, d), as_rows(dy, d), mean, rstd, is_rms=self.is_rms, one_plus=self.one_plus,
-            group=group, need_dx=needs[0], need_dw=needs[1])
-        dw = reduce_rows(dw_rows, self.w_group, w.shape, w.dtype) if needs[1] else None
-        db = reduce_rows(as_rows(dy, d).to(acc_dtype(dy.dtype)), self.b_group, b.shape, b.dtype) if needs[2] else None
+            as_rows(x, d), as_rows(w, d), as_rows(dy, d), mean, rstd, is_rms=self.is_rms, one_plus=self.one_plus,
+            group=self.group, need_dx=needs[0], need_dw=needs[1])
+        dw = reduce_rows(dw_rows, self.group, w.shape, w.dtype) if needs[1] else None
+        db = reduce_rows(as_rows(dy, d).to(acc_dtype(dy.dtype)), self.group, b.shape, b.dtype) if needs[2] else None
         return (None if dx is None else dx.view(x.shape)), dw, db
-
-
-def _params(p, d: int):
-    return None if p is None else p.reshape(-1, d).contiguous()
 
 
 def _norm_op(op: str, x, w, b, eps, *, is_rms: bool, one_plus: bool, w_name: str, b_name: str,
@@ -75,7 +68,7 @@ def _norm_op(op: str, x, w, b, eps, *, is_rms: bool, one_plus: bool, w_name: str
         raise ValueError(f"{w_name} and {b_name} must have the same shape, got {tuple(w.shape)} and {tuple(b.shape)}")
     group = next(iter(groups.values()), layout.rows)
     backend = select_backend(op, x.device, x.dtype, triton_reason=triton_reason(layout.n_cols))
-    return NormOp(op, backend, is_rms, one_plus, eps, group, group)
+    return NormOp(op, backend, is_rms, one_plus, eps, group)
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
