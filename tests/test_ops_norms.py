@@ -199,3 +199,12 @@ def test_triton_backend_refuses_float64():
         pytest.skip("needs Triton (GPU or interpreter)")
     with flowkern.use_backend("triton"), pytest.raises(ValueError, match="backend 'triton' cannot serve"):
         ops.layer_norm(torch.randn(2, 3, dtype=torch.float64))
+
+
+def test_wide_rows_leave_triton():
+    """Rows wider than one Triton block: auto picks the reference, a Triton request names the reason."""
+    x = torch.randn(1, 32769)
+    ops.layer_norm(x)  # auto: never fails for lack of a backend
+    if TRITON_RUNS:
+        with flowkern.use_backend("triton"), pytest.raises(ValueError, match="up to 32768 features"):
+            ops.layer_norm(x)

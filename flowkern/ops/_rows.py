@@ -8,10 +8,12 @@ becomes a contiguous [n_groups, D] tensor whose row r // group serves row r of x
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
+from flowkern._dispatch import select_backend
 from flowkern._validate import check_like, check_tensor
 
 MAX_TRITON_FEATURES = 32768  # one row per program, the whole row in registers
@@ -68,7 +70,16 @@ def reduce_rows(per_row: torch.Tensor, group: int, shape, dtype: torch.dtype) ->
     return per_row.view(rows // group, group, d).sum(1).reshape(shape).to(dtype)
 
 
-def triton_reason(n_cols: int) -> str | None:
+def select_row_backend(op: str, x: torch.Tensor, n_cols: int) -> str:
+    """`select_backend` for a row op; warns once per op when a CUDA call falls back to the PyTorch reference."""
+    reason = None
     if n_cols > MAX_TRITON_FEATURES:
-        return f"the Triton row kernels take up to {MAX_TRITON_FEATURES} features, got {n_cols}"
-    return None
+        reason = f"the Triton row kernels take up to {MAX_TRITON_FEATURES} features, got {n_cols}"
+    backend = select_backend(op, x.device, x.dtype, triton_reason=reason)
+    if backend == "torch" and x.device.type == "cuda" and reason and op not in _warned_fallback:
+        _warned_fallback.add(op)
+        warnings.warn(f"{op}: {reason}; using the PyTorch reference (slow)", stacklevel=3)
+    return backend
+
+
+_warned_fallback: set = set()

@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from flowkern._dispatch import select_backend
 from flowkern._validate import check_finite_scalar
 from flowkern.ops._fused import FusedOp, acc_dtype, apply_dual, apply_explicit, launcher, primal, zeros_if_none
-from flowkern.ops._rows import as_rows, check_tangent, param_group, reduce_rows, row_layout, triton_reason
+from flowkern.ops._rows import as_rows, check_tangent, param_group, reduce_rows, row_layout, select_row_backend
 
 NORMS = ("layer", "rms")
 
@@ -67,7 +66,7 @@ def _norm_op(op: str, x, w, b, eps, *, is_rms: bool, one_plus: bool, w_name: str
     if len(set(groups.values())) > 1:
         raise ValueError(f"{w_name} and {b_name} must have the same shape, got {tuple(w.shape)} and {tuple(b.shape)}")
     group = next(iter(groups.values()), layout.rows)
-    backend = select_backend(op, x.device, x.dtype, triton_reason=triton_reason(layout.n_cols))
+    backend = select_row_backend(op, x, layout.n_cols)
     return NormOp(op, backend, is_rms, one_plus, eps, group)
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from flowkern._dispatch import select_backend
 from flowkern._validate import check_like
 from flowkern.ops._fused import FusedOp, apply_dual, apply_explicit, launcher, primal, zeros_if_none
-from flowkern.ops._rows import as_rows, check_tangent, param_group, reduce_rows, row_layout, triton_reason
+from flowkern.ops._rows import as_rows, check_tangent, param_group, reduce_rows, row_layout, select_row_backend
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ def _op(name, x, gate, y) -> GatedResidualOp:
     layout = row_layout("x", x)
     check_like("y", y, "x", x)
     group = param_group("gate", gate, "x", x, shared_ok=True, per_sample_ok=True)
-    backend = select_backend(name, x.device, x.dtype, triton_reason=triton_reason(layout.n_cols))
+    backend = select_row_backend(name, x, layout.n_cols)
     return GatedResidualOp(name, backend, group)
 
 
