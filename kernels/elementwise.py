@@ -9,8 +9,8 @@ Activations, on the flat tensor (BLOCK elements per program), f and its derivati
 and v = dy with WRITE_Y=False is the backward dx.
 
 Gated residual, one program per row [D] (gate row r // group, see kernels/rows.py):
-    out = x + g⊙y,   ȯut = ẋ + ġ⊙y + g⊙ẏ;   backward: dx = dout, dy = g⊙dout, dg rows = dout⊙y (float32,
-    summed by the host over the rows sharing a gate row).
+    out = x + g⊙y,   ȯut = ẋ + ġ⊙y + g⊙ẏ;   backward: dx = dout, dy = g⊙dout, dg = Σ dout⊙y over the rows sharing
+    a gate row (float32 partial sums per program, added by the host).
 """
 import triton
 import triton.language as tl
@@ -77,14 +77,26 @@ def gated_residual_fwd_kernel(
 
 @triton.jit
 def gated_residual_bwd_kernel(
-    G, Y, DOUT, DY, DGROWS, stride_g, stride_y, stride_dout, stride_dy, stride_dgrows,
-    n_cols, group, NEED_DY: tl.constexpr, NEED_DG: tl.constexpr, BLOCK_D: tl.constexpr,
+    G, Y, DOUT, DY, DG_PART, stride_g, stride_y, stride_dout, stride_dy,
+    n_cols, group, rows_per_prog, n_chunks, NEED_DY: tl.constexpr, NEED_DG: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dy = g⊙dout and the float32 rows dout⊙y of the gate gradient, for one row. Grid: (rows,)."""
-    row = tl.program_id(0).to(tl.int64)
+    """dy = g⊙dout per row and float32 partial sums of dout⊙y (the gate gradient).
+
+    Grid: (n_groups, n_chunks), rows as in kernels/norms.py::norm_bwd_kernel; partials [n_groups, n_chunks, D].
+    """
+    gi = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
     cols, mask = row_offsets(n_cols, BLOCK_D)
-    dout = load_row(DOUT, row, stride_dout, cols, mask)  # [BLOCK_D]
     if NEED_DY:
-        store_row(DY, row, stride_dy, cols, mask, load_row(G, row // group, stride_g, cols, mask) * dout)
+        g = load_row(G, gi, stride_g, cols, mask)  # [BLOCK_D]
+    dg_acc = tl.zeros([BLOCK_D], tl.float32)
+    first = c * rows_per_prog
+    for i in range(0, tl.minimum(rows_per_prog, group - first)):
+        row = gi * group + first + i
+        dout = load_row(DOUT, row, stride_dout, cols, mask)  # [BLOCK_D]
+        if NEED_DY:
+            store_row(DY, row, stride_dy, cols, mask, g * dout)
+        if NEED_DG:
+            dg_acc += load_row(Y, row, stride_y, cols, mask) * dout
     if NEED_DG:
-        store_row(DGROWS, row, stride_dgrows, cols, mask, load_row(Y, row, stride_y, cols, mask) * dout)
+        tl.store(DG_PART + (gi * n_chunks + c) * n_cols + cols, dg_acc, mask=mask)

@@ -7,8 +7,8 @@ One program per row x ∈ R^D (float32 maths, outputs in the input dtype):
     y = x̂·w + b, with w = γ (ONE_PLUS=False) or w = 1 + scale (adaLN modulate, ONE_PLUS=True), b = β or shift.
 Tangent (KERNELS.md §2), P(v) = r·(v − mean(v) − x̂·mean(x̂⊙v)) for LayerNorm, r·(v − x̂·mean(x̂⊙v)) for RMSNorm:
     x̂̇ = P(ẋ),  ẏ = x̂̇·w + x̂·ẇ + ḃ
-Backward, g = dy·w:  dx = P(g)  (the same projection: P is self-adjoint), and the per-row products dy⊙x̂ (float32),
-which the host sums over the rows sharing a w row to get dγ / dscale (dβ / dshift are sums of dy).
+Backward, g = dy·w:  dx = P(g)  (the same projection: P is self-adjoint); dγ / dscale = Σ dy⊙x̂ and dβ / dshift = Σ dy
+over the rows sharing a parameter row, as float32 partial sums per program (the host adds the partials).
 """
 import triton
 import triton.language as tl
@@ -85,25 +85,42 @@ def norm_fwd_kernel(
 
 @triton.jit
 def norm_bwd_kernel(
-    X, W, DY, MEAN, RSTD, DX, DWROWS,
-    stride_x, stride_w, stride_dy, stride_dx, stride_dwrows,
-    n_cols, group,
+    X, W, DY, MEAN, RSTD, DX, DW_PART, DB_PART,
+    stride_x, stride_w, stride_dy, stride_dx,
+    n_cols, group, rows_per_prog, n_chunks,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, ONE_PLUS: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, BLOCK_D: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dx = P(dy·w) and (NEED_DW) the float32 row products dy⊙x̂, from the saved μ, r. Grid: (rows,)."""
-    row = tl.program_id(0).to(tl.int64)
+    """dx = P(dy·w) per row, and partial sums of dy⊙x̂ (dγ / dscale) and dy (dβ / dshift), from the saved μ, r.
+
+    Grid: (n_groups, n_chunks). Program (g, c) walks rows g·group + [c·rows_per_prog, (c+1)·rows_per_prog) ∩ its
+    group (they share parameter row g, loaded once) and writes its float32 partials to DW_PART / DB_PART
+    [n_groups, n_chunks, D]; the host sums over the chunks.
+    """
+    g = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
     cols, mask = row_offsets(n_cols, BLOCK_D)
-    x = load_row(X, row, stride_x, cols, mask)  # [BLOCK_D]
-    dy = load_row(DY, row, stride_dy, cols, mask)  # [BLOCK_D]
-    mean = tl.load(MEAN + row)
-    rstd = tl.load(RSTD + row)
-    if IS_RMS:
-        xhat = x * rstd
-    else:
-        xhat = tl.where(mask, x - mean, 0.0) * rstd  # [BLOCK_D]
     if NEED_DX:
-        w = _row_weight(W, row // group, stride_w, cols, mask, HAS_W, ONE_PLUS)
-        store_row(DX, row, stride_dx, cols, mask, _project(dy * w, xhat, rstd, mask, n_cols, IS_RMS))
+        w = _row_weight(W, g, stride_w, cols, mask, HAS_W, ONE_PLUS)  # [BLOCK_D]
+    dw_acc = tl.zeros([BLOCK_D], tl.float32)
+    db_acc = tl.zeros([BLOCK_D], tl.float32)
+    first = c * rows_per_prog
+    for i in range(0, tl.minimum(rows_per_prog, group - first)):
+        row = g * group + first + i
+        x = load_row(X, row, stride_x, cols, mask)  # [BLOCK_D]
+        dy = load_row(DY, row, stride_dy, cols, mask)  # [BLOCK_D]
+        mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+        if IS_RMS:
+            xhat = x * rstd
+        else:
+            xhat = tl.where(mask, x - mean, 0.0) * rstd  # [BLOCK_D]
+        if NEED_DX:
+            store_row(DX, row, stride_dx, cols, mask, _project(dy * w, xhat, rstd, mask, n_cols, IS_RMS))
+        dw_acc += dy * xhat
+        db_acc += dy
+    part = (g * n_chunks + c) * n_cols
     if NEED_DW:
-        store_row(DWROWS, row, stride_dwrows, cols, mask, dy * xhat)
+        tl.store(DW_PART + part + cols, dw_acc, mask=mask)
+    if NEED_DB:
+        tl.store(DB_PART + part + cols, db_acc, mask=mask)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import flowkern
 from flowkern import ops
 from ops_utils import assert_close, randn
-from conftest import backends_under_test
+from conftest import TRITON_RUNS, backends_under_test
 
 BACKENDS = backends_under_test()
 
@@ -122,3 +122,32 @@ def test_no_tangent_no_tangent_work():
     finally:
         torch_launch.activation = real
     assert calls == [True]
+
+
+@pytest.mark.skipif(not TRITON_RUNS, reason="needs Triton (GPU or interpreter)")
+@pytest.mark.interpreter
+@pytest.mark.parametrize("programs", [1, 3, 5])
+def test_backward_partial_sums_over_chunks(programs, monkeypatch):
+    """Few backward programs: each walks several rows of its group (the last chunk partial) and the host adds the
+    partial parameter gradients."""
+    from flowkern.ops import triton_launch
+
+    monkeypatch.setattr(triton_launch, "BWD_PROGRAMS", programs)
+    gen = torch.Generator().manual_seed(programs)
+    x, y = randn(2, 7, 13, gen=gen), randn(2, 7, 13, gen=gen)
+    w, b, sh, sc, gate = (randn(*s, gen=gen) for s in ((13,), (13,), (2, 13), (2, 13), (2, 13)))
+    g = randn(2, 7, 13, gen=gen)
+
+    def fused(x, y, w, b, sh, sc, gate):
+        return ops.gated_residual(ops.layer_norm(x, w, b), gate, ops.modulate(y, sh, sc))
+
+    def plain(x, y, w, b, sh, sc, gate):
+        m = F.layer_norm(y, (13,), eps=1e-6) * (1 + sc[:, None]) + sh[:, None]
+        return F.layer_norm(x, (13,), w, b) + gate[:, None] * m
+
+    leaves = [p.clone().requires_grad_() for p in (x, y, w, b, sh, sc, gate)]
+    with flowkern.use_backend("triton"):
+        grads = torch.autograd.grad(fused(*leaves), leaves, g)
+    leaves64 = [p.double().requires_grad_() for p in (x, y, w, b, sh, sc, gate)]
+    for i, (a, ref) in enumerate(zip(grads, torch.autograd.grad(plain(*leaves64), leaves64, g.double()))):
+        assert_close(a, ref, torch.float32, f"gradient {i}")

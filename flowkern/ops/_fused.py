@@ -146,11 +146,6 @@ def primal(t):
     return fwAD.unpack_dual(t).primal if isinstance(t, torch.Tensor) else t
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def zeros_if_none(t, like: torch.Tensor) -> torch.Tensor:
     """A missing input tangent as an explicit zero tensor (for kernels that always read one)."""
     return torch.zeros_like(like) if t is None else t

@@ -64,12 +64,6 @@ def as_rows(x: torch.Tensor | None, n_cols: int) -> torch.Tensor | None:
     return None if x is None else x.reshape(-1, n_cols).contiguous()
 
 
-def reduce_rows(per_row: torch.Tensor, group: int, shape, dtype: torch.dtype) -> torch.Tensor:
-    """Sum a [rows, D] per-row gradient over the rows sharing a parameter row; back to the parameter's shape."""
-    rows, d = per_row.shape
-    return per_row.view(rows // group, group, d).sum(1).reshape(shape).to(dtype)
-
-
 def select_row_backend(op: str, x: torch.Tensor, n_cols: int) -> str:
     """`select_backend` for a row op; warns once per op when a CUDA call falls back to the PyTorch reference."""
     reason = None

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from flowkern._validate import check_finite_scalar
-from flowkern.ops._fused import FusedOp, acc_dtype, apply_dual, apply_explicit, launcher, primal, zeros_if_none
-from flowkern.ops._rows import as_rows, check_tangent, param_group, reduce_rows, row_layout, select_row_backend
+from flowkern.ops._fused import FusedOp, apply_dual, apply_explicit, launcher, primal, zeros_if_none
+from flowkern.ops._rows import as_rows, check_tangent, param_group, row_layout, select_row_backend
 
 NORMS = ("layer", "rms")
 
@@ -45,11 +45,11 @@ class NormOp(FusedOp):
         x, w, b = inputs
         mean, rstd = aux
         d = x.shape[-1]
-        dx, dw_rows = launcher(self.backend).norm_bwd(
+        dx, dw, db = launcher(self.backend).norm_bwd(
             as_rows(x, d), as_rows(w, d), as_rows(dy, d), mean, rstd, is_rms=self.is_rms, one_plus=self.one_plus,
-            group=self.group, need_dx=needs[0], need_dw=needs[1])
-        dw = reduce_rows(dw_rows, self.group, w.shape, w.dtype) if needs[1] else None
-        db = reduce_rows(as_rows(dy, d).to(acc_dtype(dy.dtype)), self.group, b.shape, b.dtype) if needs[2] else None
+            group=self.group, need_dx=needs[0], need_dw=needs[1], need_db=needs[2])
+        dw = None if dw is None else dw.reshape(w.shape).to(w.dtype)
+        db = None if db is None else db.reshape(b.shape).to(b.dtype)
         return (None if dx is None else dx.view(x.shape)), dw, db
 
 

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from flowkern._validate import check_like
 from flowkern.ops._fused import FusedOp, apply_dual, apply_explicit, launcher, primal, zeros_if_none
-from flowkern.ops._rows import as_rows, check_tangent, param_group, reduce_rows, row_layout, select_row_backend
+from flowkern.ops._rows import as_rows, check_tangent, param_group, row_layout, select_row_backend
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,9 @@ class GatedResidualOp(FusedOp):
     def backward(self, inputs, aux, dout, needs):
         x, g, y = inputs
         d = x.shape[-1]
-        dy, dg_rows = launcher(self.backend).gated_residual_bwd(
+        dy, dg = launcher(self.backend).gated_residual_bwd(
             as_rows(g, d), as_rows(y, d), as_rows(dout, d), group=self.group, need_dy=needs[2], need_dg=needs[1])
-        dg = reduce_rows(dg_rows, self.group, g.shape, g.dtype) if needs[1] else None
+        dg = None if dg is None else dg.reshape(g.shape).to(g.dtype)
         return dout, dg, (None if dy is None else dy.view(y.shape))
 
 

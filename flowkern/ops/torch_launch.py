@@ -70,8 +70,9 @@ def norm_fwd(x, w, b, x_t, w_t, b_t, *, is_rms: bool, one_plus: bool, group: int
     return _rows(y, x.dtype), y_t, mean.reshape(-1), rstd.reshape(-1)
 
 
-def norm_bwd(x, w, dy, mean, rstd, *, is_rms: bool, one_plus: bool, group: int, need_dx: bool, need_dw: bool):
-    """dx = P(dy·w) and the float32 per-row products dy⊙x̂ (for dγ / dscale)."""
+def norm_bwd(x, w, dy, mean, rstd, *, is_rms: bool, one_plus: bool, group: int, need_dx: bool, need_dw: bool,
+             need_db: bool):
+    """dx = P(dy·w), and [n_groups, D] sums over each group of rows of dy⊙x̂ (dγ / dscale) and dy (dβ / dshift)."""
     acc = _acc(x.dtype)
     xg = _grouped(x, group, acc)
     mean = mean.view(xg.shape[:-1]).to(acc)
@@ -79,8 +80,9 @@ def norm_bwd(x, w, dy, mean, rstd, *, is_rms: bool, one_plus: bool, group: int, 
     xhat = (xg - mean[..., None]) * rstd[..., None]
     dyg = _grouped(dy, group, acc)
     dx = _rows(_project(dyg * _weight(w, acc, one_plus), xhat, rstd, is_rms), x.dtype) if need_dx else None
-    dw_rows = _rows(dyg * xhat, acc) if need_dw else None
-    return dx, dw_rows
+    dw = (dyg * xhat).sum(1) if need_dw else None
+    db = dyg.sum(1) if need_db else None
+    return dx, dw, db
 
 
 def _act_and_grad(x, kind: str):
@@ -117,12 +119,12 @@ def gated_residual_fwd(x, g, y, x_t, g_t, y_t, *, group: int):
 
 
 def gated_residual_bwd(g, y, dout, *, group: int, need_dy: bool, need_dg: bool):
-    """dy = g⊙dout and the float32 per-row products dout⊙y (for dgate)."""
+    """dy = g⊙dout, and the [n_groups, D] sums of dout⊙y over each group of rows (dgate)."""
     acc = _acc(y.dtype)
     doutg = _grouped(dout, group, acc)
     dy = _rows(_param(g, acc) * doutg, y.dtype) if need_dy else None
-    dg_rows = _rows(doutg * _grouped(y, group, acc), acc) if need_dg else None
-    return dy, dg_rows
+    dg = (doutg * _grouped(y, group, acc)).sum(1) if need_dg else None
+    return dy, dg
 
 
 def _pair(t, s, delta: bool):

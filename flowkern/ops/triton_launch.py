@@ -9,6 +9,7 @@ import torch
 import triton
 
 ACTIVATION_BLOCK = 1024
+BWD_PROGRAMS = 1024  # target grid size of the row backward kernels (partial sums per program)
 
 
 def _kernels(name: str):
@@ -48,17 +49,33 @@ def norm_fwd(x, w, b, x_t, w_t, b_t, *, is_rms: bool, one_plus: bool, group: int
     return y, y_t, mean, rstd
 
 
-def norm_bwd(x, w, dy, mean, rstd, *, is_rms: bool, one_plus: bool, group: int, need_dx: bool, need_dw: bool):
+def _chunks(n_groups: int, group: int) -> tuple[int, int]:
+    """(rows_per_prog, n_chunks) splitting each group of rows so the backward grid has ~BWD_PROGRAMS programs."""
+    rows_per_prog = triton.cdiv(group, max(1, min(group, BWD_PROGRAMS // n_groups)))
+    return rows_per_prog, triton.cdiv(group, rows_per_prog)
+
+
+def norm_bwd(x, w, dy, mean, rstd, *, is_rms: bool, one_plus: bool, group: int, need_dx: bool, need_dw: bool,
+             need_db: bool):
     rows, n_cols = x.shape
+    n_groups = rows // group
+    rows_per_prog, n_chunks = _chunks(n_groups, group)
     dx = torch.empty_like(x) if need_dx else None
-    dw_rows = torch.empty((rows, n_cols), dtype=torch.float32, device=x.device) if need_dw else None
-    _kernels("norms").norm_bwd_kernel[(rows,)](
-        x, _or(w, x), dy, mean, rstd, _or(dx, x), _or(dw_rows, mean),
-        x.stride(0), _stride(w), dy.stride(0), _stride(dx), _stride(dw_rows), n_cols, group,
-        IS_RMS=is_rms, HAS_W=w is not None, ONE_PLUS=one_plus, NEED_DX=need_dx, NEED_DW=need_dw,
+    part = (n_groups, n_chunks, n_cols)
+    dw_part = torch.empty(part, dtype=torch.float32, device=x.device) if need_dw else None
+    db_part = torch.empty(part, dtype=torch.float32, device=x.device) if need_db else None
+    _kernels("norms").norm_bwd_kernel[(n_groups, n_chunks)](
+        x, _or(w, x), dy, mean, rstd, _or(dx, x), _or(dw_part, mean), _or(db_part, mean),
+        x.stride(0), _stride(w), dy.stride(0), _stride(dx), n_cols, group, rows_per_prog, n_chunks,
+        IS_RMS=is_rms, HAS_W=w is not None, ONE_PLUS=one_plus, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
         **_row_meta(n_cols),
     )
-    return dx, dw_rows
+    return dx, _sum_chunks(dw_part), _sum_chunks(db_part)
+
+
+def _sum_chunks(part: torch.Tensor | None) -> torch.Tensor | None:
+    """[n_groups, n_chunks, D] float32 partials -> [n_groups, D]."""
+    return None if part is None else part.sum(1)
 
 
 def activation(x, v, *, kind: str, write_y: bool = True):
@@ -90,14 +107,15 @@ def gated_residual_fwd(x, g, y, x_t, g_t, y_t, *, group: int):
 
 def gated_residual_bwd(g, y, dout, *, group: int, need_dy: bool, need_dg: bool):
     rows, n_cols = y.shape
+    n_groups = rows // group
+    rows_per_prog, n_chunks = _chunks(n_groups, group)
     dy = torch.empty_like(y) if need_dy else None
-    dg_rows = torch.empty((rows, n_cols), dtype=torch.float32, device=y.device) if need_dg else None
-    _kernels("elementwise").gated_residual_bwd_kernel[(rows,)](
-        g, y, dout, _or(dy, y), _or(dg_rows, dout),
-        g.stride(0), y.stride(0), dout.stride(0), _stride(dy), _stride(dg_rows), n_cols, group,
-        NEED_DY=need_dy, NEED_DG=need_dg, **_row_meta(n_cols),
+    dg_part = torch.empty((n_groups, n_chunks, n_cols), dtype=torch.float32, device=y.device) if need_dg else None
+    _kernels("elementwise").gated_residual_bwd_kernel[(n_groups, n_chunks)](
+        g, y, dout, _or(dy, y), _or(dg_part, dout), g.stride(0), y.stride(0), dout.stride(0), _stride(dy),
+        n_cols, group, rows_per_prog, n_chunks, NEED_DY=need_dy, NEED_DG=need_dg, **_row_meta(n_cols),
     )
-    return dy, dg_rows
+    return dy, _sum_chunks(dg_part)
 
 
 def _block_h(half: int) -> int:
