@@ -151,3 +151,21 @@ def test_backward_partial_sums_over_chunks(programs, monkeypatch):
     leaves64 = [p.double().requires_grad_() for p in (x, y, w, b, sh, sc, gate)]
     for i, (a, ref) in enumerate(zip(grads, torch.autograd.grad(plain(*leaves64), leaves64, g.double()))):
         assert_close(a, ref, torch.float32, f"gradient {i}")
+
+
+def test_served_tangent_is_stop_gradient_and_says_so():
+    from flowkern.ops import _fused
+
+    _fused._warned_stop_grad.discard("flowkern.ops.silu")
+    x = torch.randn(5, requires_grad=True)
+    with pytest.warns(UserWarning, match="stop-gradient"):
+        y, y_t = torch.func.jvp(ops.silu, (x,), (torch.randn(5),))
+    assert y.requires_grad and not y_t.requires_grad
+    with torch.no_grad():
+        torch.func.jvp(ops.gelu, (x,), (torch.randn(5),))  # no warning under no_grad (filterwarnings=error below)
+
+
+@pytest.mark.filterwarnings("error")
+def test_no_warning_without_grad():
+    x = torch.randn(5)
+    torch.func.jvp(ops.gelu, (x,), (torch.randn(5),))

@@ -8,7 +8,8 @@ methods working on plain tensors:
 `FusedFunction` turns that into an autograd.Function with forward, setup_context, backward and jvp, and:
 * `apply_dual(op, *inputs)` (the drop-in forms): unpacks the forward-AD tangents of the inputs
   (`torch.autograd.forward_ad.unpack_dual`, which also sees `torch.func.jvp`'s), passes them explicitly, and has
-  `jvp` serve the tangent the fused forward already computed, so a JVP costs one pass over memory.
+  `jvp` serve the tangent the fused forward already computed, so a JVP costs one pass over memory. That tangent
+  is stop-gradient (no backward flows through it; warned once per op when grad mode could want one).
 * `apply_explicit(op, inputs, tangents)` (the `*_jvp` forms): returns (y, y_t); y is differentiable, y_t is
   stop-gradient (a backward that reaches it raises).
 
@@ -17,6 +18,7 @@ non-differentiable, and every non-differentiable output must be marked in ONE `c
 """
 from __future__ import annotations
 
+import warnings
 from typing import ClassVar
 
 import torch
@@ -48,9 +50,9 @@ def stop_grad_message(name: str) -> str:
 def _not_a_view(t: torch.Tensor | None) -> torch.Tensor | None:
     """The same memory as a tensor that is not a view (no copy).
 
-    Outputs may be reshaped views of kernel buffers, or the two halves of one GEMM output. Autograd forbids in-place
-    ops on view outputs of a custom Function, and forward AD mishandles tangents of view outputs (`detach()` is a
-    view for forward AD, so it does not help): a fresh tensor over the same storage is neither.
+    Outputs may be reshaped views of kernel buffers, or the two halves of one GEMM output, and autograd forbids
+    in-place ops on view outputs of a custom Function. A fresh tensor over the same storage is not a view and, unlike
+    `detach()`, has its own version counter (modifying y in place does not flag the y_t sharing its GEMM buffer).
     """
     if t is None or not t._is_view():
         return t
@@ -130,7 +132,22 @@ def apply_dual(op: FusedOp, *inputs):
     with nvtx_range(op.name):
         if all(t is None for t in tangents):
             return FusedFunction.apply(op, False, *inputs, *tangents)[0]
+        _warn_if_tangent_needs_grad(op.name, inputs, tangents)
         return FusedFunction.apply(op, True, *inputs, *tangents)[0]
+
+
+_warned_stop_grad: set = set()
+
+
+def _warn_if_tangent_needs_grad(name: str, inputs, tangents) -> None:
+    """The served tangent is stop-gradient; say so once per op when autograd could want to flow through it."""
+    if name in _warned_stop_grad or not torch.is_grad_enabled():
+        return
+    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in (*inputs, *tangents)):
+        _warned_stop_grad.add(name)
+        warnings.warn(f"{name}: under forward-mode AD the tangent it returns is stop-gradient (computed in the fused "
+                      "pass): gradients do not flow through it, only through the primal output. Run the JVP pass "
+                      "under torch.no_grad() (as every few-step method does) to silence this.", stacklevel=3)
 
 
 @torch.compiler.disable
