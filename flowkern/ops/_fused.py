@@ -143,11 +143,25 @@ def _warn_if_tangent_needs_grad(name: str, inputs, tangents) -> None:
     """The served tangent is stop-gradient; say so once per op when autograd could want to flow through it."""
     if name in _warned_stop_grad or not torch.is_grad_enabled():
         return
-    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in (*inputs, *tangents)):
+    if any(_requires_grad(t) for t in (*inputs, *tangents)):
         _warned_stop_grad.add(name)
         warnings.warn(f"{name}: under forward-mode AD the tangent it returns is stop-gradient (computed in the fused "
                       "pass): gradients do not flow through it, only through the primal output. Run the JVP pass "
-                      "under torch.no_grad() (as every few-step method does) to silence this.", stacklevel=3)
+                      "under torch.no_grad() (as every few-step method does) to silence this.", stacklevel=5)
+
+
+def _requires_grad(t) -> bool:
+    """requires_grad of a tensor, seen through torch.func's wrappers (which report False themselves)."""
+    if not isinstance(t, torch.Tensor):
+        return False
+    try:
+        from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
+
+        while is_functorch_wrapped_tensor(t):
+            t = get_unwrapped(t)
+    except (ImportError, RuntimeError):  # pragma: no cover - private API moved: fall back to the wrapper's flag
+        pass
+    return t.requires_grad
 
 
 @torch.compiler.disable
