@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flowkern import ops
 from ops_utils import DTYPES, check_against_plain, check_explicit, gradcheck_torch, randn
-from conftest import backends_under_test
+from conftest import TRITON_RUNS, backends_under_test
 
 BACKENDS = backends_under_test()
 GATES = {"per_sample": (3, 29), "shared": (29,), "per_token": (3, 4, 29)}
@@ -61,3 +63,29 @@ def test_gradcheck_float64():
 def test_bad_inputs(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.skipif(not TRITON_RUNS, reason="needs Triton (GPU or interpreter)")
+@pytest.mark.interpreter
+@settings(max_examples=5, deadline=None)
+@given(batch=st.integers(1, 3), tokens=st.integers(1, 6), d=st.integers(1, 40), per_sample=st.booleans())
+def test_gated_residual_and_modulate_shapes_hypothesis(batch, tokens, d, per_sample):
+    import flowkern
+    import torch.nn.functional as F
+    from ops_utils import assert_close
+
+    gen = torch.Generator().manual_seed(batch * 1000 + tokens * 50 + d)
+    x, y, x_t, y_t = (randn(batch, tokens, d, gen=gen) for _ in range(4))
+    cshape = (batch, d) if per_sample else (batch, tokens, d)
+    g, g_t, sh, sc = (randn(*cshape, gen=gen) for _ in range(4))
+    view = (lambda c: c[:, None]) if per_sample else (lambda c: c)  # noqa: E731
+    ref = torch.func.jvp(lambda x, g, y: x + view(g) * y, (x.double(), g.double(), y.double()),
+                         (x_t.double(), g_t.double(), y_t.double()))
+    ref_m = torch.func.jvp(lambda x: F.layer_norm(x, (d,), eps=1e-6) * (1 + view(sc.double())) + view(sh.double()),
+                           (x.double(),), (x_t.double(),))
+    with flowkern.use_backend("triton"):
+        out = ops.gated_residual_jvp(x, g, y, x_t, g_t, y_t)
+        out_m = ops.modulate_jvp(x, sh, sc, x_t)
+    for a, b, what in ((out[0], ref[0], "residual"), (out[1], ref[1], "residual tangent"),
+                       (out_m[0], ref_m[0], "modulate"), (out_m[1], ref_m[1], "modulate tangent")):
+        assert_close(a, b, torch.float32, what, scale_tol=3)
