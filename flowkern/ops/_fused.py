@@ -1,0 +1,193 @@
+"""The machinery every fused op shares: ONE autograd.Function and the forward-AD entry points.
+
+An op is a small frozen object (`FusedOp`) holding the static part of one call (backend, eps, flags) with two
+methods working on plain tensors:
+    forward(inputs, tangents) -> (y, y_t, aux)   y_t from the SAME kernel pass as y (None when tangents is None);
+                                                 aux: tensors the backward needs (mean, rstd, ...), stop-gradient
+    backward(inputs, aux, dy, needs) -> one gradient (or None) per input
+`FusedFunction` turns that into an autograd.Function with forward, setup_context, backward and jvp, and:
+* `apply_dual(op, *inputs)` (the drop-in forms): unpacks the forward-AD tangents of the inputs
+  (`torch.autograd.forward_ad.unpack_dual`, which also sees `torch.func.jvp`'s), passes them explicitly, and has
+  `jvp` serve the tangent the fused forward already computed, so a JVP costs one pass over memory. That tangent
+  is stop-gradient (no backward flows through it; warned once per op when grad mode could want one).
+* `apply_explicit(op, inputs, tangents)` (the `*_jvp` forms): returns (y, y_t); y is differentiable, y_t is
+  stop-gradient (a backward that reaches it raises).
+
+PyTorch trap (see flowkern/attention/function.py): a tangent served from ctx must be an output marked
+non-differentiable, and every non-differentiable output must be marked in ONE `ctx.mark_non_differentiable` call.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import ClassVar
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.autograd.function import once_differentiable
+
+from flowkern._nvtx import nvtx_range
+
+
+class FusedOp:
+    """Base of the per-call op objects (see the module docstring). Subclasses are frozen dataclasses."""
+
+    name: str  # the public op, for messages and NVTX ranges (a dataclass field of the subclass)
+    n_inputs: ClassVar[int] = 1
+
+    def forward(self, inputs, tangents):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward(self, inputs, aux, dy, needs):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def stop_grad_message(name: str) -> str:
+    return (f"{name}: the tangent output is stop-gradient (every few-step method stop-grads its JVP target); "
+            "backpropagating through it is not supported. Detach it, or differentiate the tangent with "
+            "torch.func.jvp over the drop-in op inside torch.func.grad if you need second-order terms.")
+
+
+def _not_a_view(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The same memory as a tensor that is not a view (no copy).
+
+    Outputs may be reshaped views of kernel buffers, or the two halves of one GEMM output, and autograd forbids
+    in-place ops on view outputs of a custom Function. A fresh tensor over the same storage is not a view and, unlike
+    `detach()`, has its own version counter (modifying y in place does not flag the y_t sharing its GEMM buffer).
+    """
+    if t is None or not t._is_view():
+        return t
+    alias = torch.empty(0, dtype=t.dtype, device=t.device)
+    return alias.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+
+
+class FusedFunction(torch.autograd.Function):
+    """apply(op, serve_tangent, *inputs, *tangents) -> (y, y_t, *aux)."""
+
+    @staticmethod
+    def forward(op: FusedOp, serve_tangent: bool, *args):
+        inputs, tangents = args[:op.n_inputs], args[op.n_inputs:]
+        has_tangent = any(t is not None for t in tangents)
+        y, y_t, aux = op.forward(inputs, tangents if has_tangent else None)
+        return tuple(_not_a_view(o) for o in (y, y_t, *aux))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        op, serve_tangent, *args = inputs
+        y, y_t, *aux = output
+        primals = args[:op.n_inputs]
+        ctx.set_materialize_grads(False)
+        ctx.op = op
+        ctx.n_aux = len(aux)
+        ctx.save_for_backward(*primals, *aux)
+        ctx.save_for_forward(*primals)
+        # served by jvp(): computed in the same kernel pass as y
+        ctx.fused_tangent = y_t if serve_tangent else None
+        ctx.has_tangent_output = y_t is not None and not serve_tangent  # the explicit form's stop-grad y_t
+        # one call: each mark_non_differentiable call replaces the previous one
+        ctx.mark_non_differentiable(*aux, *((y_t,) if ctx.fused_tangent is not None else ()))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dy_t, *_daux):
+        op = ctx.op
+        if dy_t is not None:
+            raise RuntimeError(stop_grad_message(op.name))
+        nothing = (None, None) + (None,) * (2 * op.n_inputs)
+        if dy is None:
+            return nothing
+        saved = ctx.saved_tensors
+        inputs, aux = saved[:op.n_inputs], saved[op.n_inputs:]
+        needs = ctx.needs_input_grad[2:2 + op.n_inputs]
+        grads = op.backward(inputs, aux, dy, needs)
+        grads = tuple(g if need else None for g, need in zip(grads, needs))
+        return (None, None, *grads) + (None,) * op.n_inputs
+
+    @staticmethod
+    def jvp(ctx, _dop, _dserve, *dargs):
+        op = ctx.op
+        if any(t is not None for t in dargs[op.n_inputs:]):
+            raise NotImplementedError(f"{op.name}: forward-mode AD through the tangent inputs (second-order forward "
+                                      "mode) is not supported")
+        if ctx.has_tangent_output:
+            # PyTorch cannot take a None tangent for the (differentiable) tangent output, and a zero one would be
+            # silently wrong: it is the second-order term.
+            raise NotImplementedError(
+                f"{op.name}: the explicit (x, x_t) form was called on inputs that carry forward-mode tangents "
+                "(inside torch.func.jvp or forward_ad); call the drop-in op there, whose tangent is fused")
+        y_t = ctx.fused_tangent
+        ctx.fused_tangent = None
+        if y_t is None:  # tangents arrived through forward AD only: one fused pass for them
+            inputs = ctx.saved_tensors
+            tangents = dargs[:op.n_inputs]
+            if all(t is None for t in tangents):
+                return (None, None) + (None,) * ctx.n_aux
+            _, y_t, _ = op.forward(inputs, tangents)
+        return (y_t, None) + (None,) * ctx.n_aux
+
+
+@torch.compiler.disable  # a graph break: Dynamo would silently drop the custom jvp (KERNELS.md §5)
+def apply_dual(op: FusedOp, *inputs):
+    """y = op(inputs); under forward AD (`forward_ad` or `torch.func.jvp`) its tangent is the fused one."""
+    tangents = [fwAD.unpack_dual(x).tangent if isinstance(x, torch.Tensor) else None for x in inputs]
+    with nvtx_range(op.name):
+        if all(t is None for t in tangents):
+            return FusedFunction.apply(op, False, *inputs, *tangents)[0]
+        _warn_if_tangent_needs_grad(op.name, inputs, tangents)
+        return FusedFunction.apply(op, True, *inputs, *tangents)[0]
+
+
+_warned_stop_grad: set = set()
+
+
+def _warn_if_tangent_needs_grad(name: str, inputs, tangents) -> None:
+    """The served tangent is stop-gradient; say so once per op when autograd could want to flow through it."""
+    if name in _warned_stop_grad or not torch.is_grad_enabled():
+        return
+    if any(_requires_grad(t) for t in (*inputs, *tangents)):
+        _warned_stop_grad.add(name)
+        warnings.warn(f"{name}: under forward-mode AD the tangent it returns is stop-gradient (computed in the fused "
+                      "pass): gradients do not flow through it, only through the primal output. Run the JVP pass "
+                      "under torch.no_grad() (as every few-step method does) to silence this.", stacklevel=5)
+
+
+def _requires_grad(t) -> bool:
+    """requires_grad of a tensor, seen through torch.func's wrappers (which report False themselves)."""
+    if not isinstance(t, torch.Tensor):
+        return False
+    try:
+        from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
+
+        while is_functorch_wrapped_tensor(t):
+            t = get_unwrapped(t)
+    except (ImportError, RuntimeError):  # pragma: no cover - private API moved: fall back to the wrapper's flag
+        pass
+    return t.requires_grad
+
+
+@torch.compiler.disable
+def apply_explicit(op: FusedOp, inputs, tangents):
+    """(y, y_t) of op from one fused pass, with the tangents given explicitly (None = zero)."""
+    with nvtx_range(op.name):
+        out = FusedFunction.apply(op, False, *inputs, *tangents)
+    return out[0], out[1]
+
+
+def primal(t):
+    """The primal of a (possibly dual) tensor; anything else unchanged. For validating drop-in inputs."""
+    return fwAD.unpack_dual(t).primal if isinstance(t, torch.Tensor) else t
+
+
+def zeros_if_none(t, like: torch.Tensor) -> torch.Tensor:
+    """A missing input tangent as an explicit zero tensor (for kernels that always read one)."""
+    return torch.zeros_like(like) if t is None else t
+
+
+def launcher(backend: str):
+    """The launcher module of a backend: flowkern/ops/{torch,triton}_launch.py (same signatures)."""
+    if backend == "triton":
+        from flowkern.ops import triton_launch
+
+        return triton_launch
+    from flowkern.ops import torch_launch
+
+    return torch_launch
