@@ -6,6 +6,8 @@ Public API
   in one fused kernel pass.
 * `flowkern.attention(q, k, v)`: drop-in for `F.scaled_dot_product_attention` that works under `torch.func.jvp`,
   `torch.autograd.forward_ad` and ordinary backward, with the tangent from the fused kernel.
+* `flowkern.ops`: fused JVP-aware layer ops (layer_norm, rms_norm, modulate, gated_residual, gelu, silu,
+  time_embedding, linear), each a drop-in plus an explicit `*_jvp` form returning (y, y_t) from one pass.
 * `flowkern.flow_map`: fused flow-map jumps Φ = x + (s − t)·u (with the joint log-density), batched multi-time
   `evaluate`, `sample` / `sample_many` (steps (1, 2, 4, 8) in 8 model calls instead of 15), `semigroup_target`.
 * `flowkern.reference`: pure-PyTorch implementations with the same signatures (CPU fallback and test ground truth).
@@ -31,7 +33,7 @@ _expose_source_tree_kernels()
 
 from flowkern._config import use_backend  # noqa: E402
 from flowkern.attention import attention, jvp_attention  # noqa: E402
-from flowkern import flow_map, reference  # noqa: E402
+from flowkern import flow_map, ops, reference  # noqa: E402
 
-__all__ = ["attention", "flow_map", "jvp_attention", "reference", "use_backend"]
+__all__ = ["attention", "flow_map", "jvp_attention", "ops", "reference", "use_backend"]
 __version__ = "0.1.0"

@@ -65,6 +65,15 @@ def test_mask_with_a_tangent_is_refused():
             flowkern.attention(Q, K, V, attn_mask=mask)
 
 
+def test_explicit_form_refuses_dual_inputs_with_a_clear_error():
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        dual_q = fwAD.make_dual(Q, torch.randn_like(Q))
+        with pytest.raises(NotImplementedError, match="q carries a forward-mode AD tangent"):
+            flowkern.jvp_attention(dual_q, K, V, Q, K, V)
+
+
 def test_named_backend_that_cannot_serve_raises_naming_the_ones_that_can():
     q, k, v = Q.double(), K.double(), V.double()
     with flowkern.use_backend("triton"), pytest.raises(ValueError, match=r"Backends that can: \['torch'\]"):

@@ -106,6 +106,12 @@ def jvp_attention(q, k, v, q_t, k_t, v_t, *, causal=False, attn_mask=None, scale
     spec = _spec(q, k, v, attn_mask, causal, scale, "flowkern.jvp_attention")
     for name, t, ref_name, ref in (("q_t", q_t, "q", q), ("k_t", k_t, "k", k), ("v_t", v_t, "v", v)):
         check_like(name, t, ref_name, ref)
+    for name, x in zip(("q", "k", "v", "q_t", "k_t", "v_t"), (q, k, v, q_t, k_t, v_t)):
+        if fwAD.unpack_dual(x).tangent is not None:
+            raise NotImplementedError(
+                f"flowkern.jvp_attention: {name} carries a forward-mode AD tangent; the tangent of out_t would be a "
+                "second-order term, which is not supported. Under torch.func.jvp / forward_ad call "
+                "flowkern.attention(q, k, v) instead: it takes its tangents from the dual inputs.")
     with nvtx_range("flowkern.jvp_attention"):
         o, o_t, _ = FusedAttention.apply(q, k, v, q_t, k_t, v_t, attn_mask, spec, False)
     return o, o_t
