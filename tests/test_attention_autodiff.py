@@ -90,6 +90,24 @@ def test_meanflow_pattern_jvp_then_grad(backend, device):
     assert_close_to(grad, grad_ref, torch.float32, what="grad")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_gradient_through_the_tangent_raises_instead_of_being_silently_zero(backend, device):
+    q, k, v, q_t = make_inputs(1, 2, 2, 6, 6, 16, device=device, seed=3)[:4]
+    w = torch.randn(16, 16, device=device)
+    with flowkern.use_backend(backend):
+        with pytest.raises(RuntimeError, match="stop-gradient"):
+            torch.func.grad(lambda w: torch.func.jvp(lambda x: flowkern.attention(x @ w, k, v), (q,),
+                                                     (q_t,))[1].sum())(w)
+        qg = q.clone().requires_grad_()
+        with fwAD.dual_level():
+            out = flowkern.attention(fwAD.make_dual(qg, q_t), k, v)
+            primal, tangent = fwAD.unpack_dual(out)
+            with pytest.raises(RuntimeError, match="stop-gradient"):
+                tangent.sum().backward(retain_graph=True)
+            primal.sum().backward()
+        assert torch.isfinite(qg.grad).all() and qg.grad.abs().sum() > 0
+
+
 def test_gradcheck_with_forward_ad_on_the_reference():
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 2, 5, 8, dtype=torch.float64, generator=g, requires_grad=True)

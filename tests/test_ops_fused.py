@@ -153,16 +153,19 @@ def test_backward_partial_sums_over_chunks(programs, monkeypatch):
         assert_close(a, ref, torch.float32, f"gradient {i}")
 
 
-def test_served_tangent_is_stop_gradient_and_says_so():
-    from flowkern.ops import _fused
-
-    _fused._warned_stop_grad.discard("flowkern.ops.silu")
+def test_served_tangent_is_stop_gradient_and_a_gradient_through_it_raises():
     x = torch.randn(5, requires_grad=True)
-    with pytest.warns(UserWarning, match="stop-gradient"):
-        y, y_t = torch.func.jvp(ops.silu, (x,), (torch.randn(5),))
-    assert y.requires_grad and not y_t.requires_grad
+    y, y_t = torch.func.jvp(ops.silu, (x,), (torch.randn(5),))
+    assert y.requires_grad
+    y.sum().backward()  # through the primal it works
+    with pytest.raises(RuntimeError, match="stop-gradient"):
+        y_t.sum().backward()
+    w = torch.randn(5)
+    with pytest.raises(RuntimeError, match="stop-gradient"):  # never a silently zero gradient through the tangent
+        torch.func.grad(lambda w: torch.func.jvp(lambda v: ops.silu(v * w), (x.detach(),), (w,))[1].sum())(w)
     with torch.no_grad():
-        torch.func.jvp(ops.gelu, (x,), (torch.randn(5),))  # no warning under no_grad (filterwarnings=error below)
+        _, y_t = torch.func.jvp(ops.gelu, (x,), (torch.randn(5),))
+    assert not y_t.requires_grad
 
 
 @pytest.mark.filterwarnings("error")

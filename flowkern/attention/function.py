@@ -9,56 +9,36 @@ None, Ȯ is None and the kernel is the plain flash forward.
   tangent). Otherwise (tangents reaching the op only through forward AD) jvp runs one fused pass for them.
 
 Under torch.func transforms, backward and jvp receive tensors wrapped by functorch, which a Triton kernel cannot
-read. So they launch kernels through two small Functions (`_BackwardKernel`, `_TangentKernel`): functorch unwraps
-the inputs of a Function level by level before its forward runs, and rewraps the outputs.
+read: they launch kernels through `flowkern._autograd.call_unwrapped`. A served tangent that autograd could
+differentiate goes through `guard_tangent`, so a gradient through it raises instead of coming out zero.
 """
 from __future__ import annotations
 
 import torch
 
+from flowkern._autograd import call_unwrapped, guard_tangent
 from flowkern.attention import torch_launch, triton_launch
 from flowkern.attention.spec import AttentionSpec
 
 _LAUNCHERS = {"torch": torch_launch, "triton": triton_launch}
 
 STOP_GRAD_MESSAGE = (
-    "flowkern.jvp_attention: the tangent output `out_t` is stop-gradient (every few-step method stop-grads its JVP "
-    "target); backpropagating through it is not supported. Detach it (`out_t.detach()`) before using it in a loss "
-    "that is differentiated.")
-HIGHER_ORDER_MESSAGE = ("flowkern attention supports first-order derivatives (a gradient of the output, a tangent "
-                        "of the output); {what} is not supported")
+    "flowkern attention: the tangent (out_t of jvp_attention, or the tangent of flowkern.attention under forward AD) "
+    "is stop-gradient (every few-step method stop-grads its JVP target); backpropagating through it is not supported. "
+    "Detach it, or compute the JVP under torch.no_grad(), before using it in a loss that is differentiated.")
+OP = "flowkern attention"
 
 
 def launcher(spec: AttentionSpec):
     return _LAUNCHERS[spec.backend]
 
 
-class _KernelCall(torch.autograd.Function):
-    """Base of the kernel-launching Functions: no derivatives of their own."""
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError(HIGHER_ORDER_MESSAGE.format(what="differentiating the backward or the tangent"))
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(HIGHER_ORDER_MESSAGE.format(what="forward mode over the backward or the tangent"))
+def _backward_kernel(q, k, v, o, lse, do, attn_mask, spec):
+    return launcher(spec).attention_bwd(q, k, v, o, lse, do.contiguous(), attn_mask, spec)
 
 
-class _BackwardKernel(_KernelCall):
-    @staticmethod
-    def forward(q, k, v, o, lse, do, attn_mask, spec):
-        return launcher(spec).attention_bwd(q, k, v, o, lse, do.contiguous(), attn_mask, spec)
-
-
-class _TangentKernel(_KernelCall):
-    @staticmethod
-    def forward(q, k, v, q_t, k_t, v_t, attn_mask, spec):
-        return launcher(spec).attention_fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec)[1]
+def _tangent_kernel(q, k, v, q_t, k_t, v_t, attn_mask, spec):
+    return launcher(spec).attention_fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec)[1]
 
 
 class FusedAttention(torch.autograd.Function):
@@ -87,18 +67,18 @@ class FusedAttention(torch.autograd.Function):
         if do is None:
             return (None,) * 9
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _BackwardKernel.apply(q, k, v, o, lse, do, ctx.attn_mask, ctx.spec)
+        dq, dk, dv = call_unwrapped(_backward_kernel, OP, q, k, v, o, lse, do, ctx.attn_mask, ctx.spec)
         return dq, dk, dv, None, None, None, None, None, None
 
     @staticmethod
     def jvp(ctx, dq, dk, dv, dq_t, dk_t, dv_t, _dmask, _dspec, _dserve):
         if any(t is not None for t in (dq_t, dk_t, dv_t)):
-            raise NotImplementedError(HIGHER_ORDER_MESSAGE.format(what="forward mode through the tangent inputs"))
+            raise NotImplementedError(f"{OP}: forward mode through the tangent inputs (second order) is not supported")
         o_t = ctx.fused_tangent
         ctx.fused_tangent = None
+        q, k, v = ctx.saved_tensors
         if o_t is None:  # tangents arrived through forward AD only: one fused pass for them
-            q, k, v = ctx.saved_tensors
             tangents = [t if t is not None else torch.zeros((), dtype=x.dtype, device=x.device).expand_as(x)
                         for t, x in zip((dq, dk, dv), (q, k, v))]
-            o_t = _TangentKernel.apply(q, k, v, *tangents, ctx.attn_mask, ctx.spec)
-        return o_t, None, None
+            o_t = call_unwrapped(_tangent_kernel, OP, q, k, v, *tangents, ctx.attn_mask, ctx.spec)
+        return guard_tangent(o_t, (q, k, v, dq, dk, dv), STOP_GRAD_MESSAGE), None, None

@@ -9,22 +9,24 @@ methods working on plain tensors:
 * `apply_dual(op, *inputs)` (the drop-in forms): unpacks the forward-AD tangents of the inputs
   (`torch.autograd.forward_ad.unpack_dual`, which also sees `torch.func.jvp`'s), passes them explicitly, and has
   `jvp` serve the tangent the fused forward already computed, so a JVP costs one pass over memory. That tangent
-  is stop-gradient (no backward flows through it; warned once per op when grad mode could want one).
+  is stop-gradient: where autograd could differentiate it, `flowkern._autograd.guard_tangent` makes a backward
+  through it raise (never a silently zero gradient).
 * `apply_explicit(op, inputs, tangents)` (the `*_jvp` forms): returns (y, y_t); y is differentiable, y_t is
   stop-gradient (a backward that reaches it raises).
 
 PyTorch trap (see flowkern/attention/function.py): a tangent served from ctx must be an output marked
 non-differentiable, and every non-differentiable output must be marked in ONE `ctx.mark_non_differentiable` call.
+Kernels launched from backward/jvp go through `flowkern._autograd.call_unwrapped` (torch.func wraps those tensors).
 """
 from __future__ import annotations
 
-import warnings
 from typing import ClassVar
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch.autograd.function import once_differentiable
 
+from flowkern._autograd import call_unwrapped, guard_tangent
 from flowkern._nvtx import nvtx_range
 
 
@@ -43,8 +45,8 @@ class FusedOp:
 
 def stop_grad_message(name: str) -> str:
     return (f"{name}: the tangent output is stop-gradient (every few-step method stop-grads its JVP target); "
-            "backpropagating through it is not supported. Detach it, or differentiate the tangent with "
-            "torch.func.jvp over the drop-in op inside torch.func.grad if you need second-order terms.")
+            "backpropagating through it is not supported. Detach it, or compute the JVP under torch.no_grad(), "
+            "before using it in a loss that is differentiated.")
 
 
 def _not_a_view(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -95,10 +97,8 @@ class FusedFunction(torch.autograd.Function):
         nothing = (None, None) + (None,) * (2 * op.n_inputs)
         if dy is None:
             return nothing
-        saved = ctx.saved_tensors
-        inputs, aux = saved[:op.n_inputs], saved[op.n_inputs:]
-        needs = ctx.needs_input_grad[2:2 + op.n_inputs]
-        grads = op.backward(inputs, aux, dy, needs)
+        needs = tuple(ctx.needs_input_grad[2:2 + op.n_inputs])
+        grads = call_unwrapped(_op_backward, op.name, op, needs, dy, *ctx.saved_tensors)
         grads = tuple(g if need else None for g, need in zip(grads, needs))
         return (None, None, *grads) + (None,) * op.n_inputs
 
@@ -116,13 +116,22 @@ class FusedFunction(torch.autograd.Function):
                 "(inside torch.func.jvp or forward_ad); call the drop-in op there, whose tangent is fused")
         y_t = ctx.fused_tangent
         ctx.fused_tangent = None
+        inputs = ctx.saved_tensors
+        tangents = dargs[:op.n_inputs]
         if y_t is None:  # tangents arrived through forward AD only: one fused pass for them
-            inputs = ctx.saved_tensors
-            tangents = dargs[:op.n_inputs]
             if all(t is None for t in tangents):
                 return (None, None) + (None,) * ctx.n_aux
-            _, y_t, _ = op.forward(inputs, tangents)
-        return (y_t, None) + (None,) * ctx.n_aux
+            y_t = call_unwrapped(_op_tangent, op.name, op, len(inputs), *inputs, *tangents)
+        return (guard_tangent(y_t, (*inputs, *tangents), stop_grad_message(op.name)), None) + (None,) * ctx.n_aux
+
+
+def _op_backward(op: FusedOp, needs, dy, *saved):
+    grads = op.backward(saved[:op.n_inputs], saved[op.n_inputs:], dy, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def _op_tangent(op: FusedOp, n_inputs: int, *args):
+    return op.forward(args[:n_inputs], args[n_inputs:])[1]
 
 
 @torch.compiler.disable  # a graph break: Dynamo would silently drop the custom jvp (KERNELS.md §5)
@@ -130,38 +139,7 @@ def apply_dual(op: FusedOp, *inputs):
     """y = op(inputs); under forward AD (`forward_ad` or `torch.func.jvp`) its tangent is the fused one."""
     tangents = [fwAD.unpack_dual(x).tangent if isinstance(x, torch.Tensor) else None for x in inputs]
     with nvtx_range(op.name):
-        if all(t is None for t in tangents):
-            return FusedFunction.apply(op, False, *inputs, *tangents)[0]
-        _warn_if_tangent_needs_grad(op.name, inputs, tangents)
-        return FusedFunction.apply(op, True, *inputs, *tangents)[0]
-
-
-_warned_stop_grad: set = set()
-
-
-def _warn_if_tangent_needs_grad(name: str, inputs, tangents) -> None:
-    """The served tangent is stop-gradient; say so once per op when autograd could want to flow through it."""
-    if name in _warned_stop_grad or not torch.is_grad_enabled():
-        return
-    if any(_requires_grad(t) for t in (*inputs, *tangents)):
-        _warned_stop_grad.add(name)
-        warnings.warn(f"{name}: under forward-mode AD the tangent it returns is stop-gradient (computed in the fused "
-                      "pass): gradients do not flow through it, only through the primal output. Run the JVP pass "
-                      "under torch.no_grad() (as every few-step method does) to silence this.", stacklevel=5)
-
-
-def _requires_grad(t) -> bool:
-    """requires_grad of a tensor, seen through torch.func's wrappers (which report False themselves)."""
-    if not isinstance(t, torch.Tensor):
-        return False
-    try:
-        from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
-
-        while is_functorch_wrapped_tensor(t):
-            t = get_unwrapped(t)
-    except (ImportError, RuntimeError):  # pragma: no cover - private API moved: fall back to the wrapper's flag
-        pass
-    return t.requires_grad
+        return FusedFunction.apply(op, any(t is not None for t in tangents), *inputs, *tangents)[0]
 
 
 @torch.compiler.disable
