@@ -233,3 +233,43 @@ def test_bad_fn_and_x_raise():
         divergence(lambda y: y, torch.ones(2, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="x"):
         divergence(lambda y: y, torch.ones(0, 3))
+
+
+def test_cuda_backend_by_name_on_cpu_raises_clearly():
+    x = torch.randn(2, 3)
+    if DEVICE.type == "cuda":
+        pytest.skip("CPU-only check")
+    with use_backend("cuda"), pytest.raises(ValueError, match="cuda"):
+        divergence(lambda y: y, x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA device")
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_extension_matches_triton(distribution, dtype):
+    """Same Philox map: identical Rademacher probes, Gaussian probes to float32 rounding; same reductions."""
+    from flowkern import _cuda_ext, _probes
+
+    reason = _cuda_ext.cannot_serve(DEVICE, dtype)
+    if reason is not None:
+        pytest.skip(reason)
+    shape = (3, 5, 1027)
+    p_cuda = _probes.generate("cuda", *shape, seed=5, stream=1, distribution=distribution, dtype=dtype, device=DEVICE)
+    p_triton = _probes.generate("triton", *shape, seed=5, stream=1, distribution=distribution, dtype=dtype,
+                                device=DEVICE)
+    if distribution == "rademacher":
+        assert torch.equal(p_cuda, p_triton)
+    else:
+        torch.testing.assert_close(p_cuda.float(), p_triton.float(), rtol=1e-5, atol=1e-5)
+    jz = torch.randn(shape, device=DEVICE, dtype=dtype)
+    r_cuda = _probes._reduce_raw("cuda", jz, 5, 1, _probes.DISTRIBUTIONS[distribution])
+    r_triton = _probes._reduce_raw("triton", jz, 5, 1, _probes.DISTRIBUTIONS[distribution])
+    torch.testing.assert_close(r_cuda, r_triton, rtol=1e-4, atol=1e-3)
+    a, fn = _linear(7, dtype=torch.float32)
+    x = torch.randn(64, 7, device=DEVICE)
+    with use_backend("cuda"):
+        d_cuda = divergence(fn, x, probes=4, distribution=distribution, seed=3)
+    with use_backend("triton"):
+        d_triton = divergence(fn, x, probes=4, distribution=distribution, seed=3)
+    torch.testing.assert_close(d_cuda, d_triton, rtol=1e-4, atol=1e-4)
