@@ -17,12 +17,13 @@ Plain pointer arithmetic (no block pointers): runs on Triton 3.6 and 3.9 and in 
 import triton
 import triton.language as tl
 
-RADEMACHER = 0
-GAUSSIAN = 1
+RADEMACHER: tl.constexpr = tl.constexpr(0)
+GAUSSIAN: tl.constexpr = tl.constexpr(1)
 
-TWO_PI = 6.283185307179586
-INV_2_24 = 5.9604644775390625e-08  # 2⁻²⁴
-HALF_INV_2_24 = 2.9802322387695312e-08  # 2⁻²⁵
+# Globals read inside @triton.jit must be constexpr (the compiler refuses others; the interpreter does not check).
+TWO_PI: tl.constexpr = tl.constexpr(6.283185307179586)
+INV_2_24: tl.constexpr = tl.constexpr(5.9604644775390625e-08)  # 2⁻²⁴
+HALF_INV_2_24: tl.constexpr = tl.constexpr(2.9802322387695312e-08)  # 2⁻²⁵
 
 
 @triton.jit
