@@ -14,6 +14,7 @@ D(x, t, s) = −(1/(s − t))·∫_t^s div v dτ; so jumping from t = 0 to t = 1
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -197,7 +198,7 @@ def flow_map_log_likelihood(model, x0, steps=1, *, return_x1=False):
         raise TypeError(f"model must be callable model(x, t, s) -> (u, D), got {type(model).__name__}")
     if isinstance(steps, (list, tuple)):
         times = [check_finite_scalar("steps[i]", s) for s in steps]
-        if len(times) < 2 or times[0] != 0.0 or times[-1] != 1.0 or any(b <= a for a, b in zip(times, times[1:])):
+        if len(times) < 2 or times[0] != 0.0 or times[-1] != 1.0 or any(b <= a for a, b in itertools.pairwise(times)):
             raise ValueError(f"steps as a time grid must increase strictly from 0 to 1, got {steps}")
     else:
         n = check_int("steps", steps, minimum=1)
@@ -207,7 +208,7 @@ def flow_map_log_likelihood(model, x0, steps=1, *, return_x1=False):
     x = x0
     total = torch.zeros(batch, dtype=tdt, device=x0.device)
     with nvtx_range("flowkern.flow_map_log_likelihood"):
-        for t, s in zip(times[:-1], times[1:]):
+        for t, s in itertools.pairwise(times):
             tt = torch.full((batch,), t, dtype=tdt, device=x0.device)
             ss = torch.full((batch,), s, dtype=tdt, device=x0.device)
             out = model(x, tt, ss)

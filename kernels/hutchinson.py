@@ -79,7 +79,7 @@ def hutchinson_probes_kernel(out_ptr, n_elem, n_rows, n_batch, seed, stream, DIS
                              ROWS: tl.constexpr, CB: tl.constexpr):
     """out[k, b, i] = probe(seed, stream, b, k, i) for the contiguous [K, B, D] tensor `out` (D = n_elem,
     n_rows = K·B). Grid: (cdiv(K·B, ROWS), cdiv(cdiv(D, 4), CB))."""
-    rows, sample, probe, counters, offs, mask = _tile_index(n_elem, n_rows, n_batch, ROWS, CB)
+    _, sample, probe, counters, offs, mask = _tile_index(n_elem, n_rows, n_batch, ROWS, CB)
     z = probe_tile(seed, stream, sample, probe, counters, DIST)  # [ROWS, CB, 4]
     tl.store(out_ptr + offs, z.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -42,7 +42,7 @@ def probe_exe(tmp_path_factory):
     (d / "main.cu").write_text(MAIN)
     exe = d / "probes"
     result = subprocess.run([NVCC, "-std=c++17", "-O2", "-I", os.path.join(ROOT, "csrc"), str(d / "main.cu"), "-o",
-                             str(exe)], capture_output=True, text=True)
+                             str(exe)], capture_output=True, text=True, check=False)
     if result.returncode != 0 and "cannot find" in result.stderr:
         pytest.skip(f"nvcc cannot link a host program here: {result.stderr[-300:]}")
     assert result.returncode == 0, result.stderr

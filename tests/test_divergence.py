@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import DEVICE, backends_under_test
+
 from flowkern._config import use_backend
 from flowkern.divergence import divergence
 
@@ -54,7 +54,7 @@ def test_exact_matches_jacrev_trace_on_an_mlp(batching):
     v = _mlp(5)
     x = torch.randn(4, 5, dtype=torch.float64, device=DEVICE)
     t = torch.rand(4, dtype=torch.float64, device=DEVICE)
-    ref = torch.stack([torch.trace(torch.func.jacrev(lambda xi: v(xi[None], t[i:i + 1])[0])(x[i])) for i in range(4)])
+    ref = torch.stack([torch.trace(torch.func.jacrev(lambda xi, i=i: v(xi[None], t[i:i + 1])[0])(x[i])) for i in range(4)])
     div, out = divergence(v, x, t, method="exact", return_output=True, batching=batching)
     torch.testing.assert_close(div, ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(out, v(x, t), rtol=0, atol=0)
@@ -266,7 +266,7 @@ def test_cuda_extension_matches_triton(distribution, dtype):
     r_cuda = _probes._reduce_raw("cuda", jz, 5, 1, _probes.DISTRIBUTIONS[distribution])
     r_triton = _probes._reduce_raw("triton", jz, 5, 1, _probes.DISTRIBUTIONS[distribution])
     torch.testing.assert_close(r_cuda, r_triton, rtol=1e-4, atol=1e-3)
-    a, fn = _linear(7, dtype=torch.float32)
+    _, fn = _linear(7, dtype=torch.float32)
     x = torch.randn(64, 7, device=DEVICE)
     with use_backend("cuda"):
         d_cuda = divergence(fn, x, probes=4, distribution=distribution, seed=3)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import DEVICE, TRITON_RUNS
+
 from flowkern import _probes
 from flowkern.testing import hutchinson_probes_reference, philox4x32
 
@@ -105,7 +105,8 @@ def test_kernels_compile_for_sm90_without_a_gpu():
 
     pytest.importorskip("triton.backends.nvidia")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", AOT_SCRIPT, root], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", AOT_SCRIPT, root], capture_output=True, text=True, timeout=300,
+                            check=False)
     if result.returncode != 0 and ("ptxas" in result.stderr and "not found" in result.stderr):
         pytest.skip("Triton's bundled ptxas is not available")
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

@@ -5,12 +5,18 @@ import math
 
 import pytest
 import torch
-
 from conftest import DEVICE, TRITON_RUNS
+
 from flowkern._config import use_backend
 from flowkern.likelihood import bits_per_dim, dequantize, flow_map_log_likelihood, ode_log_likelihood
-from flowkern.testing import (gaussian_divergence, gaussian_joint_flow_map, gaussian_log_prob,
-                              gaussian_mixture_log_prob, gaussian_mixture_velocity, gaussian_velocity)
+from flowkern.testing import (
+    gaussian_divergence,
+    gaussian_joint_flow_map,
+    gaussian_log_prob,
+    gaussian_mixture_log_prob,
+    gaussian_mixture_velocity,
+    gaussian_velocity,
+)
 
 F64 = torch.float64
 
