@@ -110,3 +110,29 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     if result.returncode != 0 and ("ptxas" in result.stderr and "not found" in result.stderr):
         pytest.skip("Triton's bundled ptxas is not available")
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.interpreter
+@needs_triton
+def test_probe_kernel_matches_the_reference_on_random_shapes():
+    """hypothesis over (K, B, D, seed, stream): the tiling (rows per program, counters per row) never changes a probe."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=12, deadline=None, derandomize=True)
+    @hypothesis.given(k=st.integers(1, 4), b=st.integers(1, 9), d=st.integers(1, 300),
+                      seed=st.integers(0, 2 ** 63 - 1), stream=st.integers(0, 3))
+    def check(k, b, d, seed, stream):
+        got = _probes.generate("triton", k, b, d, seed=seed, stream=stream, distribution="rademacher",
+                               dtype=torch.float32, device=DEVICE).cpu()
+        assert torch.equal(got.double(), hutchinson_probes_reference(seed, stream, k, b, d, "rademacher"))
+
+    check()
+
+
+def test_reference_divergence_uses_the_torch_backend():
+    from flowkern import reference
+
+    x = torch.randn(2, 3, dtype=torch.float32, device=DEVICE)
+    torch.testing.assert_close(reference.divergence(lambda y: 3 * y, x, probes=2, seed=0), torch.full((2,), 9.0,
+                               device=DEVICE))
