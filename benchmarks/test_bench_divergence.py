@@ -33,7 +33,7 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _median_ms(fn, reps=5) -> float:
+def _median_ms(fn, reps=15) -> float:
     if HAS_CUDA:
         import triton
 

@@ -60,6 +60,10 @@ def batched_jvp(fn, x: torch.Tensor, args: tuple, tangents: torch.Tensor, batchi
     works with any autograd.Function that has a jvp rule but no vmap rule; tensor arguments whose first dim is the
     batch are repeated alongside). ``auto``: vmap, falling back to stack if vmap refuses fn.
     """
+    if tangents.shape[0] == 1:  # one tangent: a plain JVP, no batching machinery
+        out, jt = torch.func.jvp(lambda x_: fn(x_, *args), (x,), (tangents[0],))
+        _check_output(out, x)
+        return out, jt.unsqueeze(0)
     if batching in ("auto", "vmap"):
         try:
             out, jt = _jvp_vmap(fn, x, args, tangents)

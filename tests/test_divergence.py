@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, backends_under_test
+from conftest import DEVICE, TRITON_RUNS, backends_under_test
 
 from flowkern._config import use_backend
 from flowkern.divergence import divergence
@@ -273,3 +273,22 @@ def test_cuda_extension_matches_triton(distribution, dtype):
     with use_backend("triton"):
         d_triton = divergence(fn, x, probes=4, distribution=distribution, seed=3)
     torch.testing.assert_close(d_cuda, d_triton, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not TRITON_RUNS, reason="Triton runs neither on a GPU nor in the interpreter here")
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_backends_are_statistically_identical(distribution):
+    """torch (Generator probes) vs triton (Philox probes): two-sample z-tests on the mean and on the variance."""
+    dim, n = 5, 3000
+    a, fn = _linear(dim, seed=8, dtype=torch.float32)
+    x = torch.randn(n, dim, device=DEVICE)
+    est = {}
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            est[backend] = divergence(fn, x, distribution=distribution, seed=21).double().cpu()
+    e1, e2 = est["torch"], est["triton"]
+    assert not torch.equal(e1, e2)  # different generators ...
+    assert abs(e1.mean() - e2.mean()) < 5 * math.sqrt((e1.var() + e2.var()) / n)  # ... same distribution
+    se = math.sqrt((((e1 - e1.mean()) ** 2).var() + ((e2 - e2.mean()) ** 2).var()) / n)
+    assert abs(e1.var() - e2.var()) < 5 * se
