@@ -281,7 +281,7 @@ def test_cuda_extension_matches_triton(distribution, dtype):
 def test_backends_are_statistically_identical(distribution):
     """torch (Generator probes) vs triton (Philox probes): two-sample z-tests on the mean and on the variance."""
     dim, n = 5, 3000
-    a, fn = _linear(dim, seed=8, dtype=torch.float32)
+    _, fn = _linear(dim, seed=8, dtype=torch.float32)
     x = torch.randn(n, dim, device=DEVICE)
     est = {}
     for backend in ("torch", "triton"):
