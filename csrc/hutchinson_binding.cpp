@@ -1,6 +1,6 @@
 // torch.ops.flowkern.hutchinson_probes_ / hutchinson_reduce: the CUDA backend of flowkern.divergence.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
 #include "hutchinson.h"
@@ -36,7 +36,7 @@ void hutchinson_probes_(at::Tensor out, int64_t seed, int64_t stream, int64_t di
   const c10::cuda::CUDAGuard guard(out.device());
   const cudaError_t err = flowkern::hutchinson_probes(
       out.data_ptr(), dtype, out.size(0), out.size(1), out.size(2), static_cast<uint64_t>(seed),
-      static_cast<uint32_t>(stream), static_cast<int>(distribution), at::cuda::getCurrentCUDAStream());
+      static_cast<uint32_t>(stream), static_cast<int>(distribution), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "flowkern hutchinson_probes_ launch failed: ", cudaGetErrorString(err));
 }
 
@@ -49,7 +49,7 @@ at::Tensor hutchinson_reduce(const at::Tensor& jz, int64_t seed, int64_t stream,
   at::Tensor partial = at::empty({probes * batch, chunks}, jz.options().dtype(at::kFloat));
   const cudaError_t err = flowkern::hutchinson_reduce_partials(
       jz.data_ptr(), dtype, partial.data_ptr<float>(), probes, batch, dim, static_cast<uint64_t>(seed),
-      static_cast<uint32_t>(stream), static_cast<int>(distribution), at::cuda::getCurrentCUDAStream());
+      static_cast<uint32_t>(stream), static_cast<int>(distribution), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "flowkern hutchinson_reduce launch failed: ", cudaGetErrorString(err));
   return partial.sum(1).view({probes, batch});
 }
