@@ -42,7 +42,7 @@ def probe_tile(seed, stream, sample, probe, counters, DIST: tl.constexpr):
     c0 = counters[None, :].to(tl.uint32) + sample[:, None].to(tl.uint32) * 0  # [ROWS, CB]
     c1 = sample[:, None].to(tl.uint32) + zero  # [ROWS, CB]
     c2 = probe[:, None].to(tl.uint32) + zero  # [ROWS, CB]
-    c3 = c0 * 0 + stream.to(tl.uint32)  # [ROWS, CB]
+    c3 = c0 * 0 + tl.to_tensor(stream).to(tl.uint32)  # [ROWS, CB] (to_tensor: stream may be specialised to 1)
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)  # each [ROWS, CB] uint32
     lane = tl.arange(0, 4)[None, None, :]  # [1, 1, 4]
     if DIST == 0:  # rademacher: sign from the top bit of this lane's word
@@ -74,7 +74,7 @@ def _tile_index(n_elem, n_rows, n_batch, ROWS: tl.constexpr, CB: tl.constexpr):
     return rows, rows % n_batch, rows // n_batch, counters, offs, mask
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "stream"])  # a new seed per call must not mean a new compile
 def hutchinson_probes_kernel(out_ptr, n_elem, n_rows, n_batch, seed, stream, DIST: tl.constexpr,
                              ROWS: tl.constexpr, CB: tl.constexpr):
     """out[k, b, i] = probe(seed, stream, b, k, i) for the contiguous [K, B, D] tensor `out` (D = n_elem,
@@ -84,7 +84,7 @@ def hutchinson_probes_kernel(out_ptr, n_elem, n_rows, n_batch, seed, stream, DIS
     tl.store(out_ptr + offs, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "stream"])
 def hutchinson_reduce_kernel(jz_ptr, partial_ptr, n_elem, n_rows, n_batch, n_chunks, seed, stream,
                              DIST: tl.constexpr, ROWS: tl.constexpr, CB: tl.constexpr):
     """partial[k·B + b, chunk] = Σ_{i in chunk} probe(seed, stream, b, k, i)·jz[k, b, i], accumulated in float32.

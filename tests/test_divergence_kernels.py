@@ -86,12 +86,17 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from flowkern.kernels.hutchinson import hutchinson_probes_kernel, hutchinson_reduce_kernel
+ONES = ("n_elem", "n_rows", "n_batch", "n_chunks", "seed", "stream")  # ints the JIT may specialise to 1
 for fn in (hutchinson_probes_kernel, hutchinson_reduce_kernel):
     for dist in (0, 1):
-        sig = {n: "constexpr" if n in ("DIST", "ROWS", "CB") else "*fp32" if n.endswith("_ptr") else
-               "i64" if n == "seed" else "i32" for n in fn.arg_names}
-        src = ASTSource(fn=fn, signature=sig, constexprs={"DIST": dist, "ROWS": 8, "CB": 64})
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        for ones in (False, True):
+            const = {"DIST": dist, "ROWS": 8, "CB": 64}
+            if ones:
+                const.update({n: 1 for n in ONES if n in fn.arg_names})
+            sig = {n: "constexpr" if n in const else "*fp32" if n.endswith("_ptr") else
+                   "i64" if n == "seed" else "i32" for n in fn.arg_names}
+            src = ASTSource(fn=fn, signature=sig, constexprs=const)
+            triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 print("ok")
 """
 
