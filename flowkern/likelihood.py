@@ -59,8 +59,8 @@ def _check_choice(name, value, choices):
 
 
 def ode_log_likelihood(velocity, x0, *, steps=64, solver="rk4", divergence="exact", probes=1,
-                       distribution="rademacher", seed=None, rtol=1e-5, atol=1e-5, max_steps=10_000,
-                       return_x1=False):
+                       distribution="rademacher", seed=None, fresh_probes=True, rtol=1e-5, atol=1e-5,
+                       max_steps=10_000, return_x1=False):
     """log p₀(x₀) of a velocity model by integrating x and ∫div v from t = 0 (data) to t = 1 (noise).
 
     Args:
@@ -72,7 +72,8 @@ def ode_log_likelihood(velocity, x0, *, steps=64, solver="rk4", divergence="exac
         divergence: a `flowkern.divergence` method (``"exact"``, ``"hutchinson"``, ``"hutch++"``, with `probes`,
             `distribution`), or a callable div(x, t) -> [B]. Hutchinson on a fixed-step solver draws fresh probes
             each step (seed + step; about N× less variance than one probe per trajectory) shared by the stages of
-            the step; on dopri5 one probe set serves the whole solve so the right-hand side stays deterministic.
+            the step (`fresh_probes=False`: one probe set for the whole trajectory); on dopri5 one probe set always
+            serves the whole solve so the right-hand side stays deterministic.
         seed: base seed for the probes (None: drawn from torch's default generator).
         return_x1: also return x₁, the end of the trajectory.
     Returns:
@@ -94,6 +95,8 @@ def ode_log_likelihood(velocity, x0, *, steps=64, solver="rk4", divergence="exac
     if seed is None:
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())
     seed = check_int("seed", seed, minimum=0)
+    if not isinstance(fresh_probes, bool):
+        raise TypeError(f"fresh_probes must be a bool, got {type(fresh_probes).__name__}")
     batch = x0.shape[0]
     tdt = _time_dtype(x0)
 
@@ -104,7 +107,8 @@ def ode_log_likelihood(velocity, x0, *, steps=64, solver="rk4", divergence="exac
             div = divergence(x, tt)
         else:
             div, v = _divergence(velocity, x, tt, method=divergence, probes=probes, distribution=distribution,
-                                 seed=(seed + step) % 2 ** 63, return_output=True)
+                                 seed=(seed + step * fresh_probes) % 2 ** 63,
+                                 return_output=True)
         if not isinstance(div, torch.Tensor) or div.shape != (batch,):
             raise ValueError(f"the divergence must be a [B] = [{batch}] tensor, got "
                              f"{tuple(div.shape) if isinstance(div, torch.Tensor) else type(div).__name__}")

@@ -70,6 +70,17 @@ def test_gaussian_probes_are_unbiased_along_the_ode():
     assert abs(err.mean()) < 5 * err.std() / math.sqrt(len(err)) + 1e-3  # ... but unbiased (rk4 error ≪ 1e-3)
 
 
+def test_fresh_probes_per_step_cut_the_variance():
+    """KERNELS.md §3: a fixed probe per trajectory keeps the variance from averaging out over the steps."""
+    mu, sigma, x0 = _gaussian(batch=400)
+    v = gaussian_velocity(mu, sigma)
+    kw = {"steps": 8, "divergence": "hutchinson", "distribution": "gaussian", "seed": 5}
+    exact = gaussian_log_prob(x0, mu, sigma)
+    fresh = ode_log_likelihood(v, x0, fresh_probes=True, **kw) - exact
+    fixed = ode_log_likelihood(v, x0, fresh_probes=False, **kw) - exact
+    assert fixed.var() > 2 * fresh.var()
+
+
 @pytest.mark.interpreter
 @pytest.mark.skipif(not TRITON_RUNS, reason="Triton runs neither on a GPU nor in the interpreter here")
 def test_gaussian_likelihood_with_triton_probes():
