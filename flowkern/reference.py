@@ -19,3 +19,12 @@ def attention(q, k, v, *, causal=False, attn_mask=None, scale=None):
     """`flowkern.attention` in chunked PyTorch."""
     with use_backend("torch"):
         return _attention_api.attention(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale)
+
+
+def divergence(fn, x, *args, **kwargs):
+    """`flowkern.divergence` on the PyTorch backend (probes from a `torch.Generator`, plain dot-product reduction)."""
+    # the module, not the function `flowkern.divergence` that shadows it as a package attribute
+    from flowkern.divergence import divergence as _divergence
+
+    with use_backend("torch"):
+        return _divergence(fn, x, *args, **kwargs)
