@@ -10,6 +10,11 @@ Public API
   time_embedding, linear), each a drop-in plus an explicit `*_jvp` form returning (y, y_t) from one pass.
 * `flowkern.flow_map`: fused flow-map jumps Φ = x + (s − t)·u (with the joint log-density), batched multi-time
   `evaluate`, `sample` / `sample_many` (steps (1, 2, 4, 8) in 8 model calls instead of 15), `semigroup_target`.
+* `flowkern.divergence(fn, x, *args, method="hutchinson"|"hutch++"|"exact", probes=1, distribution="rademacher",
+  seed=None, return_output=False)` -> [B]: per-sample divergence from forward-mode products; Philox probes
+  regenerated in a fused Triton/CUDA reduction, K probes in one batched JVP.
+* `flowkern.likelihood`: `ode_log_likelihood`, `flow_map_log_likelihood` (joint flow map (u, D)), `bits_per_dim`,
+  `dequantize`.
 * `flowkern.reference`: pure-PyTorch implementations with the same signatures (CPU fallback and test ground truth).
 * `flowkern.use_backend(name)`: pick 'auto', 'triton', 'torch' for the ops inside a ``with`` block.
 """
@@ -33,7 +38,10 @@ _expose_source_tree_kernels()
 
 from flowkern._config import use_backend  # noqa: E402
 from flowkern.attention import attention, jvp_attention  # noqa: E402
-from flowkern import flow_map, ops, reference  # noqa: E402
+from flowkern import flow_map, likelihood, ops, reference  # noqa: E402
+from flowkern.divergence import divergence  # noqa: E402
+from flowkern.likelihood import bits_per_dim, dequantize, flow_map_log_likelihood, ode_log_likelihood  # noqa: E402
 
-__all__ = ["attention", "flow_map", "jvp_attention", "ops", "reference", "use_backend"]
+__all__ = ["attention", "bits_per_dim", "dequantize", "divergence", "flow_map", "flow_map_log_likelihood",
+           "jvp_attention", "likelihood", "ode_log_likelihood", "ops", "reference", "use_backend"]
 __version__ = "0.1.0"
