@@ -1,9 +1,12 @@
-"""Autotuned entry points of the attention kernels: the block sizes each may take.
+"""Autotuned entry points of the attention kernels, and the block configs each may take per head dim.
 
-On a GPU each kernel is tuned per (sequence lengths, padded head dim, feature flags); configs whose tiles cannot
-fit (three [BLOCK_M, BLOCK_D] float32 accumulators for the tangent forward at head dim 256, say) are pruned before
-compiling. With FLOWKERN_AUTOTUNE=0 (the GPU test suite) each kernel takes its first config. In Triton's
-interpreter there is one small config, chosen with BLOCK_M ≠ BLOCK_N so the causal tile bounds are exercised.
+The candidate lists come from compiling every (BLOCK_M, BLOCK_N, warps) for sm_90 ahead of time
+(`python3 benchmarks/aot_compile.py --sweep`, no GPU needed) and keeping the configs with no or few register
+spills: the tangent forward holds two [BLOCK_M, BLOCK_D] float32 accumulators plus Q and Q̇, so it wants 8 warps
+and narrow key tiles, and at head dim 128/256 every config spills a little (the least-spilling ones are listed).
+On a GPU the autotuner picks among the candidates of the call's padded head dim, per (sequence lengths, flags).
+With FLOWKERN_AUTOTUNE=0 (the GPU test suite) each kernel takes the first candidate. In Triton's interpreter there
+is one small config, with BLOCK_M ≠ BLOCK_N so the causal tile bounds are exercised.
 """
 import triton
 
@@ -14,43 +17,71 @@ from flowkern.kernels.attention_fwd import attention_fwd_kernel
 
 _INTERPRETER = triton_interpreting()
 
+# (BLOCK_M, BLOCK_N, num_warps) by padded head dim (≤ 64, 128, 256); each is tried with 2 and 3 stages.
+_FWD_TANGENT = {64: [(128, 32, 8), (64, 32, 8), (128, 16, 8), (64, 16, 8)],
+                128: [(32, 16, 8), (64, 16, 8), (32, 32, 8), (64, 32, 8)],
+                256: [(32, 16, 8), (64, 16, 8)]}
+_FWD = {64: [(128, 64, 8), (128, 32, 8), (64, 64, 8), (64, 64, 4)],
+        128: [(64, 64, 8), (64, 32, 8), (128, 32, 8), (32, 64, 8)],
+        256: [(32, 16, 8), (32, 32, 8), (64, 16, 8)]}
+_BWD_DKDV = {64: [(32, 64, 8), (64, 64, 8), (128, 64, 8), (64, 32, 8)],
+             128: [(32, 32, 8), (32, 64, 8), (32, 16, 8)],
+             256: [(32, 16, 8), (32, 32, 8)]}
+_BWD_DQ = {64: [(64, 64, 8), (128, 64, 8), (128, 32, 8), (64, 32, 8)],
+           128: [(64, 16, 8), (32, 32, 8), (64, 32, 8)],
+           256: [(32, 16, 8), (32, 32, 8)]}
+_STAGES = (2, 3)
 
-def _configs(block_m, block_n, warps, stages):
+
+def _bucket(block_d: int) -> int:
+    return 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+
+
+def _configs(table):
     if _INTERPRETER:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-               for bm in block_m for bn in block_n for w in warps for s in stages]
-    return configs if autotune_enabled() else configs[:1]
+    seen, configs = set(), []
+    for bucket in (64, 128, 256):
+        for bm, bn, warps in table[bucket]:
+            for stages in _STAGES:
+                if (bm, bn, warps, stages) not in seen:
+                    seen.add((bm, bn, warps, stages))
+                    configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps,
+                                                 num_stages=stages))
+    return configs
 
 
-def _prune_by_head_dim(configs, named_args, **kwargs):
-    """Drop tiles that would spill at large head dims: BLOCK_M·BLOCK_D and BLOCK_N·BLOCK_D are capped."""
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    with_tangent = kwargs.get("HAS_TANGENT", named_args.get("HAS_TANGENT", False))
-    budget = 8192 if with_tangent else 16384
-    kept = [c for c in configs
-            if c.kwargs["BLOCK_M"] * block_d <= budget and c.kwargs["BLOCK_N"] * block_d <= 16384]
-    return kept or configs[:1]
+def _pruner(table, tangent_table=None):
+    """Keep the candidates of the call's head-dim bucket (the first one only without autotuning)."""
+
+    def prune(configs, named_args, **kwargs):
+        if _INTERPRETER:
+            return configs
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        with_tangent = kwargs.get("HAS_TANGENT", named_args.get("HAS_TANGENT", False))
+        wanted = (tangent_table if with_tangent and tangent_table else table)[_bucket(block_d)]
+        order = {key: i for i, key in enumerate(wanted)}
+        kept = sorted((c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) in order),
+                      key=lambda c: (order[(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)], c.num_stages))
+        return kept if autotune_enabled() else kept[:1]
+
+    return prune
 
 
 _KEY = ["seq_q", "seq_k", "BLOCK_D", "CAUSAL", "MASK_KIND"]
 
 attention_fwd = triton.autotune(
-    configs=_configs([64, 128], [32, 64, 128], [4, 8], [2, 3]),
+    configs=_configs({b: _FWD[b] + _FWD_TANGENT[b] for b in _FWD}),
     key=_KEY + ["HAS_TANGENT"],
-    prune_configs_by={"early_config_prune": _prune_by_head_dim},
+    prune_configs_by={"early_config_prune": _pruner(_FWD, _FWD_TANGENT)},
 )(attention_fwd_kernel)
 
 attention_bwd_dkdv = triton.autotune(
-    configs=_configs([32, 64], [64, 128], [4, 8], [2, 3]),
-    key=_KEY,
-    prune_configs_by={"early_config_prune": _prune_by_head_dim},
+    configs=_configs(_BWD_DKDV), key=_KEY, prune_configs_by={"early_config_prune": _pruner(_BWD_DKDV)},
 )(attention_bwd_dkdv_kernel)
 
 attention_bwd_dq = triton.autotune(
-    configs=_configs([64, 128], [32, 64], [4, 8], [2, 3]),
-    key=_KEY,
-    prune_configs_by={"early_config_prune": _prune_by_head_dim},
+    configs=_configs(_BWD_DQ), key=_KEY, prune_configs_by={"early_config_prune": _pruner(_BWD_DQ)},
 )(attention_bwd_dq_kernel)
 
 DELTA_BLOCK_M = 32 if _INTERPRETER else 128
