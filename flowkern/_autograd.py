@@ -54,6 +54,11 @@ class _CallUnwrapped(torch.autograd.Function):
     def jvp(ctx, *tangents):
         raise NotImplementedError(HIGHER_ORDER.format(op=ctx.op, what="forward mode over its backward"))
 
+    @staticmethod
+    def vmap(info, in_dims, fn, op, *args):
+        raise NotImplementedError(f"{op}: torch.func.vmap over its backward (per-sample gradients) is not supported; "
+                                  "vmap over its forward and forward mode works")
+
 
 def call_unwrapped(fn, op: str, *args):
     """fn(*args) with every tensor argument unwrapped from torch.func's wrappers (see the module docstring)."""

@@ -108,6 +108,27 @@ def test_a_gradient_through_the_tangent_raises_instead_of_being_silently_zero(ba
         assert torch.isfinite(qg.grad).all() and qg.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_over_jvp_and_jacfwd(backend, device):
+    """torch.func.vmap folds the vmapped dimension into the batch (one kernel launch for all of it)."""
+    q, k, v = make_inputs(2, 2, 1, 5, 7, 16, device=device, seed=8)[:3]
+    mask = (torch.rand(2, 2, 5, 7, generator=torch.Generator().manual_seed(1)) > 0.3).to(device)
+    probes = torch.randn(3, *q.shape, generator=torch.Generator().manual_seed(2)).to(device)
+    for kw in ({"causal": True}, {"attn_mask": mask}):
+        with flowkern.use_backend(backend):
+            got = torch.func.vmap(lambda t: torch.func.jvp(lambda x: flowkern.attention(x, k, v, **kw), (q,),
+                                                           (t,))[1])(probes)
+            batched = torch.func.vmap(lambda x: flowkern.attention(x, k, v, **kw))(torch.stack([q, 2 * q]))
+        want = torch.stack([reference_jvp(q, k, v, t, torch.zeros_like(k), torch.zeros_like(v), **kw)[1]
+                            for t in probes])
+        assert_close_to(got, want, torch.float32, what="vmap(jvp)")
+        assert_close_to(batched[1], reference_jvp(2 * q, k, v, q, k, v, **kw)[0], torch.float32, what="vmap")
+    q1, k1, v1 = (x[:1, :1, :3].double() for x in (q, k, v))
+    with flowkern.use_backend("torch"):
+        jac = torch.func.jacfwd(lambda x: flowkern.attention(x, k1, v1))(q1)
+    torch.testing.assert_close(jac, torch.func.jacfwd(lambda x: math_attention(x, k1, v1))(q1))
+
+
 def test_gradcheck_with_forward_ad_on_the_reference():
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 2, 5, 8, dtype=torch.float64, generator=g, requires_grad=True)

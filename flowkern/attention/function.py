@@ -14,6 +14,8 @@ differentiate goes through `guard_tangent`, so a gradient through it raises inst
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from flowkern._autograd import call_unwrapped, guard_tangent
@@ -69,6 +71,32 @@ class FusedAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = call_unwrapped(_backward_kernel, OP, q, k, v, o, lse, do, ctx.attn_mask, ctx.spec)
         return dq, dk, dv, None, None, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, q_t, k_t, v_t, attn_mask, spec, serve_tangent):
+        """torch.func.vmap: fold the vmapped dimension into the batch, run once, unfold."""
+        size = info.batch_size
+
+        def fold(x, dim, n_batch):
+            if x is None:
+                return None
+            x = x.movedim(dim, 0) if dim is not None else x.unsqueeze(0).expand(size, *x.shape)
+            return x.reshape(size * n_batch, *x.shape[2:])
+
+        q, k, v, q_t, k_t, v_t = (fold(x, d, spec.batch) for x, d in zip((q, k, v, q_t, k_t, v_t), in_dims[:6]))
+        if attn_mask is not None:
+            mask_dim = in_dims[6]
+            mask = attn_mask.movedim(mask_dim, 0) if mask_dim is not None else attn_mask.unsqueeze(0)
+            while mask.dim() < 5:  # [V or 1, (B), (H), Nq, Nk] -> rank 5 with broadcastable dims
+                mask = mask.unsqueeze(1)
+            if mask.shape[0] == 1 and mask.shape[1] == 1:
+                attn_mask = mask[0]  # shared by every vmapped sample and batch row: stays broadcast
+            else:
+                attn_mask = mask.expand(size, spec.batch, *mask.shape[2:]).reshape(size * spec.batch, *mask.shape[2:])
+        folded = dataclasses.replace(spec, batch=size * spec.batch)
+        o, o_t, lse = FusedAttention.apply(q, k, v, q_t, k_t, v_t, attn_mask, folded, serve_tangent)
+        unfold = (lambda x: None if x is None else x.reshape(size, spec.batch, *x.shape[1:]))
+        return (unfold(o), unfold(o_t), unfold(lse)), (0, None if o_t is None else 0, 0)
 
     @staticmethod
     def jvp(ctx, dq, dk, dv, dq_t, dk_t, dv_t, _dmask, _dspec, _dserve):
