@@ -1,11 +1,11 @@
 """Every environment variable flowkern reads, in one place.
 
-| variable          | values                          | default | effect                                                        |
-|-------------------|---------------------------------|---------|---------------------------------------------------------------|
-| FLOWKERN_BACKEND  | auto, triton, cuda, torch       | auto    | backend for every op (see `flowkern._dispatch`)               |
-| FLOWKERN_NVTX     | 0, 1                            | 0       | emit NVTX ranges around public ops and training phases        |
-| FLOWKERN_AUTOTUNE | 0, 1                            | 1       | autotune Triton block sizes on a GPU (0: one default config)  |
-| TRITON_INTERPRET  | 0, 1 (read by Triton itself)    | 0       | run Triton kernels in Triton's CPU interpreter                |
+| variable          | values                    | default | effect                                                 |
+|-------------------|---------------------------|---------|--------------------------------------------------------|
+| FLOWKERN_BACKEND  | auto, triton, cuda, torch | auto    | backend for every op (see `flowkern._dispatch`)        |
+| FLOWKERN_NVTX     | 0, 1                      | 0       | NVTX ranges around public ops and training phases      |
+| FLOWKERN_AUTOTUNE | 0, 1                      | 1       | autotune Triton block sizes on a GPU (0: one config)   |
+| TRITON_INTERPRET  | 0, 1 (read by Triton)     | 0       | run Triton kernels in Triton's CPU interpreter         |
 
 Values are read on every call (cheap), so a test or a script can change them at run time.
 `flowkern.use_backend(name)` overrides FLOWKERN_BACKEND inside a ``with`` block.

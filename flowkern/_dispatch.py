@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import torch
 
@@ -34,12 +35,16 @@ def _triton_can_serve(device: torch.device, dtype: torch.dtype) -> str | None:
     return f"Triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), not on {device.type}"
 
 
+_warned_fallback: set = set()  # ops that already warned about a CUDA call falling back to the reference
+
+
 def select_backend(op: str, device: torch.device, dtype: torch.dtype, *, supported=("triton", "torch"),
                    triton_reason: str | None = None) -> str:
     """Pick the backend for one call of `op` on inputs of this device and dtype.
 
     `supported` lists the backends the op has; `triton_reason`, when not None, is an op-specific reason why the
-    Triton kernel cannot take these inputs (an unsupported head dim, say).
+    Triton kernel cannot take these inputs (an unsupported head dim, say): under `auto` a CUDA call then falls back
+    to the PyTorch reference with a one-time warning per op.
     """
     asked = requested_backend()
     reasons: dict[str, str | None] = {"torch": None}
@@ -56,6 +61,9 @@ def select_backend(op: str, device: torch.device, dtype: torch.dtype, *, support
         if device.type == "cuda" or triton_interpreting():
             if reasons["triton"] is None:
                 return "triton"
+        if device.type == "cuda" and triton_reason and op not in _warned_fallback:
+            _warned_fallback.add(op)
+            warnings.warn(f"{op}: {triton_reason}; using the PyTorch reference (slow)", stacklevel=3)
         return "torch"
     if reasons[asked] is None:
         return asked

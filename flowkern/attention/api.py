@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -14,7 +13,6 @@ from flowkern.attention.function import FusedAttention
 from flowkern.attention.spec import MASK_ADDITIVE, MASK_BOOL, MASK_NONE, AttentionSpec
 
 MAX_TRITON_HEAD_DIM = 256
-_warned_fallback: set = set()
 
 
 def _spec(q, k, v, attn_mask, causal, scale, op: str) -> AttentionSpec:
@@ -71,9 +69,6 @@ def _spec(q, k, v, attn_mask, causal, scale, op: str) -> AttentionSpec:
     if head_dim > MAX_TRITON_HEAD_DIM:
         triton_reason = f"the Triton kernel takes head dims up to {MAX_TRITON_HEAD_DIM}, got {head_dim}"
     backend = select_backend(op, q.device, q.dtype, triton_reason=triton_reason)
-    if backend == "torch" and q.device.type == "cuda" and triton_reason and op not in _warned_fallback:
-        _warned_fallback.add(op)
-        warnings.warn(f"{op}: {triton_reason}; using the PyTorch reference (slow)", stacklevel=3)
     return AttentionSpec(batch, q_heads, kv_heads, seq_q, seq_k, head_dim, causal, scale, mask_kind, backend)
 
 

@@ -95,7 +95,9 @@ class FusedAttention(torch.autograd.Function):
                 attn_mask = mask.expand(size, spec.batch, *mask.shape[2:]).reshape(size * spec.batch, *mask.shape[2:])
         folded = dataclasses.replace(spec, batch=size * spec.batch)
         o, o_t, lse = FusedAttention.apply(q, k, v, q_t, k_t, v_t, attn_mask, folded, serve_tangent)
-        unfold = (lambda x: None if x is None else x.reshape(size, spec.batch, *x.shape[1:]))
+        def unfold(x):
+            return None if x is None else x.reshape(size, spec.batch, *x.shape[1:])
+
         return (unfold(o), unfold(o_t), unfold(lse)), (0, None if o_t is None else 0, 0)
 
     @staticmethod

@@ -53,7 +53,7 @@ def attention_fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec: AttentionSpec, *, chu
     qtg = _grouped(q_t, spec, acc) if has_tangent else None
     rows = qg.shape[:-1]
     m = torch.full(rows, float("-inf"), dtype=acc, device=q.device)
-    l = torch.zeros(rows, dtype=acc, device=q.device)
+    row_sum = torch.zeros(rows, dtype=acc, device=q.device)  # l = Σ p̃
     o_acc = torch.zeros(qg.shape, dtype=acc, device=q.device)
     if has_tangent:
         r = torch.zeros(rows, dtype=acc, device=q.device)
@@ -66,7 +66,7 @@ def attention_fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec: AttentionSpec, *, chu
         m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)
         alpha = torch.exp(m - m_safe)
         p = torch.exp(s - m_safe[..., None])
-        l = l * alpha + p.sum(-1)
+        row_sum = row_sum * alpha + p.sum(-1)
         o_acc = o_acc * alpha[..., None] + p @ vc
         if has_tangent:
             ktc, vtc = _key_chunk(k_t, start, stop, acc), _key_chunk(v_t, start, stop, acc)
@@ -75,10 +75,10 @@ def attention_fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec: AttentionSpec, *, chu
             r = r * alpha + p_st.sum(-1)
             ot_acc = ot_acc * alpha[..., None] + p @ vtc + p_st @ vc
         m = m_new
-    empty = l == 0
-    inv_l = torch.where(empty, 0.0, 1.0 / torch.where(empty, 1.0, l))
+    empty = row_sum == 0
+    inv_l = torch.where(empty, 0.0, 1.0 / torch.where(empty, 1.0, row_sum))
     o = o_acc * inv_l[..., None]
-    lse = torch.where(empty, float("inf"), m + torch.log(torch.where(empty, 1.0, l)))
+    lse = torch.where(empty, float("inf"), m + torch.log(torch.where(empty, 1.0, row_sum)))
     o_t = None
     if has_tangent:
         o_t = (ot_acc * inv_l[..., None] - (r * inv_l)[..., None] * o).flatten(1, 2).to(q.dtype)

@@ -8,7 +8,6 @@ becomes a contiguous [n_groups, D] tensor whose row r // group serves row r of x
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -65,15 +64,8 @@ def as_rows(x: torch.Tensor | None, n_cols: int) -> torch.Tensor | None:
 
 
 def select_row_backend(op: str, x: torch.Tensor, n_cols: int) -> str:
-    """`select_backend` for a row op; warns once per op when a CUDA call falls back to the PyTorch reference."""
+    """`select_backend` for a row op (rows wider than the kernels take go to the reference, warned once)."""
     reason = None
     if n_cols > MAX_TRITON_FEATURES:
         reason = f"the Triton row kernels take up to {MAX_TRITON_FEATURES} features, got {n_cols}"
-    backend = select_backend(op, x.device, x.dtype, triton_reason=reason)
-    if backend == "torch" and x.device.type == "cuda" and reason and op not in _warned_fallback:
-        _warned_fallback.add(op)
-        warnings.warn(f"{op}: {reason}; using the PyTorch reference (slow)", stacklevel=3)
-    return backend
-
-
-_warned_fallback: set = set()
+    return select_backend(op, x.device, x.dtype, triton_reason=reason)
