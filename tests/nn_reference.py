@@ -88,3 +88,82 @@ class PlainMLPFlowMap(nn.Module):
         h = modulate(h, *self.final_ada(c))
         u = self.out(h)
         return u if self.div is None else (u, self.div(h).squeeze(-1))
+
+
+def softmax_attention(q, k, v):
+    """softmax(q kᵀ/√d) v, written out (differentiable in both modes)."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def sdpa_attention(q, k, v):
+    """`F.scaled_dot_product_attention` (the benchmark forces its math backend: the only one with a JVP rule)."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+class PlainAttention(nn.Module):
+    def __init__(self, dim, heads, qk_norm, attend):
+        super().__init__()
+        self.heads, self.attend = heads, attend
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6) if qk_norm else None
+        self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6) if qk_norm else None
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return self.proj(self.attend(q, k, v).transpose(1, 2).reshape(b, n, d))
+
+
+class PlainDiTBlock(nn.Module):
+    def __init__(self, dim, heads, mlp_ratio, qk_norm, attend):
+        super().__init__()
+        self.ada = Ada(dim, dim, 6)
+        self.attn = PlainAttention(dim, heads, qk_norm, attend)
+        self.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
+        self.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
+
+    def forward(self, x, c):
+        b1, a1, g1, b2, a2, g2 = self.ada(c)
+        x = x + g1.unsqueeze(1) * self.attn(modulate(x, b1, a1))
+        mlp = self.fc2(F.gelu(self.fc1(modulate(x, b2, a2)), approximate="tanh"))
+        return x + g2.unsqueeze(1) * mlp
+
+
+class PlainDiT(nn.Module):
+    """Twin of `flowkern.nn.DiT` (torch.nn layers, explicit patchify by reshapes, F ops, `attend` for attention)."""
+
+    def __init__(self, model, attend=softmax_attention):
+        """Built with the hyper-parameters of the flowkern `model` (load its state dict afterwards)."""
+        super().__init__()
+        block = model.blocks[0]
+        dim, heads = model.patch_embed.out_features, block.attn.heads
+        self.patch, self.in_ch, self.out_ch, self.img_size = model.patch, model.in_ch, model.out_ch, model.img_size
+        self.num_classes = model.num_classes
+        self.patch_embed = nn.Linear(model.patch_embed.in_features, dim)
+        self.register_buffer("pos_embed", torch.zeros_like(model.pos_embed))
+        tm = model.time
+        self.time = TimeMLP(tm.freq_dim, dim, tm.mode, tm.time_scale)
+        self.label_embed = nn.Embedding(self.num_classes + 1, dim) if self.num_classes else None
+        self.blocks = nn.ModuleList(PlainDiTBlock(dim, heads, block.fc1.out_features / dim, model.qk_norm, attend)
+                                    for _ in model.blocks)
+        self.final_ada = Ada(dim, dim, 2)
+        self.out = nn.Linear(dim, model.out.out_features)
+
+    def forward(self, x, t, s, y=None):
+        b, c, h, w = x.shape
+        p = self.patch
+        tokens = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+        tokens = self.patch_embed(tokens) + self.pos_embed.to(x.dtype)
+        cond = self.time(t, s)
+        if self.label_embed is not None:
+            y = torch.full((b,), self.num_classes, dtype=torch.long) if y is None else y
+            cond = cond + self.label_embed(y)
+        for block in self.blocks:
+            tokens = block(tokens, cond)
+        tokens = self.out(modulate(tokens, *self.final_ada(cond)))
+        out = tokens.reshape(b, h // p, w // p, self.out_ch, p, p).permute(0, 3, 1, 4, 2, 5)
+        return out.reshape(b, self.out_ch, h, w)
