@@ -22,7 +22,7 @@ import torch
 import flowkern.nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from nn_reference import PlainDiT, sdpa_attention  # noqa: E402 - the test twin is the baseline network
+from nn_reference import PlainDiT, sdpa_attention
 
 HAS_CUDA = torch.cuda.is_available()
 gpu_only = pytest.mark.skipif(not HAS_CUDA, reason="GPU benchmark: needs a CUDA device")

@@ -6,15 +6,15 @@ import math
 
 import pytest
 import torch
+from nn_reference import PlainDiT, randomize
+from nn_utils import check_network_against_twin
 
 import flowkern
 from flowkern.nn import DiT
 from flowkern.nn.dit import CONFIGS
 from flowkern.nn.patch import patchify, sincos_pos_embed_2d, unpatchify
-from nn_reference import PlainDiT, randomize
-from nn_utils import check_network_against_twin
 
-SMALL = dict(patch=2, hidden=16, depth=2, heads=2, time_dim=8, time_scale=3.0)
+SMALL = {"patch": 2, "hidden": 16, "depth": 2, "heads": 2, "time_dim": 8, "time_scale": 3.0}
 
 
 def make_pair(dtype, img=(4, 6), in_ch=3, **cfg):
@@ -32,7 +32,7 @@ def inputs(dtype, batch=2, in_ch=3, img=(4, 6), seed=0):
     return (x, t, s), (x_t, t_t, s_t)
 
 
-@pytest.mark.parametrize("cfg", [dict(), dict(qk_norm=True, num_classes=5, time_mode="t_delta", out_ch=2)],
+@pytest.mark.parametrize("cfg", [{}, {"qk_norm": True, "num_classes": 5, "time_mode": "t_delta", "out_ch": 2}],
                          ids=["plain", "qknorm+labels+t_delta"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_matches_plain_twin(cfg, dtype):

@@ -6,10 +6,10 @@ import socket
 
 import pytest
 import torch
+from ddp_worker import BATCH, flat_params, make_model, rank_main, train
 
 import flowkern
 import flowkern.nn
-from ddp_worker import BATCH, flat_params, make_model, rank_main, train
 
 
 def free_port() -> int:
@@ -80,7 +80,7 @@ def test_ddp_two_processes_match_one_process_on_the_doubled_batch(tmp_path):
         try:
             torch.multiprocessing.spawn(rank_main, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
             break
-        except Exception as exc:  # noqa: BLE001 - re-raised unless it is a port clash
+        except Exception as exc:
             if "address already in use" not in str(exc).lower() or attempt == 2:
                 raise
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
@@ -90,7 +90,7 @@ def test_ddp_two_processes_match_one_process_on_the_doubled_batch(tmp_path):
     assert BATCH % world == 0
     assert (single - start).abs().max() > 1e-3  # the steps moved the parameters
     for r, res in enumerate(results):
-        torch.testing.assert_close(res["params"], single, atol=2e-5, rtol=1e-4, msg=lambda m: f"rank {r}: {m}")
+        torch.testing.assert_close(res["params"], single, atol=2e-5, rtol=1e-4, msg=lambda m, r=r: f"rank {r}: {m}")
         assert res["same_masks"], f"rank {r}: the JVP pass and the DDP grad pass drew different dropout masks"
         assert res["differs_otherwise"], f"rank {r}: dropout had no effect (the mask check could not fail)"
 

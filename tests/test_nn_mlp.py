@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import flowkern
-from flowkern.nn import MLPFlowMap
 from nn_reference import PlainMLPFlowMap, randomize
 from nn_utils import assert_all_close, check_network_against_twin
 
-CONFIGS = [dict(time_mode="ts", divergence_head=False), dict(time_mode="t_delta", divergence_head=True)]
+import flowkern
+from flowkern.nn import MLPFlowMap
+
+CONFIGS = [{"time_mode": "ts", "divergence_head": False}, {"time_mode": "t_delta", "divergence_head": True}]
 
 
 def make_pair(dtype, *, dim=3, hidden=16, depth=2, time_dim=8, time_scale=3.0, **cfg):
@@ -89,12 +89,12 @@ def test_dropout_is_active_in_training_only():
 
 
 @pytest.mark.parametrize("kwargs, err, match", [
-    (dict(time_dim=7), ValueError, "time_dim must be even"),
-    (dict(time_mode="delta"), ValueError, "time_mode"),
-    (dict(dropout=1.0), ValueError, "dropout"),
-    (dict(depth=0), ValueError, "depth"),
-    (dict(divergence_head=1), TypeError, "divergence_head"),
-    (dict(hidden=2.5), TypeError, "hidden"),
+    ({"time_dim": 7}, ValueError, "time_dim must be even"),
+    ({"time_mode": "delta"}, ValueError, "time_mode"),
+    ({"dropout": 1.0}, ValueError, "dropout"),
+    ({"depth": 0}, ValueError, "depth"),
+    ({"divergence_head": 1}, TypeError, "divergence_head"),
+    ({"hidden": 2.5}, TypeError, "hidden"),
 ])
 def test_bad_constructor_arguments(kwargs, err, match):
     with pytest.raises(err, match=match):

@@ -9,11 +9,11 @@
 * Layers: `Linear`, `LayerNorm`, `RMSNorm` (torch.nn-compatible parameters and state dicts), `SiLU`, `GELU`,
   `Modulate` (adaLN, norm fused), `GatedResidual`, `AdaLNModulation`, `TimePairEmbedding`.
 """
-from flowkern.nn.layers import GELU, AdaLNModulation, GatedResidual, LayerNorm, Linear, Modulate, RMSNorm, SiLU
 from flowkern.nn.dit import DiT
 from flowkern.nn.forward_mode import jvp, unwrap_ddp
+from flowkern.nn.layers import GELU, AdaLNModulation, GatedResidual, LayerNorm, Linear, Modulate, RMSNorm, SiLU
 from flowkern.nn.mlp import MLPFlowMap
 from flowkern.nn.time import TimePairEmbedding
 
-__all__ = ["AdaLNModulation", "DiT", "GELU", "GatedResidual", "LayerNorm", "Linear", "MLPFlowMap", "Modulate", "RMSNorm",
-           "SiLU", "TimePairEmbedding", "jvp", "unwrap_ddp"]
+__all__ = ["GELU", "AdaLNModulation", "DiT", "GatedResidual", "LayerNorm", "Linear", "MLPFlowMap", "Modulate",
+           "RMSNorm", "SiLU", "TimePairEmbedding", "jvp", "unwrap_ddp"]

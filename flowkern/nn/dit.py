@@ -2,7 +2,6 @@
 `flowkern.ops` and `flowkern.attention` (Peebles & Xie 2023, conditioned on the time pair (t, s))."""
 from __future__ import annotations
 
-
 import torch
 
 import flowkern
@@ -114,12 +113,12 @@ class DiT(torch.nn.Module):
         self._init_weights()
 
     @classmethod
-    def from_config(cls, name: str, *, img_size, in_ch: int, **overrides) -> "DiT":
+    def from_config(cls, name: str, *, img_size, in_ch: int, **overrides) -> DiT:
         """DiT of a named size: one of CONFIGS ('tiny/2', 'S/2', 'B/2', ...); overrides take DiT's keywords."""
         if name not in CONFIGS:
             raise ValueError(f"config must be one of {sorted(CONFIGS)}, got {name!r}")
         hidden, depth, heads, patch = CONFIGS[name]
-        kwargs = dict(hidden=hidden, depth=depth, heads=heads, patch=patch)
+        kwargs = {"hidden": hidden, "depth": depth, "heads": heads, "patch": patch}
         kwargs.update(overrides)
         return cls(img_size, in_ch, **kwargs)
 
