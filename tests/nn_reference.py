@@ -160,7 +160,7 @@ class PlainDiT(nn.Module):
         tokens = self.patch_embed(tokens) + self.pos_embed.to(x.dtype)
         cond = self.time(t, s)
         if self.label_embed is not None:
-            y = torch.full((b,), self.num_classes, dtype=torch.long) if y is None else y
+            y = torch.full((b,), self.num_classes, dtype=torch.long, device=x.device) if y is None else y
             cond = cond + self.label_embed(y)
         for block in self.blocks:
             tokens = block(tokens, cond)

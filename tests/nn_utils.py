@@ -38,7 +38,7 @@ def check_network_against_twin(model, twin, primals, tangents, *, atol, kwargs=N
     assert_all_close(tan2, tan_ref, "forward_ad tangent", atol=atol)
 
     gen = torch.Generator().manual_seed(3)
-    cots = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype) for o in out_ref]
+    cots = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device, o.dtype) for o in out_ref]
     grads = []
     for net in (model, twin):
         net.zero_grad(set_to_none=True)

@@ -45,12 +45,14 @@ def test_matches_plain_twin(cfg, dtype):
 
 
 @pytest.mark.interpreter
-def test_triton_interpreter_fused_path_matches_torch_func_jvp():
-    """Fused Triton kernels (attention, norms, modulate, residual, activations, time embedding) vs the twin."""
-    model, twin = make_pair(torch.float32, img=(4, 4), depth=1, qk_norm=True, num_classes=3)
-    primals, tangents = inputs(torch.float32, img=(4, 4))
+def test_triton_interpreter_fused_path_matches_torch_func_jvp(device):
+    """Fused Triton kernels (attention, norms, modulate, residual, activations, time embedding; the interpreter on
+    CPU, compiled on a GPU) vs the twin under torch.func.jvp."""
+    model, twin = (m.to(device) for m in make_pair(torch.float32, img=(4, 4), depth=1, qk_norm=True, num_classes=3))
+    primals, tangents = (tuple(a.to(device) for a in group) for group in inputs(torch.float32, img=(4, 4)))
     with flowkern.use_backend("triton"):
-        check_network_against_twin(model, twin, primals, tangents, atol=5e-4, kwargs={"y": torch.tensor([0, 3])})
+        check_network_against_twin(model, twin, primals, tangents, atol=5e-4,
+                                   kwargs={"y": torch.tensor([0, 3], device=device)})
 
 
 def test_null_class_is_the_default_label():

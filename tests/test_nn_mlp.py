@@ -37,10 +37,10 @@ def test_matches_plain_twin(cfg, dtype):
 
 
 @pytest.mark.interpreter
-def test_triton_interpreter_fused_path_matches_torch_func_jvp():
-    """The fused Triton kernels (interpreter on CPU) against torch.func.jvp of the plain twin, float32."""
-    model, twin = make_pair(torch.float32, divergence_head=True)
-    primals, tangents = inputs(torch.float32, batch=3)
+def test_triton_interpreter_fused_path_matches_torch_func_jvp(device):
+    """The fused Triton kernels (interpreter on CPU, compiled on a GPU) against torch.func.jvp of the plain twin."""
+    model, twin = (m.to(device) for m in make_pair(torch.float32, divergence_head=True))
+    primals, tangents = (tuple(a.to(device) for a in group) for group in inputs(torch.float32, batch=3))
     with flowkern.use_backend("triton"):
         check_network_against_twin(model, twin, primals, tangents, atol=2e-4)
 
