@@ -97,3 +97,38 @@ def test_ddp_two_processes_match_one_process_on_the_doubled_batch(tmp_path):
 
 def test_ddp_module_without_wrapper_is_what_jvp_runs():
     assert flowkern.nn.unwrap_ddp(model := make_model()) is model
+
+
+def test_meanflow_training_with_flowkern_jvp_learns_a_2d_toy():
+    """200 MeanFlow steps (flowkern.nn.jvp + grad pass) on a two-mode 2-D mixture: the flow-matching loss at s = t
+    on a held-out batch falls well below its value at init (u = 0: E‖ε − x‖²)."""
+    torch.manual_seed(0)
+    model = flowkern.nn.MLPFlowMap(2, hidden=64, depth=2, time_dim=16, time_scale=10.0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def data(n, gen):
+        sign = torch.randint(0, 2, (n, 1), generator=gen) * 2 - 1
+        return torch.cat([2.0 * sign, 0.3 * torch.randn(n, 1, generator=gen)], 1)
+
+    gen = torch.Generator().manual_seed(1)
+    x_ev, e_ev, t_ev = data(512, gen), torch.randn(512, 2, generator=gen), torch.rand(512, generator=gen)
+    z_ev = (1 - t_ev[:, None]) * x_ev + t_ev[:, None] * e_ev
+
+    def fm_loss():
+        with torch.no_grad():
+            return (model(z_ev, t_ev, t_ev) - (e_ev - x_ev)).square().sum(-1).mean().item()
+
+    with flowkern.use_backend("torch"):
+        before = fm_loss()
+        for _ in range(200):
+            x, e = data(128, gen), torch.randn(128, 2, generator=gen)
+            t = torch.rand(128, generator=gen)
+            r = torch.where(torch.rand(128, generator=gen) < 0.5, t, t * torch.rand(128, generator=gen))
+            z, v = (1 - t[:, None]) * x + t[:, None] * e, e - x
+            _, dudt = flowkern.nn.jvp(model, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+            loss = (model(z, t, r) - (v - (t - r)[:, None] * dudt)).square().sum(-1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        after = fm_loss()
+    assert after < 0.6 * before, (before, after)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-import flowkern
 from flowkern._validate import check_bool, check_finite_scalar, check_int
+from flowkern.attention import attention
 from flowkern.nn._inputs import check_labels, check_time, check_x
 from flowkern.nn.layers import GELU, AdaLNModulation, GatedResidual, Linear, Modulate, RMSNorm
 from flowkern.nn.patch import patchify, sincos_pos_embed_2d, unpatchify
@@ -36,7 +36,7 @@ class Attention(torch.nn.Module):
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        out = flowkern.attention(q, k, v)  # [B, H, N, Dh]
+        out = attention(q, k, v)  # [B, H, N, Dh]
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
