@@ -1,0 +1,112 @@
+"""A MeanFlow-style training step of DiT-S/2 and DiT-B/2 at 256 tokens, bf16: flowkern vs plain PyTorch.
+
+One step = a no-grad JVP pass (u, du/dt along (v, 1, 0)) + a grad pass + AdamW. flowkern: `flowkern.nn.DiT` with
+`flowkern.nn.jvp` (fused JVP kernels). Baseline: the same network in plain PyTorch (tests/nn_reference.py, torch.nn
+layers and F ops, loaded with the same weights) with `torch.func.jvp` over math SDPA for the JVP pass (the only stock
+SDPA backend with a forward-mode rule) and the default SDPA backend (flash) for the grad pass. Weights bf16, times
+float32, images 32×32×4 (a latent), patch 2 -> 256 tokens, batch 32.
+
+`extra_info`: step_ms and peak_mem_GiB of both, speedup and memory ratio (targets, issue 3: ≥ 2× faster and
+≤ 0.6× the peak memory). GPU cases skip on CPU: a CPU number says nothing about the kernels here.
+
+    pytest benchmarks/test_bench_nn.py --benchmark-only
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import flowkern.nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from nn_reference import PlainDiT, sdpa_attention
+
+HAS_CUDA = torch.cuda.is_available()
+gpu_only = pytest.mark.skipif(not HAS_CUDA, reason="GPU benchmark: needs a CUDA device")
+
+BATCH, IMG, IN_CH = 32, 32, 4  # patch 2: 16 × 16 = 256 tokens
+
+
+def plain_jvp(model, primals, tangents):
+    """Stock PyTorch: torch.func.jvp without grad, SDPA forced to its math backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        return torch.func.jvp(model, primals, tangents)
+
+
+def meanflow_step(model, jvp_fn, opt, x, e, t, r):
+    """z = (1 − t)x + t·e, v = e − x; target = v − (t − r)·du/dt (no grad); loss ‖u(z, t, r) − target‖² (float32)."""
+    tb, rb = t.view(-1, 1, 1, 1).to(x.dtype), r.view(-1, 1, 1, 1).to(x.dtype)
+    z = (1 - tb) * x + tb * e
+    v = e - x
+    _, dudt = jvp_fn(model, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+    target = (v - (tb - rb) * dudt).float()
+    loss = (model(z, t, r).float() - target).square().mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def make_models(config: str, device):
+    torch.manual_seed(0)
+    fk = flowkern.nn.DiT.from_config(config, img_size=IMG, in_ch=IN_CH).to(device, torch.bfloat16)
+    with torch.no_grad():  # leave adaLN-zero: every block active, as after some training
+        for p in fk.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    plain = PlainDiT(fk, attend=sdpa_attention).to(device, torch.bfloat16)
+    plain.load_state_dict(fk.state_dict())
+    return fk, plain
+
+
+def make_batch(device):
+    gen = torch.Generator(device=device).manual_seed(0)
+    x, e = (torch.randn(BATCH, IN_CH, IMG, IMG, generator=gen, device=device, dtype=torch.bfloat16) for _ in range(2))
+    t = torch.rand(BATCH, generator=gen, device=device)  # float32 times
+    return x, e, t, t * torch.rand(BATCH, generator=gen, device=device)
+
+
+def measure(model, jvp_fn, batch, *, steps=10):
+    """(median step ms, peak GiB above the resident model and optimiser state)."""
+    import triton.testing
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for _ in range(3):  # warm-up: optimiser state, Triton compilation/autotuning, cuBLAS
+        meanflow_step(model, jvp_fn, opt, *batch)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    meanflow_step(model, jvp_fn, opt, *batch)
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    ms = triton.testing.do_bench(lambda: meanflow_step(model, jvp_fn, opt, *batch), rep=steps * 50,
+                                 return_mode="median")
+    return ms, peak, opt
+
+
+@gpu_only
+@pytest.mark.parametrize("config", ["S/2", "B/2"])
+def test_bench_meanflow_step_dit_gpu(benchmark, config):
+    device = torch.device("cuda")
+    fk, plain = make_models(config, device)
+    batch = make_batch(device)
+    base_ms, base_peak, _ = measure(plain, plain_jvp, batch)
+    del plain
+    torch.cuda.empty_cache()
+    ms, peak, opt = measure(fk, flowkern.nn.jvp, batch)
+
+    def step():
+        meanflow_step(fk, flowkern.nn.jvp, opt, *batch)
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(step, rounds=10, warmup_rounds=1)
+    benchmark.extra_info.update({
+        "config": f"DiT-{config}", "tokens": fk.num_tokens, "batch": BATCH, "dtype": "bfloat16 weights, float32 times",
+        "baseline": "plain PyTorch twin, torch.func.jvp over math SDPA (grad pass: default SDPA)",
+        "step_ms": ms, "peak_mem_GiB": peak, "baseline_step_ms": base_ms, "baseline_peak_mem_GiB": base_peak,
+        "speedup": base_ms / ms, "memory_ratio": peak / base_peak, "device": torch.cuda.get_device_name(),
+    })
