@@ -15,6 +15,8 @@ Public API
   regenerated in a fused Triton/CUDA reduction, K probes in one batched JVP.
 * `flowkern.likelihood`: `ode_log_likelihood`, `flow_map_log_likelihood` (joint flow map (u, D)), `bits_per_dim`,
   `dequantize`.
+* `flowkern.nn`: MLPFlowMap, DiT and layer modules built from the fused ops; `flowkern.jvp(model, primals,
+  tangents)`: the no-grad forward-mode pass (DDP-safe, same dropout masks in the grad pass).
 * `flowkern.reference`: pure-PyTorch implementations with the same signatures (CPU fallback and test ground truth).
 * `flowkern.use_backend(name)`: pick 'auto', 'triton', 'torch' for the ops inside a ``with`` block.
 """
@@ -41,7 +43,9 @@ from flowkern.attention import attention, jvp_attention  # noqa: E402
 from flowkern import flow_map, likelihood, ops, reference  # noqa: E402
 from flowkern.divergence import divergence  # noqa: E402
 from flowkern.likelihood import bits_per_dim, dequantize, flow_map_log_likelihood, ode_log_likelihood  # noqa: E402
+from flowkern import nn  # noqa: E402
+from flowkern.nn.forward_mode import jvp  # noqa: E402
 
 __all__ = ["attention", "bits_per_dim", "dequantize", "divergence", "flow_map", "flow_map_log_likelihood",
-           "jvp_attention", "likelihood", "ode_log_likelihood", "ops", "reference", "use_backend"]
+           "jvp", "jvp_attention", "likelihood", "nn", "ode_log_likelihood", "ops", "reference", "use_backend"]
 __version__ = "0.1.0"

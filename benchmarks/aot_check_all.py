@@ -1,0 +1,84 @@
+"""Compile, for a GPU target and without a GPU, every Triton kernel launch recorded from the CPU test suite.
+
+    TRITON_INTERPRET=1 FLOWKERN_RECORD_LAUNCHES=/tmp/launches.json \
+        PYTHONPATH=benchmarks python3 -m pytest tests -m interpreter -q -p record_launches
+    python3 benchmarks/aot_check_all.py /tmp/launches.json [--arch 90]
+
+Triton's interpreter forgives what the compiler refuses (non-constexpr globals, dot shapes and dtypes, layouts):
+this runs the real compiler down to a cubin for each distinct (kernel, argument types, constexprs) and reports
+failures, registers and spill stores. Exit status 1 if any kernel fails to compile.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _resources(kernel):
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as fh:
+            fh.write(kernel.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+        sass = subprocess.run([cuobjdump, "--dump-sass", path], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    return (int(regs.group(1)) if regs else -1), len(re.findall(r"\bSTL\b", sass))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("launches")
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--all-blocks", action="store_true",
+                        help="compile every recorded block size (default: one per kernel, dtypes and flags)")
+    args = parser.parse_args()
+    with open(args.launches) as fh:
+        entries = json.load(fh)
+    if not args.all_blocks:  # block sizes rarely decide whether a kernel compiles; dtypes and flags do
+        unique = {}
+        for e in entries:
+            flags = {k: v for k, v in e["constexprs"].items() if not k.startswith("BLOCK")}
+            unique.setdefault(json.dumps([e["name"], e["signature"], flags], sort_keys=True, default=str), e)
+        entries = list(unique.values())
+    failures = 0
+    print(f"{len(entries)} distinct launches, sm_{args.arch}")
+    for entry in sorted(entries, key=lambda e: (e["module"], e["name"])):
+        module = importlib.import_module(entry["module"])
+        fn = getattr(module, entry["name"])
+        while not isinstance(fn, triton.runtime.JITFunction):  # Autotuner/heuristics wrappers hold it in .fn
+            fn = fn.fn
+        constexprs = dict(entry["constexprs"])
+        signature = {k: v for k, v in entry["signature"].items()}
+        label = f"{entry['name']} " + ",".join(f"{k}={v}" for k, v in constexprs.items() if k.isupper())[:90]
+        try:
+            kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                    target=GPUTarget("cuda", args.arch, 32),
+                                    options={"num_warps": max(4, entry["num_warps"]), "num_stages": max(2, entry["num_stages"])})
+            regs, spills = _resources(kernel)
+            print(f"ok   {label:<100} regs {regs:>3} STL {spills}")
+        except Exception as exc:  # noqa: BLE001 - report every failure
+            failures += 1
+            message = str(exc).strip().splitlines()
+            print(f"FAIL {label}\n     {message[-1] if message else type(exc).__name__}")
+    print(f"{failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
