@@ -39,7 +39,7 @@ def score(samples: dict[int, torch.Tensor], dataset, reference: torch.Tensor) ->
 
 
 @torch.no_grad()
-def ode_nll(velocity, reference: torch.Tensor, *, n: int = 2000, steps: int = 64) -> float:
+def ode_nll(velocity, reference: torch.Tensor, *, n: int = 1000, steps: int = 64) -> float:
     """Mean −log p₀ (nats) of up to n held-out points under the PF-ODE of `velocity(x, t)` (RK4, exact
     divergence), via `flowkern.ode_log_likelihood`."""
     from flowkern.likelihood import ode_log_likelihood
