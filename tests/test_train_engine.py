@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flowkern.data import get_dataset
-from flowkern.methods import get_method, method_names
+from flowkern.methods import Method, get_method, method_names
 from flowkern.methods.flow_matching import FlowMatching, logit_normal
 from flowkern.train import EMA, TrainConfig, Trainer
 from train_utils import Regression, one_thread, tiny_net, torch_backend
@@ -122,6 +122,23 @@ def test_ema_matches_closed_form():
     assert all(not p.requires_grad for p in model.parameters()) and not model.training
     with pytest.raises(ValueError, match="not tracked"):
         ema.averaged(0.7)
+
+
+def test_teacher_stays_frozen_in_eval_mode():
+    class WithTeacher(Regression):
+        def __init__(self, model, teacher):
+            Method.__init__(self, model, teacher=teacher)
+            self.nan_at = self.inf_grad_at = set()
+
+    teacher = tiny_net(seed=1)
+    frozen = [p.clone() for p in teacher.parameters()]
+    trainer = _trainer(WithTeacher(tiny_net(), teacher), steps=2)
+    trainer.fit()
+    assert not trainer.method.teacher.training and trainer.method.model.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(p, q) for p, q in zip(teacher.parameters(), frozen))
+    assert all(p is not q for p in trainer.params for q in teacher.parameters())   # not optimised
+    assert set(trainer.method.state_dict()) >= {f"teacher.{k}" for k in teacher.state_dict()}  # checkpointed
 
 
 def test_config_validation():

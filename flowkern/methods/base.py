@@ -38,6 +38,13 @@ class Method(torch.nn.Module):
             teacher.requires_grad_(False).eval()
         self.teacher = teacher
 
+    def train(self, mode: bool = True) -> "Method":
+        """Train mode for the student; a frozen teacher stays in eval mode (no dropout)."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
     def loss(self, net: Callable, x0: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
         """Scalar float32 loss for a data batch x0 [B, ...]. `net` is the callable for the GRAD pass (the
         DDP-wrapped self.model under DDP, else self.model itself); no-grad passes (teacher, EMA target, JVP) use
