@@ -3,7 +3,7 @@ checkerboard and 8 Gaussians (CPU-sized), and print SW₂ / histogram KL to held
 teacher's 1-step and 100-step Euler values.
 
     python benchmarks/quality_table.py [--data checkerboard 8gaussians] [--teacher-steps 3000] [--steps 2000]
-                                       [--methods fm pd cd ct ctm] [--out runs/quality] [--threads 1]
+                                       [--methods fm pd cd ct ctm] [--out runs/quality] [--batch 512] [--threads 1]
 
 Bars, per distilled/consistency model at 1 step: "far better than 1 Euler step of its teacher" (here: SW₂ at most
 half the teacher's 1-step SW₂) and "within 1.5× of the teacher's 100-step SW₂". Every run goes through
@@ -43,10 +43,11 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-steps", type=int, default=3000)
     p.add_argument("--steps", type=int, default=2000, help="steps for each distilled/consistency method")
     p.add_argument("--out", type=Path, default=Path("runs/quality"))
+    p.add_argument("--batch", type=int, default=512)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     methods = args.methods or available_methods()
-    common = ["--threads", str(args.threads), "--no-progress", "--no-nll"]
+    common = ["--threads", str(args.threads), "--batch", str(args.batch), "--no-progress", "--no-nll"]
     failures = 0
     for data in args.data:
         teacher_dir = args.out / f"fm-{data}"
