@@ -54,8 +54,8 @@ def main(argv=None) -> int:
         teacher = _run("fm", data, teacher_dir, args.teacher_steps, common, None)
         t_rows = teacher["rows"]["fm (EMA)"]
         t1, t100 = t_rows["1"]["sw2"], t_rows["100"]["sw2"]
-        lines = [f"\n{data}: teacher fm, {args.teacher_steps} steps: Euler SW2@1 {t1:.4f}, SW2@100 {t100:.4f}, "
-                 f"KL@1 {t_rows['1']['kl']:.4f}, KL@100 {t_rows['100']['kl']:.4f}",
+        lines = [(f"\n{data}: teacher fm, {args.teacher_steps} steps: Euler SW2@1 {t1:.4f}, SW2@100 {t100:.4f}, "
+                  f"KL@1 {t_rows['1']['kl']:.4f}, KL@100 {t_rows['100']['kl']:.4f}"),
                  f"{'method':<8}" + "".join(f"{f'SW2@{k}':>9}" for k in (1, 2, 4, 8))
                  + "".join(f"{f'KL@{k}':>8}" for k in (1, 2, 4, 8)) + f"{'  1-step bars':<32}"]
         for method in methods:

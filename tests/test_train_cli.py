@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from train_utils import one_thread, torch_backend
 
 from flowkern.__main__ import main
-from train_utils import one_thread, torch_backend
 
 TINY = ["--steps", "6", "--batch", "32", "--hidden", "16", "--depth", "1", "--samples", "300", "--no-nll",
         "--no-progress", "--warmup", "2", "--log-every", "2"]

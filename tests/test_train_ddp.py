@@ -18,10 +18,11 @@ def _free_port() -> int:
 
 def _run(batch: int, out_path: str):
     """Train the deterministic Regression method; returns (losses, params) and saves them (rank 0)."""
+    from train_utils import Regression, one_thread, tiny_net
+
     import flowkern
     from flowkern.data import get_dataset
     from flowkern.train import TrainConfig, Trainer
-    from train_utils import Regression, one_thread, tiny_net
 
     with flowkern.use_backend("torch"), one_thread():
         config = TrainConfig(steps=STEPS, batch=batch, lr=1e-2, warmup=2, ema_decays=(0.9,), eval_ema=0.9)

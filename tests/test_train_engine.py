@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
+from train_utils import Regression, one_thread, tiny_net, torch_backend
 
 from flowkern.data import get_dataset
 from flowkern.methods import Method, get_method, method_names
 from flowkern.methods.flow_matching import FlowMatching, logit_normal
 from flowkern.train import EMA, TrainConfig, Trainer
-from train_utils import Regression, one_thread, tiny_net, torch_backend
 
 pytestmark = pytest.mark.usefixtures("torch_backend_fixture")
 

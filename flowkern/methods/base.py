@@ -1,7 +1,8 @@
 """The method interface: one training method = its loss and targets; the engine (`flowkern.train`) owns the rest."""
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +39,7 @@ class Method(torch.nn.Module):
             teacher.requires_grad_(False).eval()
         self.teacher = teacher
 
-    def train(self, mode: bool = True) -> "Method":
+    def train(self, mode: bool = True) -> Method:
         """Train mode for the student; a frozen teacher stays in eval mode (no dropout)."""
         super().train(mode)
         if self.teacher is not None:
@@ -65,6 +66,6 @@ class Method(torch.nn.Module):
         """Add this method's ``--flags`` to `parser` (an argparse parser or argument group)."""
 
     @classmethod
-    def from_options(cls, model: nn.Module, args, *, teacher: nn.Module | None = None) -> "Method":
+    def from_options(cls, model: nn.Module, args, *, teacher: nn.Module | None = None) -> Method:
         """Build the method from parsed CLI options (`args`, an argparse.Namespace)."""
         return cls(model, teacher=teacher) if teacher is not None else cls(model)

@@ -23,8 +23,8 @@ import torch
 from flowkern.train import checkpoint
 from flowkern.train.evaluate import STEPS, draw, format_table, ode_nll, score
 
-DEFAULTS = dict(data="checkerboard", steps=1500, batch=256, lr=2e-3, hidden=128, depth=3, time_dim=64,
-                warmup=100, ema=(0.99, 0.999), eval_ema=0.999, seed=0, samples=5000)
+DEFAULTS = {"data": "checkerboard", "steps": 1500, "batch": 256, "lr": 2e-3, "hidden": 128, "depth": 3,
+            "time_dim": 64, "warmup": 100, "ema": (0.99, 0.999), "eval_ema": 0.999, "seed": 0, "samples": 5000}
 
 
 class CLIError(Exception):

@@ -23,7 +23,7 @@ def _draw(ax, x: torch.Tensor, title: str, lim: float):
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
     else:   # flattened square images (digits): a 6×6 grid
-        side = int(round(x.shape[-1] ** 0.5))
+        side = round(x.shape[-1] ** 0.5)
         imgs = x[:36].reshape(-1, side, side).clamp(-1, 1)
         imgs = torch.cat([imgs, torch.full((36 - len(imgs), side, side), -1.0)])
         grid = imgs.reshape(6, 6, side, side).permute(0, 2, 1, 3).reshape(6 * side, 6 * side)
