@@ -74,7 +74,9 @@ def _common_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=_positive_int, default=d["samples"], help="samples for the quality table")
     p.add_argument("--log-every", type=_positive_int, default=25)
     p.add_argument("--checkpoint-every", type=int, default=0)
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch CPU threads (default 1: these small MLPs gain little from more, and spinning threads "
+                        "on a busy machine cost up to 10x)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-nll", action="store_true", help="skip the ODE NLL (fm on 2-D data)")
 
@@ -198,8 +200,7 @@ def train(args) -> int:
     from flowkern.train.loop import Trainer
     from flowkern.train.plots import plot_loss, plot_samples
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     cls = _method_class(args.method)
     dataset = _dataset(args.data)
     out = args.out or Path("runs") / f"{args.method}-{args.data}"
