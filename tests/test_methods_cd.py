@@ -25,7 +25,7 @@ def test_exact_consistency_function_has_near_zero_loss():
         pred, target, weight = method.targets(method.model, x0, 0)
         gaps.append(float((pred.double() - target.double()).abs().max()))
         assert torch.equal(weight, torch.ones(512))
-    assert gaps[1] < 1e-4 and gaps[1] < gaps[0]
+    assert gaps[1] < 1e-4 and gaps[0] / gaps[1] > 5, gaps
 
 
 def test_targets_shape_dtype_and_no_grad_under_bf16():
