@@ -11,7 +11,7 @@ coordinates G is exactly the DDIM jump x_s = (s/t)·x_t + (1 − s/t)·g, done b
 (`edm.ddim_jump`); G(·, σ, σ) is the identity and g(·, σ, σ) is a denoiser (the DSM loss trains it).
 
 Losses, on the Karras grid σ_1 = σ_min < … < σ_N = σ_max:
-* CTM: i_t ~ U{2..N}, i_s ~ U{1..i_t}, i_u ~ U{max(i_s, i_t − max_teacher_steps)..i_t − 1};
+* CTM: i_t ~ U{2..N}, i_s ~ U{1..i_t − 1}, i_u ~ U{max(i_s, i_t − max_teacher_steps)..i_t − 1};
       y_t = x₀ + σ_t·ε,   pred = G_sg(G_θ(y_t, σ_t, σ_s), σ_s, σ_min),
       target = G_sg(G_sg(Heun_φ^k(y_t; σ_t → σ_u), σ_u, σ_s), σ_s, σ_min),   k = i_t − i_u teacher Heun steps,
   where sg = the EMA target network θ⁻ (frozen parameters; the student branch back-propagates through its input),
@@ -157,12 +157,13 @@ class CTM(Method):
         return y
 
     def sample_indices(self, batch: int, device) -> tuple[Tensor, Tensor, Tensor]:
-        """(i_t, i_s, i_u), 0-based grid indices with i_s ≤ i_u < i_t and i_t − i_u ≤ max_teacher_steps."""
+        """(i_t, i_s, i_u), 0-based ascending-grid indices: i_t ~ U{1..N−1}, i_s ~ U{0..i_t−1} (s < t: at s = t
+        G is the identity and the pair carries no signal), i_u ~ U{max(i_s, i_t − max_teacher_steps)..i_t−1}."""
         n = self.num_scales
         i_t = torch.randint(1, n, (batch,), device=device)
-        i_s = (torch.rand(batch, device=device) * (i_t + 1).float()).long().clamp(max=i_t)
+        i_s = (torch.rand(batch, device=device) * i_t.float()).long().clamp(max=i_t - 1)
         lo = torch.maximum(i_s, i_t - self.max_teacher_steps)
-        i_u = lo + (torch.rand(batch, device=device) * (i_t - lo).float()).long().clamp(min=0)
+        i_u = lo + (torch.rand(batch, device=device) * (i_t - lo).float()).long()
         return i_t, i_s, torch.minimum(i_u, i_t - 1)
 
     def targets(self, net: Callable, x0: Tensor, step: int) -> tuple[Tensor, Tensor]:
