@@ -1,0 +1,49 @@
+"""Exponential moving averages of a model's parameters, several decays at once.
+
+After every optimiser step, for each decay d: θ̄_d ← d·θ̄_d + (1 − d)·θ (buffers are copied). `averaged(decay)` gives
+a frozen copy of the model carrying θ̄_d, for sampling and evaluation."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    def __init__(self, model: nn.Module, decays):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.decays = tuple(float(d) for d in decays)
+        self.shadow = {d: [p.detach().clone() for p in model.parameters()] for d in self.decays}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        params = [p.detach() for p in self.model.parameters()]
+        for d, shadow in self.shadow.items():
+            torch._foreach_lerp_(shadow, params, 1.0 - d)
+
+    def averaged(self, decay: float | None) -> nn.Module:
+        """A frozen eval-mode copy of the model with the EMA weights of `decay` (None: the current weights)."""
+        out = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if decay is None:
+            return out
+        if decay not in self.shadow:
+            raise ValueError(f"decay {decay} is not tracked; EMA decays: {self.decays}")
+        with torch.no_grad():
+            for p, s in zip(out.parameters(), self.shadow[decay]):
+                p.copy_(s)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"decays": self.decays, "shadow": {str(d): [s.clone() for s in v] for d, v in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        decays = tuple(float(d) for d in state["decays"])
+        if decays != self.decays:
+            raise ValueError(f"checkpoint EMA decays {decays} differ from this run's {self.decays}")
+        with torch.no_grad():
+            for d in self.decays:
+                for s, v in zip(self.shadow[d], state["shadow"][str(d)]):
+                    s.copy_(v)
