@@ -10,17 +10,21 @@ import pytest
 import torch
 from torch import nn
 
+import flowkern
 from flowkern.flow_map import GaussianFlowMap
+from flowkern.nn import MLPFlowMap
 
 MU, SD = 0.7, 0.4
 
 
 @pytest.fixture
-def one_thread():
-    """Tiny models run far faster on one intra-op thread (multi-threaded BLAS spins on a loaded 2-core box)."""
+def fast_cpu():
+    """The PyTorch backend (not Triton's interpreter) and one intra-op thread: tiny models run far faster so
+    (a multi-threaded BLAS spins on a loaded 2-core box)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with flowkern.use_backend("torch"):
+        yield
     torch.set_num_threads(previous)
 
 
@@ -95,19 +99,10 @@ class ExactCTMNet(nn.Module):
         return ((g - c_skip[:, None] * y) / c_out[:, None]).to(x_in.dtype)
 
 
-class TinyNet(nn.Module):
-    # THROWAWAY STAND-IN until flowkern.nn.MLPFlowMap is merged (issue3b).
-    def __init__(self, dim=2, hidden=32, dropout=0.0):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim + 2, hidden), nn.SiLU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
-
-    def forward(self, x, t, s):
-        return self.net(torch.cat([x, t[:, None].to(x.dtype), s[:, None].to(x.dtype)], 1))
-
-
 def tiny_net(dim=2, dropout=0.0, seed=0):
+    """A small `flowkern.nn.MLPFlowMap` (its output layer is zero at init: u = 0)."""
     torch.manual_seed(seed)
-    return TinyNet(dim, dropout=dropout)
+    return MLPFlowMap(dim, hidden=32, depth=2, time_dim=16, dropout=dropout)
 
 
 def gaussian_batch(n=256, dim=2, seed=0, dtype=torch.float32):
@@ -115,20 +110,24 @@ def gaussian_batch(n=256, dim=2, seed=0, dtype=torch.float32):
     return (MU + SD * torch.randn(n, dim, generator=g, dtype=torch.float64)).to(dtype)
 
 
-def train(method, x0, steps, lr=3e-3, batch=None):
-    """A minimal loop (the engine's job elsewhere): returns the per-step losses."""
+def fixed_loss(method, x0, step=0, seed=123):
+    """The method's loss on x0 with a fixed draw of times and noise (no grad; the global RNG is left as it was)."""
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        loss = float(method.loss(method.model, x0, step)[0])
+    torch.set_rng_state(state)
+    return loss
+
+
+def train(method, x0, steps, lr=3e-3):
+    """A minimal loop (the engine's job elsewhere). Returns (fixed-draw loss before, after)."""
+    before = fixed_loss(method, x0)
     opt = torch.optim.Adam(method.model.parameters(), lr=lr)
-    losses = []
     for step in range(steps):
         loss, _ = method.loss(method.model, x0, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         method.on_step_end(step)
-        losses.append(float(loss.detach()))
-    return losses
-
-
-def mean_first_last(losses, k=5):
-    return sum(losses[:k]) / k, sum(losses[-k:]) / k
-
+    return before, fixed_loss(method, x0)

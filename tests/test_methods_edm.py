@@ -9,10 +9,10 @@ import torch
 import flowkern
 from flowkern.flow_map import GaussianFlowMap
 from flowkern.methods import edm
-from methods_cases import (MU, SD, one_thread, ExactConsistencyNet, GaussianTeacher, ode_y, posterior_mean, tiny_net)
+from methods_cases import (MU, SD, fast_cpu, ExactConsistencyNet, GaussianTeacher, ode_y, posterior_mean, tiny_net)
 
 F64 = torch.float64
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("fast_cpu")
 
 
 def test_karras_grid_matches_formula():
