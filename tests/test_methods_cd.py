@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from methods_cases import (
+    ExactConsistencyNet,
+    GaussianTeacher,
+    fast_cpu,
+    gaussian_batch,
+    tiny_net,
+    train,
+)
 
 import flowkern
-from flowkern.methods import edm
 from flowkern.methods.consistency_distillation import ConsistencyDistillation
-from methods_cases import (ExactConsistencyNet, GaussianTeacher, gaussian_batch,  # noqa: F401
-                           fast_cpu, tiny_net, train)
 
-pytestmark = pytest.mark.usefixtures("fast_cpu")
+pytestmark = pytest.mark.usefixtures(fast_cpu.__name__)
 F64 = torch.float64
 
 

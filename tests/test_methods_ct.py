@@ -5,14 +5,19 @@ import math
 
 import pytest
 import torch
+from methods_cases import (
+    MU,
+    fast_cpu,
+    gaussian_batch,
+    tiny_net,
+    train,
+)
 
 import flowkern
-from flowkern.methods.consistency_training import (ConsistencyTraining, ect_ratio, ict_num_scales,
-                                                   lognormal_index_probs)
+from flowkern.methods.consistency_training import ConsistencyTraining, ect_ratio, ict_num_scales, lognormal_index_probs
 from flowkern.methods.edm import karras_sigmas
-from methods_cases import MU, gaussian_batch, fast_cpu, tiny_net, train  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("fast_cpu")
+pytestmark = pytest.mark.usefixtures(fast_cpu.__name__)
 
 
 def test_ict_doubling_curriculum():

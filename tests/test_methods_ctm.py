@@ -3,15 +3,25 @@ from __future__ import annotations
 
 import pytest
 import torch
+from methods_cases import (
+    MU,
+    SD,
+    ExactCTMNet,
+    GaussianTeacher,
+    fast_cpu,
+    gaussian_batch,
+    ode_y,
+    posterior_mean,
+    tiny_net,
+    train,
+)
 
 import flowkern
 from flowkern.flow_map import GaussianFlowMap
 from flowkern.methods import edm
 from flowkern.methods.ctm import CTM, ctm_g, ctm_jump
-from methods_cases import (MU, SD, ExactCTMNet, GaussianTeacher, gaussian_batch,  # noqa: F401
-                           ode_y, fast_cpu, posterior_mean, tiny_net, train)
 
-pytestmark = pytest.mark.usefixtures("fast_cpu")
+pytestmark = pytest.mark.usefixtures(fast_cpu.__name__)
 F64 = torch.float64
 
 

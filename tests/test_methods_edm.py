@@ -1,18 +1,20 @@
 """EDM σ-space helpers (flowkern.methods.edm) against closed forms on Gaussian data, in float64."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
+from methods_cases import MU, SD, ExactConsistencyNet, GaussianTeacher, fast_cpu, ode_y, posterior_mean, tiny_net
 
 import flowkern
 from flowkern.flow_map import GaussianFlowMap
 from flowkern.methods import edm
-from methods_cases import (MU, SD, fast_cpu, ExactConsistencyNet, GaussianTeacher, ode_y, posterior_mean, tiny_net)
 
 F64 = torch.float64
-pytestmark = pytest.mark.usefixtures("fast_cpu")
+
+pytestmark = pytest.mark.usefixtures(fast_cpu.__name__)
 
 
 def test_karras_grid_matches_formula():
@@ -60,7 +62,7 @@ def test_heun_step_third_order_against_exact_ode():
         y_next = edm.heun_step(GaussianTeacher(), y, sigma, sigma - h)
         errs.append(float((y_next - ode_y(y, sigma, sigma - h)).abs().max()))
     assert errs[0] < 1e-2
-    for a, b in zip(errs, errs[1:]):
+    for a, b in itertools.pairwise(errs):
         assert 6.0 < a / b < 10.0, errs
     # the same map seen from flowkern's side: Φ(x_t, t, t') of GaussianFlowMap, rescaled by 1/(1 - t').
     sigma, sigma_to = torch.full((256,), 1.0, dtype=F64), torch.full((256,), 0.9, dtype=F64)

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from methods_cases import MU, SD, GaussianTeacher, fast_cpu, gaussian_batch, tiny_net, train
 
 import flowkern
 from flowkern.flow_map import GaussianFlowMap
 from flowkern.methods.progressive_distillation import ProgressiveDistillation, two_step_target
-from methods_cases import MU, SD, fast_cpu, GaussianTeacher, gaussian_batch, tiny_net, train
 
 F64 = torch.float64
-pytestmark = pytest.mark.usefixtures("fast_cpu")
+pytestmark = pytest.mark.usefixtures(fast_cpu.__name__)
 
 
 def _two_euler_steps(x, t, delta):

@@ -13,18 +13,29 @@ iCT's pseudo-Huber, λ = 1. Sampling: multistep consistency sampling from flowke
 """
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from flowkern._validate import check_finite_scalar, check_tensor
-from flowkern.methods._util import (add_cli_options, check_decay, check_positive_int, cli_values, frozen_copy,
-                                    update_ema)
+from flowkern.methods._util import add_cli_options, check_decay, check_positive_int, cli_values, frozen_copy, update_ema
 from flowkern.methods.base import Method
-from flowkern.methods.edm import (RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, check_distance, check_sigmas,
-                                  consistency_function, consistency_sample, default_huber_c, distance, heun_step,
-                                  karras_sigmas)
+from flowkern.methods.edm import (
+    RHO,
+    SIGMA_DATA,
+    SIGMA_MAX,
+    SIGMA_MIN,
+    check_distance,
+    check_sigmas,
+    consistency_function,
+    consistency_sample,
+    default_huber_c,
+    distance,
+    heun_step,
+    karras_sigmas,
+)
 
 
 class ConsistencyDistillation(Method):
@@ -101,5 +112,5 @@ class ConsistencyDistillation(Method):
         add_cli_options(parser, cls.name, cls.OPTIONS)
 
     @classmethod
-    def from_options(cls, model: nn.Module, args, *, teacher: nn.Module | None = None) -> "Method":
+    def from_options(cls, model: nn.Module, args, *, teacher: nn.Module | None = None) -> Method:
         return cls(model, teacher=teacher, **cli_values(args, cls.name, cls.OPTIONS))

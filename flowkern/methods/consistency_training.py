@@ -20,17 +20,29 @@ clamped to σ_r ≥ σ_min (where f is the identity), weight 1/(σ_t − σ_r); 
 from __future__ import annotations
 
 import math
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from flowkern._validate import check_finite_scalar, check_tensor
-from flowkern.methods._util import (add_cli_options, check_positive_int, cli_values, replay_rng)
+from flowkern.methods._util import add_cli_options, check_positive_int, cli_values, replay_rng
 from flowkern.methods.base import Method
-from flowkern.methods.edm import (RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, check_distance, check_sigmas, col,
-                                  consistency_function, consistency_sample, default_huber_c, distance,
-                                  karras_sigmas)
+from flowkern.methods.edm import (
+    RHO,
+    SIGMA_DATA,
+    SIGMA_MAX,
+    SIGMA_MIN,
+    check_distance,
+    check_sigmas,
+    col,
+    consistency_function,
+    consistency_sample,
+    default_huber_c,
+    distance,
+    karras_sigmas,
+)
 
 SCHEDULES = ("ict", "ect")
 
@@ -158,5 +170,5 @@ class ConsistencyTraining(Method):
         add_cli_options(parser, cls.name, cls.OPTIONS)
 
     @classmethod
-    def from_options(cls, model: nn.Module, args, *, teacher: nn.Module | None = None) -> "Method":
+    def from_options(cls, model: nn.Module, args, *, teacher: nn.Module | None = None) -> Method:
         return cls(model, **cli_values(args, cls.name, cls.OPTIONS))

@@ -27,19 +27,37 @@ Sampling: deterministic (γ = 0) jumps G along the Karras grid from σ_max to σ
 """
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+import itertools
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowkern._validate import check_bool, check_finite_scalar, check_int, check_tensor
-from flowkern.methods._util import (add_cli_options, check_decay, check_positive_int, cli_values, frozen_copy,
-                                    update_ema)
+from flowkern.methods._util import add_cli_options, check_decay, check_positive_int, cli_values, frozen_copy, update_ema
 from flowkern.methods.base import Method
-from flowkern.methods.edm import (RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, check_distance, check_sample_args,
-                                  check_sigmas, col, ddim_jump, default_huber_c, denoiser_scalings, distance,
-                                  heun_step, karras_sigmas, precondition, sampling_sigmas, sigma_to_t, time_dtype)
+from flowkern.methods.edm import (
+    RHO,
+    SIGMA_DATA,
+    SIGMA_MAX,
+    SIGMA_MIN,
+    check_distance,
+    check_sample_args,
+    check_sigmas,
+    col,
+    ddim_jump,
+    default_huber_c,
+    denoiser_scalings,
+    distance,
+    heun_step,
+    karras_sigmas,
+    precondition,
+    sampling_sigmas,
+    sigma_to_t,
+    time_dtype,
+)
 
 
 def ctm_g(net: Callable, y: Tensor, sigma_t: Tensor, sigma_s: Tensor, sigma_data: float) -> Tensor:
@@ -234,7 +252,7 @@ class CTM(Method):
         batch = noise.shape[0]
         with torch.no_grad():
             y = noise.to(acc) * self.sigma_max
-            for a, b in zip(sig[:-1], sig[1:]):
+            for a, b in itertools.pairwise(sig):
                 y = self.jump(model, y, a.expand(batch), b.expand(batch))
         return y.to(noise.dtype)
 
@@ -243,5 +261,5 @@ class CTM(Method):
         add_cli_options(parser, cls.name, cls.OPTIONS)
 
     @classmethod
-    def from_options(cls, model: nn.Module, args, *, teacher: nn.Module | None = None) -> "Method":
+    def from_options(cls, model: nn.Module, args, *, teacher: nn.Module | None = None) -> Method:
         return cls(model, teacher=teacher, **cli_values(args, cls.name, cls.OPTIONS))

@@ -19,7 +19,7 @@ network is a flowkern network ``net(x, t, s)`` that always receives flowkern tim
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -20,13 +20,15 @@ resumes exactly.
 """
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from flowkern._validate import check_tensor
-from flowkern.flow_map import jump, sample as flow_map_sample
+from flowkern.flow_map import jump
+from flowkern.flow_map import sample as flow_map_sample
 from flowkern.methods._util import add_cli_options, check_positive_int, cli_values, frozen_copy
 from flowkern.methods.base import Method
 from flowkern.methods.edm import check_sample_args, col, time_dtype
@@ -132,5 +134,5 @@ class ProgressiveDistillation(Method):
         add_cli_options(parser, cls.name, cls.OPTIONS)
 
     @classmethod
-    def from_options(cls, model: nn.Module, args, *, teacher: nn.Module | None = None) -> "Method":
+    def from_options(cls, model: nn.Module, args, *, teacher: nn.Module | None = None) -> Method:
         return cls(model, teacher=teacher, **cli_values(args, cls.name, cls.OPTIONS))
