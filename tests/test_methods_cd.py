@@ -78,3 +78,18 @@ def test_bad_options():
         ConsistencyDistillation(tiny_net(), teacher=tiny_net(), sigma_min=100.0)
     with pytest.raises(TypeError, match="x0"):
         ConsistencyDistillation(tiny_net(), teacher=tiny_net()).loss(tiny_net(), [1.0], 0)
+
+
+def test_cli_options():
+    import argparse
+
+    from flowkern.methods.ctm import CTM
+
+    parser = argparse.ArgumentParser()
+    ConsistencyDistillation.add_options(parser)
+    CTM.add_options(parser)                    # prefixed flags: both fit in one parser
+    args = parser.parse_args(["--cd-num-scales", "40", "--cd-distance", "pseudo_huber", "--ctm-dsm-weight", "0.5"])
+    cd = ConsistencyDistillation.from_options(tiny_net(), args, teacher=tiny_net())
+    ctm = CTM.from_options(tiny_net(), args, teacher=tiny_net())
+    assert (cd.num_scales, cd.distance, cd.target_decay) == (40, "pseudo_huber", 0.95)
+    assert (ctm.dsm_weight, ctm.num_scales) == (0.5, 18)

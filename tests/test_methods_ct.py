@@ -118,3 +118,15 @@ def test_bad_options():
         ConsistencyTraining(tiny_net(), total_steps=0)
     with pytest.raises(ValueError, match="p_std"):
         ConsistencyTraining(tiny_net(), p_std=-1.0)
+
+
+def test_cli_options_total_steps_from_run_steps():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=800)
+    ConsistencyTraining.add_options(parser)
+    method = ConsistencyTraining.from_options(tiny_net(), parser.parse_args(["--ct-schedule", "ect"]))
+    assert (method.total_steps, method.schedule, method.ect_stage_steps) == (800, "ect", 100)
+    method = ConsistencyTraining.from_options(tiny_net(), parser.parse_args(["--ct-total-steps", "50"]))
+    assert method.total_steps == 50

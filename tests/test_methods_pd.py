@@ -100,3 +100,16 @@ def test_bad_options():
         ProgressiveDistillation(tiny_net(), teacher=tiny_net(), bogus=1)
     with pytest.raises(ValueError, match="steps"):
         ProgressiveDistillation(tiny_net(), teacher=tiny_net()).sample(tiny_net(), torch.randn(2, 2), 0)
+
+
+def test_cli_options_and_round_length_from_run_steps():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=600)
+    ProgressiveDistillation.add_options(parser)
+    args = parser.parse_args(["--pd-start-steps", "8"])
+    method = ProgressiveDistillation.from_options(tiny_net(), args, teacher=tiny_net())
+    assert (method.start_steps, method.min_steps, method.round_steps) == (8, 1, 150)   # 8, 4, 2, 1: 4 rounds
+    args = parser.parse_args(["--pd-round-steps", "7"])
+    assert ProgressiveDistillation.from_options(tiny_net(), args, teacher=tiny_net()).round_steps == 7

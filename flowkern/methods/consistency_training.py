@@ -83,7 +83,7 @@ class ConsistencyTraining(Method):
     name: ClassVar[str] = "ct"
     needs_teacher: ClassVar[bool] = False
     OPTIONS: ClassVar[dict] = {
-        "total_steps": (int, 10000, "planned optimizer steps (curriculum length)"),
+        "total_steps": (int, None, "planned optimizer steps, the curriculum length (None: the run's --steps)"),
         "schedule": (str, "ict", "'ict' or 'ect'"),
         "ect_q": (float, 2.0, "ECT's q"),
         "sigma_data": (float, SIGMA_DATA, "standard deviation of the data (EDM preconditioning)"),
@@ -171,4 +171,7 @@ class ConsistencyTraining(Method):
 
     @classmethod
     def from_options(cls, model: nn.Module, args, *, teacher: nn.Module | None = None) -> Method:
-        return cls(model, **cli_values(args, cls.name, cls.OPTIONS))
+        values = cli_values(args, cls.name, cls.OPTIONS)
+        if values["total_steps"] is None:      # the curriculum spans the run
+            values["total_steps"] = getattr(args, "steps", None) or 10000
+        return cls(model, **values)

@@ -69,7 +69,7 @@ class ProgressiveDistillation(Method):
     init_from_teacher: ClassVar[bool] = True
     OPTIONS: ClassVar[dict] = {
         "start_steps": (int, 64, "student sampling steps in the first round (teacher: twice that)"),
-        "round_steps": (int, 1000, "optimizer steps per halving round"),
+        "round_steps": (int, None, "optimizer steps per halving round (None: the run's --steps over the rounds)"),
         "min_steps": (int, 1, "student steps of the last round"),
     }
 
@@ -135,4 +135,9 @@ class ProgressiveDistillation(Method):
 
     @classmethod
     def from_options(cls, model: nn.Module, args, *, teacher: nn.Module | None = None) -> Method:
-        return cls(model, teacher=teacher, **cli_values(args, cls.name, cls.OPTIONS))
+        values = cli_values(args, cls.name, cls.OPTIONS)
+        if values["round_steps"] is None:      # equal rounds over the run: start_steps → … → min_steps
+            start, low = values["start_steps"], values["min_steps"]
+            rounds = max(int(start).bit_length() - int(low).bit_length(), 0) + 1
+            values["round_steps"] = max((getattr(args, "steps", None) or 1000 * rounds) // rounds, 1)
+        return cls(model, teacher=teacher, **values)
