@@ -27,7 +27,7 @@ from flowkern.nn import MLPFlowMap
 from flowkern.train import TrainConfig, Trainer
 
 NET = {"hidden": 128, "depth": 3, "time_dim": 32}
-STEPS = {"teacher": 4000, "pd": 2400, "cd": 2000, "ct": 3000, "ctm": 1000}
+STEPS = {"teacher": 4000, "pd": 1500, "cd": 1200, "ct": 2000, "ctm": 600}
 EVAL_STEPS = (1, 2, 4, 8)
 N_EVAL = 10000
 
