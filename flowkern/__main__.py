@@ -1,6 +1,9 @@
 """`python -m flowkern` / `flowkern`: the command line.
 
     flowkern demo [--device cuda|cpu] [--seq N] [--heads H] [--head-dim D] [--dtype bf16|fp16|fp32]
+    flowkern train <method> [--data checkerboard] [--steps N] [--out DIR] ...   (see flowkern.train.cli)
+    flowkern sample CHECKPOINT --out FILE.pt|FILE.png [--steps K]
+    flowkern eval CHECKPOINT [--steps 1 2 4 8]
 
 The demo checks `flowkern.jvp_attention` against torch.func.jvp of a float64 math attention on the current device,
 then times it and measures its peak memory against `torch.func.jvp` over math SDPA (the stock way).
@@ -77,7 +80,16 @@ def main(argv=None) -> int:
     demo.add_argument("--heads", type=int, default=8)
     demo.add_argument("--head-dim", type=int, default=64)
     demo.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    from flowkern.train import cli
+
+    cli.add_parsers(sub)
     args = parser.parse_args(argv)
+    if args.command in cli.COMMANDS:
+        try:
+            return cli.COMMANDS[args.command](args)
+        except cli.CLIError as err:
+            print(f"flowkern: error: {err}", file=sys.stderr)
+            return 2
     if args.command == "demo":
         for name in ("seq", "heads", "head_dim"):
             value = getattr(args, name)

@@ -81,7 +81,7 @@ def _kl(p_counts, q_counts, eps):
 
 
 def histogram_kl(p_samples: torch.Tensor, q_samples: torch.Tensor, *, low: float = -4.5, high: float = 4.5,
-                 bins: int = 64, eps: float = 1e-3) -> float:
+                 bins: int = 32, eps: float = 1e-3) -> float:
     """KL(P‖Q) in nats between histograms of `p_samples` (the data) and `q_samples` (the model) on a fixed grid.
 
     2-D points: one bins×bins grid over [low, high]² (points outside count towards no bin but still towards the

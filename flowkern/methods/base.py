@@ -1,7 +1,8 @@
 """The method interface: one training method = its loss and targets; the engine (`flowkern.train`) owns the rest."""
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +39,13 @@ class Method(torch.nn.Module):
             teacher.requires_grad_(False).eval()
         self.teacher = teacher
 
+    def train(self, mode: bool = True) -> Method:
+        """Train mode for the student; a frozen teacher stays in eval mode (no dropout)."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
     def loss(self, net: Callable, x0: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
         """Scalar float32 loss for a data batch x0 [B, ...]. `net` is the callable for the GRAD pass (the
         DDP-wrapped self.model under DDP, else self.model itself); no-grad passes (teacher, EMA target, JVP) use
@@ -58,6 +66,6 @@ class Method(torch.nn.Module):
         """Add this method's ``--flags`` to `parser` (an argparse parser or argument group)."""
 
     @classmethod
-    def from_options(cls, model: nn.Module, args, *, teacher: nn.Module | None = None) -> "Method":
+    def from_options(cls, model: nn.Module, args, *, teacher: nn.Module | None = None) -> Method:
         """Build the method from parsed CLI options (`args`, an argparse.Namespace)."""
         return cls(model, teacher=teacher) if teacher is not None else cls(model)

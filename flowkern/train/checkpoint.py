@@ -34,7 +34,7 @@ def load(path, *, method: str | None = None) -> dict:
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is a user error here
+    except Exception as err:
         raise CheckpointError(f"checkpoint {str(path)!r} could not be read: {err}") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a flowkern training checkpoint")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+
 from flowkern._validate import check_bool, check_finite_scalar, check_int
 
 OPTIMIZERS = ("adamw", "radam")
@@ -61,7 +62,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

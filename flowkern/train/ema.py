@@ -1,6 +1,7 @@
 """Exponential moving averages of a model's parameters, several decays at once.
 
-After every optimiser step, for each decay d: θ̄_d ← d·θ̄_d + (1 − d)·θ (buffers are copied). `averaged(decay)` gives
+After every optimiser step n (n = 1, 2, ...), for each decay d: θ̄_d ← β·θ̄_d + (1 − β)·θ with the warmed-up decay
+β = min(d, (1 + n)/(10 + n)), so early averages are not dominated by the initial weights. `averaged(decay)` gives
 a frozen copy of the model carrying θ̄_d, for sampling and evaluation."""
 from __future__ import annotations
 
@@ -17,12 +18,15 @@ class EMA:
         self.model = model
         self.decays = tuple(float(d) for d in decays)
         self.shadow = {d: [p.detach().clone() for p in model.parameters()] for d in self.decays}
+        self.updates = 0
 
     @torch.no_grad()
     def update(self) -> None:
+        self.updates += 1
+        warm = (1 + self.updates) / (10 + self.updates)
         params = [p.detach() for p in self.model.parameters()]
         for d, shadow in self.shadow.items():
-            torch._foreach_lerp_(shadow, params, 1.0 - d)
+            torch._foreach_lerp_(shadow, params, 1.0 - min(d, warm))
 
     def averaged(self, decay: float | None) -> nn.Module:
         """A frozen eval-mode copy of the model with the EMA weights of `decay` (None: the current weights)."""
@@ -37,12 +41,13 @@ class EMA:
         return out
 
     def state_dict(self) -> dict:
-        return {"decays": self.decays, "shadow": {str(d): [s.clone() for s in v] for d, v in self.shadow.items()}}
+        return {"decays": self.decays, "updates": self.updates, "shadow": {str(d): [s.clone() for s in v] for d, v in self.shadow.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         decays = tuple(float(d) for d in state["decays"])
         if decays != self.decays:
             raise ValueError(f"checkpoint EMA decays {decays} differ from this run's {self.decays}")
+        self.updates = int(state["updates"])
         with torch.no_grad():
             for d in self.decays:
                 for s, v in zip(self.shadow[d], state["shadow"][str(d)]):
