@@ -1,0 +1,177 @@
+"""Consistency training without a teacher: improved CT (iCT, Song & Dhariwal 2023) and the ECT schedule option
+(Geng et al., 2024). Loss and targets only.
+
+Convention. EDM σ inside (y = x₀ + σ·ε, mapped to flowkern by `flowkern.methods.edm`), the consistency function
+f_θ(y, σ) = c_skip·y + c_out·F_θ(c_in·y, t(σ)) with f_θ(y, σ_min) = y exactly; samplers speak flowkern time.
+
+iCT (schedule='ict'), at optimizer step k of K = total_steps:
+    N(k) = min(s₀·2^⌊k/K'⌋, s₁) + 1,   K' = ⌊K/(⌊log₂⌊s₁/s₀⌋⌋ + 1)⌋           (doubling curriculum)
+    σ_1 < … < σ_N the Karras grid (ρ = 7);  i drawn with p(i) ∝ erf((ln σ_{i+1} − P_mean)/(√2·P_std))
+        − erf((ln σ_i − P_mean)/(√2·P_std)), i = 1..N − 1                          (lognormal σ)
+    loss = λ(σ_i)·d(f_θ(x₀ + σ_{i+1}·z), sg f_θ(x₀ + σ_i·z)),   λ = 1/(σ_{i+1} − σ_i),
+    d = pseudo-Huber on the whole vector, c = 0.00054·√dim.
+The target is the SAME network under stop-gradient (no EMA teacher), evaluated with the same dropout mask as the
+grad pass (the RNG state is replayed).
+
+ECT (schedule='ect'): continuous σ_t ~ lognormal(P_mean, P_std) (clamped to [2σ_min, σ_max]) and
+    σ_r = σ_t·(1 − q^{−k}·(1 + 8·sigmoid(−σ_t))),   k = 1 + ⌊step/stage_steps⌋,
+clamped to σ_r ≥ σ_min (where f is the identity), weight 1/(σ_t − σ_r); t, r here are ECT's EDM times (σ).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from flowkern._validate import check_finite_scalar, check_tensor
+from flowkern.methods._util import add_cli_options, check_positive_int, cli_values, replay_rng
+from flowkern.methods.base import Method
+from flowkern.methods.edm import (
+    RHO,
+    SIGMA_DATA,
+    SIGMA_MAX,
+    SIGMA_MIN,
+    check_distance,
+    check_sigmas,
+    col,
+    consistency_function,
+    consistency_sample,
+    default_huber_c,
+    distance,
+    karras_sigmas,
+)
+
+SCHEDULES = ("ict", "ect")
+
+
+def ict_num_scales(step: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
+    """iCT's doubling curriculum N(k) = min(s₀·2^⌊k/K'⌋, s₁) + 1 with K' = ⌊K/(⌊log₂⌊s₁/s₀⌋⌋ + 1)⌋."""
+    k_prime = max(total_steps // (int(math.log2(s1 // s0)) + 1), 1)
+    return min(s0 * 2 ** (max(int(step), 0) // k_prime), s1) + 1
+
+
+def lognormal_index_probs(grid: Tensor, p_mean: float, p_std: float) -> Tensor:
+    """p(i) over the N − 1 grid intervals [σ_i, σ_{i+1}]: the lognormal(P_mean, P_std) mass of each interval,
+    normalised. grid: ascending [N]; returns [N − 1] float64."""
+    z = (torch.log(grid.to(torch.float64)) - p_mean) / (math.sqrt(2) * p_std)
+    mass = torch.erf(z[1:]) - torch.erf(z[:-1])
+    return mass / mass.sum()
+
+
+def ect_ratio(sigma: Tensor, stage: int, q: float) -> Tensor:
+    """ECT's r/t = 1 − q^{−k}·(1 + 8·sigmoid(−σ)), k = stage (≥ 1)."""
+    return 1 - q ** (-stage) * (1 + 8 * torch.sigmoid(-sigma))
+
+
+class ConsistencyTraining(Method):
+    """Consistency training, iCT or ECT schedule (module docstring).
+
+    Args:
+        model: the consistency network F_θ, a flowkern network net(x, t, s) (called with s = 0).
+        total_steps: K, the planned optimizer steps (sets the iCT curriculum and ECT's default stage length).
+        schedule: 'ict' (discrete doubling curriculum) or 'ect' (continuous r(t)).
+        s0, s1: iCT's initial and final discretisation steps (10 and 1280).
+        p_mean, p_std: the lognormal σ distribution (−1.1, 2.0).
+        ect_q, ect_stage_steps: ECT's q (> 1) and steps per stage (default total_steps // 8).
+        distance: 'pseudo_huber' (iCT) or 'l2'.
+        sigma_min, sigma_max, rho, sigma_data: EDM constants.
+    """
+
+    name: ClassVar[str] = "ct"
+    needs_teacher: ClassVar[bool] = False
+    OPTIONS: ClassVar[dict] = {
+        "total_steps": (int, None, "planned optimizer steps, the curriculum length (None: the run's --steps)"),
+        "schedule": (str, "ict", "'ict' or 'ect'"),
+        "ect_q": (float, 2.0, "ECT's q"),
+        "sigma_data": (float, SIGMA_DATA, "standard deviation of the data (EDM preconditioning)"),
+    }
+
+    def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, total_steps: int = 10000,
+                 schedule: str = "ict", s0: int = 10, s1: int = 1280, p_mean: float = -1.1, p_std: float = 2.0,
+                 ect_q: float = 2.0, ect_stage_steps: int | None = None, distance: str = "pseudo_huber",
+                 sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
+                 sigma_data: float = SIGMA_DATA):
+        if teacher is not None:
+            raise ValueError("consistency training uses no teacher (pass teacher=None); distill with 'cd'")
+        super().__init__(model)
+        self.total_steps = check_positive_int("total_steps", total_steps)
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        self.schedule = schedule
+        self.s0 = check_positive_int("s0", s0)
+        self.s1 = check_positive_int("s1", s1)
+        if self.s1 < self.s0:
+            raise ValueError(f"s1 must be >= s0, got s0={self.s0}, s1={self.s1}")
+        self.p_mean = check_finite_scalar("p_mean", p_mean)
+        self.p_std = check_finite_scalar("p_std", p_std, positive=True)
+        self.ect_q = check_finite_scalar("ect_q", ect_q)
+        if self.ect_q <= 1:
+            raise ValueError(f"ect_q must be > 1, got {self.ect_q}")
+        self.ect_stage_steps = (max(self.total_steps // 8, 1) if ect_stage_steps is None
+                                else check_positive_int("ect_stage_steps", ect_stage_steps))
+        self.distance = check_distance(distance)
+        self.sigma_min, self.sigma_max, self.rho = check_sigmas(sigma_min, sigma_max, rho)
+        self.sigma_data = check_finite_scalar("sigma_data", sigma_data, positive=True)
+
+    # ------------------------------------------------------------------------------------------- schedules
+
+    def num_scales(self, step: int) -> int:
+        """iCT's N at optimizer step `step`."""
+        return ict_num_scales(step, self.total_steps, self.s0, self.s1)
+
+    def ect_stage(self, step: int) -> int:
+        """ECT's k = 1 + ⌊step/stage_steps⌋."""
+        return 1 + max(int(step), 0) // self.ect_stage_steps
+
+    def sigma_pairs(self, batch: int, step: int, device) -> tuple[Tensor, Tensor]:
+        """(σ_hi, σ_lo) per sample, float32 [B]: (σ_{i+1}, σ_i) for iCT, (σ_t, σ_r) for ECT."""
+        if self.schedule == "ict":
+            grid = karras_sigmas(self.num_scales(step), self.sigma_min, self.sigma_max, self.rho, device=device)
+            probs = lognormal_index_probs(grid, self.p_mean, self.p_std)
+            i = torch.multinomial(probs, batch, replacement=True)
+            return grid[i + 1].float(), grid[i].float()
+        sigma = torch.exp(self.p_mean + self.p_std * torch.randn(batch, device=device, dtype=torch.float64))
+        sigma = sigma.clamp(2 * self.sigma_min, self.sigma_max)
+        r = (sigma * ect_ratio(sigma, self.ect_stage(step), self.ect_q)).clamp_min(self.sigma_min)
+        return sigma.float(), r.float()
+
+    # ------------------------------------------------------------------------------------------- loss
+
+    def f(self, net: Callable, y: Tensor, sigma: Tensor) -> Tensor:
+        return consistency_function(net, y, sigma, sigma_min=self.sigma_min, sigma_data=self.sigma_data)
+
+    def targets(self, net: Callable, x0: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(f_θ(x₀ + σ_hi·z, σ_hi), sg f_θ(x₀ + σ_lo·z, σ_lo), weight 1/(σ_hi − σ_lo)) — float32."""
+        check_tensor("x0", x0)
+        x0 = x0.float()
+        hi, lo = self.sigma_pairs(x0.shape[0], step, x0.device)
+        z = torch.randn_like(x0)
+        with replay_rng(x0.device), torch.no_grad():  # the grad pass below sees the same dropout mask
+            target = self.f(self.model, x0 + col(lo, x0) * z, lo)
+        pred = self.f(net, x0 + col(hi, x0) * z, hi)
+        return pred, target, 1 / (hi - lo)
+
+    def loss(self, net: Callable, x0: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
+        pred, target, weight = self.targets(net, x0, step)
+        loss = (weight * distance(pred, target, self.distance, default_huber_c(pred))).mean()
+        stats = {"num_scales": float(self.num_scales(step))} if self.schedule == "ict" else \
+            {"ect_stage": float(self.ect_stage(step))}
+        return loss, stats
+
+    def sample(self, model: nn.Module, noise: Tensor, steps: int) -> Tensor:
+        return consistency_sample(model, noise, steps, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
+                                  rho=self.rho, sigma_data=self.sigma_data)
+
+    @classmethod
+    def add_options(cls, parser) -> None:
+        add_cli_options(parser, cls.name, cls.OPTIONS)
+
+    @classmethod
+    def from_options(cls, model: nn.Module, args, *, teacher: nn.Module | None = None) -> Method:
+        values = cli_values(args, cls.name, cls.OPTIONS)
+        if values["total_steps"] is None:      # the curriculum spans the run
+            values["total_steps"] = getattr(args, "steps", None) or 10000
+        return cls(model, **values)

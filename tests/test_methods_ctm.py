@@ -1,0 +1,131 @@
+"""CTM: the two-time jump G on the exact Gaussian flow, the CTM target, DSM, GAN balancing, training, options."""
+from __future__ import annotations
+
+import pytest
+import torch
+from methods_cases import (
+    MU,
+    SD,
+    ExactCTMNet,
+    GaussianTeacher,
+    fast_cpu,
+    gaussian_batch,
+    ode_y,
+    posterior_mean,
+    tiny_net,
+    train,
+)
+
+import flowkern
+from flowkern.flow_map import GaussianFlowMap
+from flowkern.methods import edm
+from flowkern.methods.ctm import CTM, ctm_g, ctm_jump
+
+pytestmark = pytest.mark.usefixtures(fast_cpu.__name__)
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_jump_at_s_equal_t_is_identity(dtype):
+    net = tiny_net().to(dtype)
+    y = torch.randn(32, 2, dtype=dtype) * 4
+    sigma = torch.exp(torch.linspace(-6, 4.3, 32, dtype=dtype))
+    with flowkern.use_backend("torch"):
+        out = ctm_jump(net, y, sigma, sigma, 0.5)
+    tol = 1e-12 if dtype == F64 else 1e-5
+    assert torch.allclose(out, y.to(out.dtype), rtol=tol, atol=tol)
+
+
+def test_exact_model_jump_is_the_exact_flow_map():
+    """With g* of the exact flow, G(y, σ_t, σ_s) — done as a flowkern DDIM jump — equals the exact Φ, checked in
+    EDM coordinates (closed form) and in flowkern coordinates (GaussianFlowMap.phi)."""
+    net = ExactCTMNet()
+    y = MU + torch.randn(64, 2, dtype=F64) * 3
+    sig_t = torch.exp(torch.linspace(-3, 4, 64, dtype=F64))
+    for sig_s in (torch.full_like(sig_t, 0.002), sig_t * 0.3):
+        with flowkern.use_backend("torch"):
+            out = ctm_jump(net, y, sig_t, sig_s, 0.5)
+        assert torch.allclose(out, ode_y(y, sig_t, sig_s), rtol=1e-9, atol=1e-9)
+        t, s = edm.sigma_to_t(sig_t), edm.sigma_to_t(sig_s)
+        phi = GaussianFlowMap(MU, SD).phi(y * (1 - t)[:, None], t, s)
+        assert torch.allclose(out * (1 - s)[:, None], phi, rtol=1e-9, atol=1e-9)
+    # g(y, σ, σ) is the denoiser (what DSM trains)
+    assert torch.allclose(ctm_g(net, y, sig_t, sig_t, 0.5), posterior_mean(y, sig_t), rtol=1e-9, atol=1e-9)
+
+
+def test_ctm_target_with_exact_teacher_and_model():
+    """pred and target differ only by the teacher's Heun error: small, and shrinking when the grid is refined."""
+    x0 = gaussian_batch(512, dtype=F64)
+    gaps = []
+    for n in (40, 80):
+        method = CTM(ExactCTMNet(), teacher=GaussianTeacher(), num_scales=n, max_teacher_steps=4)
+        torch.manual_seed(0)
+        with flowkern.use_backend("torch"):
+            pred, target = method.targets(method.model, x0, 0)
+        gaps.append(float((pred - target).abs().max()))
+    assert gaps[1] < 2e-3 and gaps[0] / gaps[1] > 3, gaps
+
+
+def test_index_sampling():
+    method = CTM(tiny_net(), teacher=tiny_net(), num_scales=18, max_teacher_steps=3)
+    i_t, i_s, i_u = method.sample_indices(20000, torch.device("cpu"))
+    assert bool(((i_s <= i_u) & (i_u < i_t) & (i_t - i_u <= 3) & (i_t <= 17) & (i_t >= 1) & (i_s >= 0)).all())
+    assert int(i_s.min()) == 0 and int(i_t.max()) == 17 and int((i_t - i_u).max()) == 3
+    assert bool((i_u == i_s).any()) and bool((i_u > i_s).any())
+
+
+def test_exact_model_sampler_is_exact_in_one_step():
+    noise = torch.randn(256, 2, dtype=F64)
+    method = CTM(ExactCTMNet(), teacher=GaussianTeacher())
+    with flowkern.use_backend("torch"):
+        one = method.sample(method.model, noise, 1)
+        three = method.sample(method.model, noise, 3)
+    want = ode_y(80.0 * noise, 80.0, 0.002)
+    assert one.dtype == F64 and torch.allclose(one, want, rtol=1e-9, atol=1e-9)
+    assert torch.allclose(three, want, rtol=1e-8, atol=1e-8)      # semigroup: γ = 0 jumps compose exactly
+
+
+def test_training_loss_falls_no_grad_into_teacher_or_target():
+    method = CTM(tiny_net(), teacher=GaussianTeacher(), num_scales=10, max_teacher_steps=2, target_decay=0.9)
+    x0 = gaussian_batch(256)
+    with flowkern.use_backend("torch"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pred, target = method.targets(method.model, x0.bfloat16(), 0)
+        assert pred.dtype == target.dtype == torch.float32 and pred.shape == target.shape == (256, 2)
+        assert pred.requires_grad and not target.requires_grad
+        torch.manual_seed(0)
+        before, after = train(method, x0, 60)
+        out = method.sample(method.model, torch.randn(5, 2), 2)
+    assert after < 0.8 * before, (before, after)
+    assert all(p.grad is None for p in method.target.parameters())
+    assert out.shape == (5, 2) and out.dtype == torch.float32
+
+
+def test_gan_term_balanced_and_discriminator_steps():
+    method = CTM(tiny_net(), teacher=GaussianTeacher(), num_scales=10, gan=True, data_dim=2, gan_start=1)
+    x0 = gaussian_batch(128)
+    d0 = [p.clone() for p in method.discriminator.parameters()]
+    with flowkern.use_backend("torch"):
+        _, stats0 = method.loss(method.model, x0, 0)              # before gan_start: no GAN term
+        assert "gan_weight" not in stats0
+        loss, stats = method.loss(method.model, x0, 1)
+        loss.backward()
+    assert 0 < stats["gan_weight"] < 1e4 and torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(d0, method.discriminator.parameters()))
+    assert all(p.grad is None for p in method.discriminator.parameters())   # the engine's backward leaves D alone
+    assert all(p.grad is not None for p in method.model.parameters())
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="teacher"):
+        CTM(tiny_net())
+    with pytest.raises(ValueError, match="data_dim"):
+        CTM(tiny_net(), teacher=tiny_net(), gan=True)
+    with pytest.raises(TypeError, match="gan"):
+        CTM(tiny_net(), teacher=tiny_net(), gan=1)
+    with pytest.raises(ValueError, match="max_teacher_steps"):
+        CTM(tiny_net(), teacher=tiny_net(), max_teacher_steps=0)
+    with pytest.raises(ValueError, match="dsm_weight"):
+        CTM(tiny_net(), teacher=tiny_net(), dsm_weight=-1.0)
+    with pytest.raises(ValueError, match="num_scales"):
+        CTM(tiny_net(), teacher=tiny_net(), num_scales=1)
