@@ -87,5 +87,11 @@ def test_gated_residual_and_modulate_shapes_hypothesis(batch, tokens, d, per_sam
         out = ops.gated_residual_jvp(x, g, y, x_t, g_t, y_t)
         out_m = ops.modulate_jvp(x, sh, sc, x_t)
     for a, b, what in ((out[0], ref[0], "residual"), (out[1], ref[1], "residual tangent"),
-                       (out_m[0], ref_m[0], "modulate"), (out_m[1], ref_m[1], "modulate tangent")):
+                       (out_m[0], ref_m[0], "modulate")):
         assert_close(a, b, torch.float32, what, scale_tol=3)
+    # A layer norm over very few features is ill-conditioned (1/σ amplifies float32 rounding): bound the tangent's
+    # error by a multiple of PyTorch's own float32 error on the same inputs, as the attention tests do.
+    own = torch.func.jvp(lambda x: F.layer_norm(x, (d,), eps=1e-6) * (1 + view(sc)) + view(sh), (x,), (x_t,))[1]
+    own_err = (own.double() - ref_m[1]).abs().max().item()
+    err = (out_m[1].double() - ref_m[1]).abs().max().item()
+    assert err <= max(4 * own_err, 9e-5 * max(1.0, ref_m[1].abs().max().item())), f"modulate tangent: {err:.3g}"
