@@ -23,6 +23,7 @@ class Method(torch.nn.Module):
     """
 
     name: ClassVar[str]
+    OPTIONS: ClassVar[dict] = {}  # {option: (type, default, help)}: the --{name}-{option} CLI flags
     needs_teacher: ClassVar[bool] = False
     init_from_teacher: ClassVar[bool] = False
 
@@ -63,9 +64,21 @@ class Method(torch.nn.Module):
 
     @classmethod
     def add_options(cls, parser) -> None:
-        """Add this method's ``--flags`` to `parser` (an argparse parser or argument group)."""
+        """Add this method's ``--{name}-{option}`` flags (from its `OPTIONS` table) to `parser` (an argparse parser
+        or argument group)."""
+        from flowkern.methods._util import add_cli_options
+
+        add_cli_options(parser, cls.name, cls.OPTIONS)
+
+    @classmethod
+    def option_values(cls, args) -> dict:
+        """The constructor keywords from parsed CLI options; methods whose defaults depend on the run override it."""
+        from flowkern.methods._util import cli_values
+
+        return cli_values(args, cls.name, cls.OPTIONS)
 
     @classmethod
     def from_options(cls, model: nn.Module, args, *, teacher: nn.Module | None = None) -> Method:
         """Build the method from parsed CLI options (`args`, an argparse.Namespace)."""
-        return cls(model, teacher=teacher) if teacher is not None else cls(model)
+        values = cls.option_values(args)
+        return cls(model, teacher=teacher, **values) if teacher is not None else cls(model, **values)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from flowkern._validate import check_finite_scalar, check_tensor
-from flowkern.methods._util import add_cli_options, check_decay, check_positive_int, cli_values, frozen_copy, update_ema
+from flowkern.methods._util import check_decay, check_positive_int, frozen_copy, update_ema
 from flowkern.methods.base import Method
 from flowkern.methods.edm import (
     RHO,
@@ -106,11 +106,3 @@ class ConsistencyDistillation(Method):
     def sample(self, model: nn.Module, noise: Tensor, steps: int) -> Tensor:
         return consistency_sample(model, noise, steps, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
                                   rho=self.rho, sigma_data=self.sigma_data)
-
-    @classmethod
-    def add_options(cls, parser) -> None:
-        add_cli_options(parser, cls.name, cls.OPTIONS)
-
-    @classmethod
-    def from_options(cls, model: nn.Module, args, *, teacher: nn.Module | None = None) -> Method:
-        return cls(model, teacher=teacher, **cli_values(args, cls.name, cls.OPTIONS))

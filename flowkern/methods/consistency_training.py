@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from flowkern._validate import check_finite_scalar, check_tensor
-from flowkern.methods._util import add_cli_options, check_positive_int, cli_values, replay_rng
+from flowkern.methods._util import check_positive_int, replay_rng
 from flowkern.methods.base import Method
 from flowkern.methods.edm import (
     RHO,
@@ -166,12 +166,8 @@ class ConsistencyTraining(Method):
                                   rho=self.rho, sigma_data=self.sigma_data)
 
     @classmethod
-    def add_options(cls, parser) -> None:
-        add_cli_options(parser, cls.name, cls.OPTIONS)
-
-    @classmethod
-    def from_options(cls, model: nn.Module, args, *, teacher: nn.Module | None = None) -> Method:
-        values = cli_values(args, cls.name, cls.OPTIONS)
+    def option_values(cls, args) -> dict:
+        values = super().option_values(args)
         if values["total_steps"] is None:      # the curriculum spans the run
             values["total_steps"] = getattr(args, "steps", None) or 10000
-        return cls(model, **values)
+        return values

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowkern._validate import check_bool, check_finite_scalar, check_int, check_tensor
-from flowkern.methods._util import add_cli_options, check_decay, check_positive_int, cli_values, frozen_copy, update_ema
+from flowkern.methods._util import check_decay, check_positive_int, frozen_copy, update_ema
 from flowkern.methods.base import Method
 from flowkern.methods.edm import (
     RHO,
@@ -255,11 +255,3 @@ class CTM(Method):
             for a, b in itertools.pairwise(sig):
                 y = self.jump(model, y, a.expand(batch), b.expand(batch))
         return y.to(noise.dtype)
-
-    @classmethod
-    def add_options(cls, parser) -> None:
-        add_cli_options(parser, cls.name, cls.OPTIONS)
-
-    @classmethod
-    def from_options(cls, model: nn.Module, args, *, teacher: nn.Module | None = None) -> Method:
-        return cls(model, teacher=teacher, **cli_values(args, cls.name, cls.OPTIONS))

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from flowkern._validate import check_tensor
 from flowkern.flow_map import jump
 from flowkern.flow_map import sample as flow_map_sample
-from flowkern.methods._util import add_cli_options, check_positive_int, cli_values, frozen_copy
+from flowkern.methods._util import check_positive_int, frozen_copy
 from flowkern.methods.base import Method
 from flowkern.methods.edm import check_sample_args, col, time_dtype
 
@@ -130,14 +130,10 @@ class ProgressiveDistillation(Method):
             return flow_map_sample(lambda x, t, s: model(x, t, t), noise, steps=steps)
 
     @classmethod
-    def add_options(cls, parser) -> None:
-        add_cli_options(parser, cls.name, cls.OPTIONS)
-
-    @classmethod
-    def from_options(cls, model: nn.Module, args, *, teacher: nn.Module | None = None) -> Method:
-        values = cli_values(args, cls.name, cls.OPTIONS)
+    def option_values(cls, args) -> dict:
+        values = super().option_values(args)
         if values["round_steps"] is None:      # equal rounds over the run: start_steps → … → min_steps
             start, low = values["start_steps"], values["min_steps"]
             rounds = max(int(start).bit_length() - int(low).bit_length(), 0) + 1
             values["round_steps"] = max((getattr(args, "steps", None) or 1000 * rounds) // rounds, 1)
-        return cls(model, teacher=teacher, **values)
+        return values
