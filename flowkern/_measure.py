@@ -21,11 +21,32 @@ def _proc_kib(field: str) -> int | None:
     return None
 
 
+def _release_free_heap() -> None:
+    """Give freed heap memory back to the OS (glibc `malloc_trim`, `mallopt`), so that the call measured next faults
+    in every page it uses: otherwise memory freed earlier in the process is reused without raising the resident set,
+    and the high-water mark under-counts. Large allocations are also sent through mmap (fixed 64 KiB threshold)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):  # not glibc: measure as is
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 def peak_memory_bytes(fn, device: torch.device) -> int | None:
     """Peak memory that one call of `fn` adds on top of what is allocated before it.
 
     CUDA: the caching allocator's peak. CPU (Linux): the resident-set high-water mark, reset through
-    /proc/self/clear_refs just before the call; None where that is not available.
+    /proc/self/clear_refs just before the call, after returning freed heap memory to the OS so that reused memory
+    counts; None where that is not available.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -34,6 +55,7 @@ def peak_memory_bytes(fn, device: torch.device) -> int | None:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
+    _release_free_heap()
     before = _proc_kib("VmRSS")
     try:
         with open(_CLEAR_REFS, "w") as fh:

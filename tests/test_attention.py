@@ -182,3 +182,25 @@ def test_backprop_through_the_tangent_raises(backend, device):
     out.sum().backward()  # through out alone it works, and the tangent inputs get no gradient
     assert inputs[0].grad is not None and inputs[3].grad is None
     assert "stop-gradient" in STOP_GRAD_MESSAGE
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_reference_walks_several_key_chunks(causal, monkeypatch):
+    """The PyTorch reference's online softmax across chunks (the tests' other shapes fit in one chunk)."""
+    from flowkern.attention import torch_launch
+
+    monkeypatch.setattr(torch_launch, "KEY_CHUNK", 8)
+    inputs = make_inputs(1, 2, 1, 21, 30, 16, seed=21)
+    mask = torch.rand(1, 2, 21, 30, generator=torch.Generator().manual_seed(3)) > 0.3
+    out, out_t = _run("torch", *inputs, causal=causal, attn_mask=mask)
+    ref_out, ref_t = reference_jvp(*inputs, causal=causal, attn_mask=mask)
+    assert_close_to(out, ref_out, torch.float32, what="out")
+    assert_close_to(out_t, ref_t, torch.float32, what="out_t")
+    q, k, v = (x.clone().requires_grad_() for x in inputs[:3])
+    with flowkern.use_backend("torch"):
+        out = flowkern.attention(q, k, v, causal=causal, attn_mask=mask)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    for name, got, want in zip("qkv", (q.grad, k.grad, v.grad),
+                               reference_grads(*inputs[:3], grad_out, causal=causal, attn_mask=mask)):
+        assert_close_to(got, want, torch.float32, what=f"d{name}")

@@ -11,7 +11,7 @@ import torch
 
 from flowkern.attention.spec import MASK_ADDITIVE, MASK_BOOL, AttentionSpec, expand_mask
 
-KEY_CHUNK = 256
+KEY_CHUNK = 128
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,8 +44,9 @@ def _scores(q, k_chunk, mask, start: int, stop: int, spec: AttentionSpec) -> tor
     return s
 
 
-def attention_fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec: AttentionSpec, *, chunk: int = KEY_CHUNK):
+def attention_fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec: AttentionSpec, *, chunk: int | None = None):
     """O, Ȯ (None without tangents) and the natural-log LSE [B, Hq, Nq] in the accumulation dtype."""
+    chunk = chunk or KEY_CHUNK
     acc = _acc_dtype(q.dtype)
     has_tangent = q_t is not None
     mask = expand_mask(attn_mask, spec)
@@ -85,8 +86,9 @@ def attention_fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec: AttentionSpec, *, chu
     return o.flatten(1, 2).to(q.dtype), o_t, lse.flatten(1, 2)
 
 
-def attention_bwd(q, k, v, o, lse, do, attn_mask, spec: AttentionSpec, *, chunk: int = KEY_CHUNK):
+def attention_bwd(q, k, v, o, lse, do, attn_mask, spec: AttentionSpec, *, chunk: int | None = None):
     """dQ, dK, dV of O, recomputing P = exp(S − LSE) one key chunk at a time."""
+    chunk = chunk or KEY_CHUNK
     acc = _acc_dtype(q.dtype)
     mask = expand_mask(attn_mask, spec)
     qg, dog = _grouped(q, spec, acc), _grouped(do, spec, acc)
