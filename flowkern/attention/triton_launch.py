@@ -5,7 +5,7 @@ import torch
 import triton
 
 from flowkern._config import triton_interpreting
-from flowkern.attention.spec import MASK_NONE, AttentionSpec, expand_mask
+from flowkern.attention.spec import AttentionSpec, expand_mask
 
 LOG2E = 1.4426950408889634
 
@@ -57,7 +57,7 @@ def attention_fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec: AttentionSpec):
         *(v_t.stride() if has_tangent else zero),
         *mask_strides, *o.stride(), *(o_t.stride() if has_tangent else zero),
         spec.q_heads, spec.kv_group, spec.seq_q, spec.seq_k, spec.head_dim, spec.scale, spec.scale * LOG2E,
-        HAS_TANGENT=has_tangent, CAUSAL=spec.causal, MASK_KIND=spec.mask_kind if attn_mask is not None else MASK_NONE,
+        HAS_TANGENT=has_tangent, CAUSAL=spec.causal, MASK_KIND=spec.mask_kind,
         BLOCK_D=_block_d(spec.head_dim), **_dot_flags(q.dtype),
     )
     return o, o_t, lse
@@ -76,7 +76,7 @@ def attention_bwd(q, k, v, o, lse, do, attn_mask, spec: AttentionSpec):
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     mask, mask_strides = _mask_args(attn_mask, spec, q)
-    common = dict(CAUSAL=spec.causal, MASK_KIND=spec.mask_kind if attn_mask is not None else MASK_NONE,
+    common = dict(CAUSAL=spec.causal, MASK_KIND=spec.mask_kind,
                   BLOCK_D=block_d, **_dot_flags(q.dtype))
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *mask_strides)
 
