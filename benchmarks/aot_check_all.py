@@ -14,10 +14,7 @@ import argparse
 import importlib
 import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -27,18 +24,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _resources(kernel):
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.cubin")
-        with open(path, "wb") as fh:
-            fh.write(kernel.asm["cubin"])
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
-        sass = subprocess.run([cuobjdump, "--dump-sass", path], capture_output=True, text=True).stdout
-    regs = re.search(r"REG:(\d+)", usage)
-    return (int(regs.group(1)) if regs else -1), len(re.findall(r"\bSTL\b", sass))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from aot_compile import cubin_report  # noqa: E402
 
 
 def main() -> int:
@@ -85,8 +72,8 @@ def _compile_and_report(entry, arch) -> int:
         options = {"num_warps": max(4, entry["num_warps"]), "num_stages": max(2, entry["num_stages"])}
         kernel = triton.compile(ASTSource(fn=fn, signature=dict(entry["signature"]), constexprs=constexprs),
                                 target=GPUTarget("cuda", arch, 32), options=options)
-        regs, spills = _resources(kernel)
-        print(f"ok   {label:<100} regs {regs:>3} STL {spills}", flush=True)
+        report = cubin_report(kernel)
+        print(f"ok   {label:<100} regs {report['regs']:>3} STL {report['spills']}", flush=True)
         return 0
     except Exception as exc:  # noqa: BLE001 - report every failure
         message = str(exc).strip().splitlines()

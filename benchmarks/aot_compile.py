@@ -40,10 +40,9 @@ def _signature(fn, pointer_dtype, constexprs):
     return sig
 
 
-def compile_one(fn, dtype, constexprs, arch, num_warps, num_stages):
-    src = ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
+def cubin_report(kernel) -> dict:
+    """Registers, stack bytes, spill stores (STL in the SASS) and the matrix instructions of a compiled kernel,
+    read from its cubin with the cuobjdump bundled with Triton."""
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
@@ -53,9 +52,17 @@ def compile_one(fn, dtype, constexprs, arch, num_warps, num_stages):
         sass = subprocess.run([cuobjdump, "--dump-sass", path], capture_output=True, text=True).stdout
     regs = re.search(r"REG:(\d+)", usage)
     stack = re.search(r"STACK:(\d+)", usage)
-    spills = len(re.findall(r"\bSTL\b", sass))
-    mma = "wgmma" if "HGMMA" in sass else ("mma" if "HMMA" in sass else "none")
-    return int(regs.group(1)) if regs else -1, int(stack.group(1)) if stack else -1, spills, mma, kernel.metadata.shared
+    return {"regs": int(regs.group(1)) if regs else -1, "stack": int(stack.group(1)) if stack else -1,
+            "spills": len(re.findall(r"\bSTL\b", sass)),
+            "mma": "wgmma" if "HGMMA" in sass else ("mma" if "HMMA" in sass else "none")}
+
+
+def compile_one(fn, dtype, constexprs, arch, num_warps, num_stages):
+    src = ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    r = cubin_report(kernel)
+    return r["regs"], r["stack"], r["spills"], r["mma"], kernel.metadata.shared
 
 
 def main() -> None:
@@ -73,7 +80,8 @@ def main() -> None:
                                                                     BLOCK_D=block_d), warps, stages))
         cases.append(("fwd", attention_fwd_kernel, dict(flags, HAS_TANGENT=False, BLOCK_M=128, BLOCK_N=64,
                                                         BLOCK_D=block_d), 8, 2))
-        cases.append(("bwd dkdv", attention_bwd_dkdv_kernel, dict(flags, BLOCK_M=32, BLOCK_N=64, BLOCK_D=block_d), 4, 2))
+        cases.append(("bwd dkdv", attention_bwd_dkdv_kernel,
+                      dict(flags, BLOCK_M=32, BLOCK_N=64, BLOCK_D=block_d), 4, 2))
         cases.append(("bwd dq", attention_bwd_dq_kernel, dict(flags, BLOCK_M=64, BLOCK_N=32, BLOCK_D=block_d), 4, 2))
     cases.append(("fwd+tangent causal bool-mask", attention_fwd_kernel,
                   dict(flags, CAUSAL=True, MASK_KIND=1, HAS_TANGENT=True, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64), 8, 2))
