@@ -1,80 +1,99 @@
-"""Few-step quality table (issue 6's bars): train the flow-matching teacher, then every importable method, on the
-checkerboard and 8 Gaussians (CPU-sized), and print SW₂ / histogram KL to held-out data at 1/2/4/8 steps beside the
-teacher's 1-step and 100-step Euler values.
+"""Few-step quality table (issue 6's bars): train the flow-matching teacher, then each distilled / consistency method,
+on the checkerboard and 8 Gaussians (CPU-sized), and print SW₂ / histogram KL to held-out data at 1/2/4/8 steps
+beside the teacher's 1-step and 100-step Euler values.
 
-    python benchmarks/quality_table.py [--data checkerboard 8gaussians] [--teacher-steps 3000] [--steps 2000]
-                                       [--methods fm pd cd ct ctm] [--out runs/quality] [--batch 512] [--threads 1]
+    python benchmarks/quality_table.py [--data checkerboard 8gaussians] [--methods pd cd ct ctm] [--jobs 2]
+                                       [--out runs/quality] [--samples 10000] [--scale 1.0]
 
-Bars, per distilled/consistency model at 1 step: "far better than 1 Euler step of its teacher" (here: SW₂ at most
-half the teacher's 1-step SW₂) and "within 1.5× of the teacher's 100-step SW₂". Every run goes through
-`flowkern train` (runs/quality/<method>-<data>/; an existing run directory is reused, not retrained).
+Every run goes through `flowkern train` with the recipe below (RECIPES: steps and options per method; --scale
+multiplies the steps), one CPU thread each; the datasets run as parallel lanes (--jobs). An existing run
+directory (OUT/<method>-<data>/quality.json) is reused, not retrained. Bars per method at 1 step: "far better than
+1 Euler step of its teacher" (here SW₂ at most a quarter of the teacher's 1-step SW₂) and "within 1.5× of the
+teacher's 100-step SW₂". The markdown table goes to stdout and OUT/table.md; the exit status is 1 if a bar fails.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from flowkern.__main__ import main as flowkern_main
-from flowkern.methods import available_methods, get_method
+FAR_BETTER = 0.25    # SW2@1 ≤ this × teacher's 1-step Euler SW2
+WITHIN = 1.5         # SW2@1 ≤ this × teacher's 100-step Euler SW2
+STEPS = (1, 2, 4, 8)
+COMMON = ["--batch", "256", "--lr", "2e-3", "--lr-decay", "cosine", "--threads", "1", "--no-progress", "--no-nll"]
+# method: (training steps, extra `flowkern train` options)
+RECIPES = {
+    "fm": (8000, []),
+    "pd": (8000, ["--pd-start-steps", "128"]),
+    "cd": (6000, []),
+    "ct": (10000, []),
+    "ctm": (3000, []),
+}
 
-FAR_BETTER = 0.5     # SW2@1 ≤ this × teacher's 1-step Euler SW2
-WITHIN = 1.5         # SW2@1 ≤ this × teacher's 100-step SW2
-TEACHER_METHODS = {"pd", "cd", "ctm"}   # distil a flow-matching teacher (ct trains from data)
 
-
-def _run(method: str, data: str, out: Path, steps: int, common: list[str], teacher: Path | None) -> dict:
-    if not (out / "quality.json").is_file():
-        argv = ["train", method, "--data", data, "--out", str(out), "--steps", str(steps), *common]
-        needs = method in TEACHER_METHODS or getattr(get_method(method), "needs_teacher", False)
-        if needs and teacher is not None:
-            argv += ["--teacher", str(teacher)]
-        code = flowkern_main(argv)
+def run(method: str, data: str, out: Path, samples: int, scale: float) -> dict:
+    """`flowkern train method` on `data` into out/<method>-<data> (reused when done); its quality.json."""
+    run_dir = out / f"{method}-{data}"
+    if not (run_dir / "quality.json").is_file():
+        steps, extra = RECIPES[method]
+        argv = [sys.executable, "-m", "flowkern", "train", method, "--data", data, "--out", str(run_dir),
+                "--steps", str(max(1, round(steps * scale))), "--samples", str(samples), *COMMON, *extra]
+        if method != "fm":
+            argv += ["--teacher", str(out / f"fm-{data}" / "checkpoint.pt")]
+        start = time.perf_counter()
+        log = out / f"{method}-{data}.log"
+        with open(log, "w") as f:
+            code = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
         if code != 0:
-            raise SystemExit(f"flowkern {' '.join(argv)} failed with status {code}")
-    return json.loads((out / "quality.json").read_text())
+            raise SystemExit(f"{' '.join(argv)} failed with status {code}; see {log}")
+        print(f"{method} on {data}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return json.loads((run_dir / "quality.json").read_text())
+
+
+def lane(data: str, methods: list[str], out: Path, samples: int, scale: float) -> tuple[list[str], int]:
+    """The teacher, then each method, on one dataset: (markdown rows, failed bars)."""
+    teacher = run("fm", data, out, samples, scale)
+    t = teacher["rows"]["fm (EMA)"]
+    t1, t100 = t["1"]["sw2"], t["100"]["sw2"]
+    rows = [f"| {data} | fm teacher (Euler) | {teacher['steps']} | "
+            + " | ".join(f"{t[str(k)]['sw2']:.3f} / {t[str(k)]['kl']:.2f}" for k in STEPS)
+            + f" | 100 steps: {t100:.3f} / {t['100']['kl']:.2f} |"]
+    failures = 0
+    for method in methods:
+        result = run(method, data, out, samples, scale)
+        s = result["rows"][f"{method} (EMA)"]
+        s1 = s["1"]["sw2"]
+        far, near = s1 <= FAR_BETTER * t1, s1 <= WITHIN * t100
+        failures += not (far and near)
+        bars = (f"{s1 / t1:.3f}× Euler@1 {'PASS' if far else 'FAIL'}, "
+                f"{s1 / t100:.2f}× teacher@100 {'PASS' if near else 'FAIL'}")
+        rows.append(f"| {data} | {method} | {result['steps']} | "
+                    + " | ".join(f"{s[str(k)]['sw2']:.3f} / {s[str(k)]['kl']:.2f}" for k in STEPS) + f" | {bars} |")
+    return rows, failures
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", nargs="+", default=["checkerboard", "8gaussians"])
-    p.add_argument("--methods", nargs="+", default=None, help="default: every importable method")
-    p.add_argument("--teacher-steps", type=int, default=3000)
-    p.add_argument("--steps", type=int, default=2000, help="steps for each distilled/consistency method")
+    p.add_argument("--methods", nargs="+", default=["pd", "cd", "ct", "ctm"], choices=[m for m in RECIPES if m != "fm"])
     p.add_argument("--out", type=Path, default=Path("runs/quality"))
-    p.add_argument("--batch", type=int, default=512)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--samples", type=int, default=10000, help="samples and held-out points per evaluation")
+    p.add_argument("--scale", type=float, default=1.0, help="multiplies every recipe's training steps")
+    p.add_argument("--jobs", type=int, default=2, help="datasets trained in parallel (one CPU thread each)")
     args = p.parse_args(argv)
-    methods = args.methods or available_methods()
-    common = ["--threads", str(args.threads), "--batch", str(args.batch), "--no-progress", "--no-nll"]
-    failures = 0
-    for data in args.data:
-        teacher_dir = args.out / f"fm-{data}"
-        teacher = _run("fm", data, teacher_dir, args.teacher_steps, common, None)
-        t_rows = teacher["rows"]["fm (EMA)"]
-        t1, t100 = t_rows["1"]["sw2"], t_rows["100"]["sw2"]
-        lines = [(f"\n{data}: teacher fm, {args.teacher_steps} steps: Euler SW2@1 {t1:.4f}, SW2@100 {t100:.4f}, "
-                  f"KL@1 {t_rows['1']['kl']:.4f}, KL@100 {t_rows['100']['kl']:.4f}"),
-                 f"{'method':<8}" + "".join(f"{f'SW2@{k}':>9}" for k in (1, 2, 4, 8))
-                 + "".join(f"{f'KL@{k}':>8}" for k in (1, 2, 4, 8)) + f"{'  1-step bars':<32}"]
-        for method in methods:
-            scores = teacher["rows"]["fm (EMA)"] if method == "fm" else _run(
-                method, data, args.out / f"{method}-{data}", args.steps, common, teacher_dir / "checkpoint.pt"
-            )["rows"][f"{method} (EMA)"]
-            sw = "".join(f"{scores[str(k)]['sw2']:9.4f}" for k in (1, 2, 4, 8))
-            kl = "".join(f"{scores[str(k)]['kl']:8.4f}" for k in (1, 2, 4, 8))
-            if method == "fm":
-                bars = "  (teacher: Euler steps)"
-            else:
-                s1 = scores["1"]["sw2"]
-                far, near = s1 <= FAR_BETTER * t1, s1 <= WITHIN * t100
-                failures += not (far and near)
-                bars = (f"  {'PASS' if far else 'FAIL'} ≤{FAR_BETTER}×Euler@1 "
-                        f"{'PASS' if near else 'FAIL'} ≤{WITHIN}×@100")
-            lines.append(f"{method:<8}{sw}{kl}{bars}")
-        print("\n".join(lines), flush=True)
-    return 1 if failures else 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        lanes = list(pool.map(lambda d: lane(d, args.methods, args.out, args.samples, args.scale), args.data))
+    header = ["| data | model | train steps | " + " | ".join(f"SW2 / KL @{k}" for k in STEPS) + " | 1-step bars |",
+              "|---|---|---|" + "---|" * len(STEPS) + "---|"]
+    table = "\n".join(header + [row for rows, _ in lanes for row in rows])
+    (args.out / "table.md").write_text(table + "\n")
+    print(table)
+    return 1 if any(failed for _, failed in lanes) else 0
 
 
 if __name__ == "__main__":

@@ -105,3 +105,20 @@ def test_nothing_overwritten(run_dir, tmp_path, capsys):
     assert "could not be read" in capsys.readouterr().err
     assert ckpt.read_bytes() == before and (other / "checkpoint.pt").read_bytes() == foreign
     assert not (tmp_path / "t").exists()
+
+
+def test_consistency_sigma_data_defaults_to_the_data_std(run_dir, tmp_path):
+    """--cd-sigma-data unset: EDM's σ_data is measured on the training data (≈2.03 for 8 Gaussians, not 0.5)."""
+    from flowkern.data import get_dataset
+    from flowkern.train.cli import restore
+
+    out = tmp_path / "cd"
+    assert main(["train", "cd", "--data", "8gaussians", "--out", str(out), "--teacher",
+                 str(run_dir / "checkpoint.pt"), *_with(TINY, "--steps", "2")]) == 0
+    method, _ = restore(torch.load(out / "checkpoint.pt", weights_only=False))
+    expected = get_dataset("8gaussians").data_std()
+    assert method.sigma_data == pytest.approx(expected) and 1.9 < expected < 2.2
+    out2 = tmp_path / "cd2"
+    assert main(["train", "cd", "--data", "8gaussians", "--out", str(out2), "--teacher", str(run_dir / "checkpoint.pt"),
+                 "--cd-sigma-data", "0.5", *_with(TINY, "--steps", "2")]) == 0
+    assert restore(torch.load(out2 / "checkpoint.pt", weights_only=False))[0].sigma_data == 0.5

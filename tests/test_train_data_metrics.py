@@ -106,3 +106,9 @@ def test_metrics_agree_with_numpy_sorting():
     expected = np.sqrt(np.mean((np.sort(x @ theta.T, 0) - np.sort(y @ theta.T, 0)) ** 2))
     got = sliced_wasserstein2(torch.from_numpy(x), torch.from_numpy(y), projections_count=64, seed=7)
     assert got == pytest.approx(expected, rel=1e-10)
+
+
+def test_data_std():
+    """σ_data for the EDM preconditioning: checkerboard on [−4, 4]² is uniform over its squares (variance 16/3)."""
+    assert get_dataset("checkerboard").data_std() == pytest.approx(math.sqrt(16 / 3), rel=0.02)
+    assert get_dataset("moons").data_std() == get_dataset("moons").data_std()   # a fixed draw

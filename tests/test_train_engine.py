@@ -106,6 +106,25 @@ def test_warmup_and_clipping():
     assert lrs == pytest.approx([0.5e-3, 0.75e-3, 1e-3])  # the lr for step k + 1: lr·min(1, (k + 2)/4)
 
 
+def test_cosine_decay_schedule():
+    """Warm-up, then half a cosine from lr to lr·lr_floor at the last step; "none" stays at lr."""
+    from flowkern.train.config import lr_factor
+
+    config = TrainConfig(steps=104, warmup=4, lr_decay="cosine", lr_floor=0.1)
+    assert [lr_factor(k, config) for k in range(3)] == pytest.approx([0.25, 0.5, 0.75])
+    assert lr_factor(4, config) == pytest.approx(1.0)
+    assert lr_factor(54, config) == pytest.approx(0.1 + 0.9 * 0.5)           # half way: the mid-point
+    assert lr_factor(104, config) == pytest.approx(0.1)
+    assert lr_factor(200, TrainConfig(steps=104, warmup=4)) == 1.0
+    trainer = _trainer(Regression(tiny_net()), steps=6, warmup=0, lr=1e-3, lr_decay="cosine")
+    lrs = [trainer.train_step()["lr"] for _ in range(6)]
+    assert lrs == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * (k + 1) / 6)) for k in range(6)])
+    with pytest.raises(ValueError, match="lr_decay"):
+        TrainConfig(lr_decay="step")
+    with pytest.raises(ValueError, match="lr_floor"):
+        TrainConfig(lr_floor=2.0)
+
+
 def test_ema_matches_closed_form():
     net = tiny_net()
     ema = EMA(net, (0.5, 0.999))

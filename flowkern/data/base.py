@@ -37,6 +37,11 @@ class Dataset:
         """Evaluation data, independent of the training stream."""
         return self.sample(n, torch.Generator().manual_seed(check_int("seed", seed)))
 
+    def data_std(self, n: int = 20_000) -> float:
+        """The data's standard deviation over all coordinates, from n training-stream draws of a fixed seed (EDM's
+        σ_data: the consistency methods' boundary preconditioning)."""
+        return float(self.sample(self._check_n(n), torch.Generator().manual_seed(0)).double().std())
+
     @property
     def has_density(self) -> bool:
         return type(self).log_prob is not Dataset.log_prob

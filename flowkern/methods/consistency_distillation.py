@@ -56,7 +56,8 @@ class ConsistencyDistillation(Method):
         "num_scales": (int, 18, "points N of the Karras grid"),
         "target_decay": (float, 0.95, "EMA decay of the target network"),
         "distance": (str, "l2", "'l2' or 'pseudo_huber'"),
-        "sigma_data": (float, SIGMA_DATA, "standard deviation of the data (EDM preconditioning)"),
+        "sigma_data": (float, None, "σ_data of the EDM preconditioning (None: `flowkern train` measures the "
+                                     "training data's standard deviation)"),
     }
 
     def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, num_scales: int = 18,

@@ -86,7 +86,8 @@ class ConsistencyTraining(Method):
         "total_steps": (int, None, "planned optimizer steps, the curriculum length (None: the run's --steps)"),
         "schedule": (str, "ict", "'ict' or 'ect'"),
         "ect_q": (float, 2.0, "ECT's q"),
-        "sigma_data": (float, SIGMA_DATA, "standard deviation of the data (EDM preconditioning)"),
+        "sigma_data": (float, None, "σ_data of the EDM preconditioning (None: `flowkern train` measures the "
+                                     "training data's standard deviation)"),
     }
 
     def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, total_steps: int = 10000,

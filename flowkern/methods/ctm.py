@@ -124,7 +124,8 @@ class CTM(Method):
         "max_teacher_steps": (int, 4, "most teacher Heun steps per target"),
         "target_decay": (float, 0.999, "EMA decay of the target network"),
         "dsm_weight": (float, 1.0, "weight of the denoising (DSM) loss"),
-        "sigma_data": (float, SIGMA_DATA, "standard deviation of the data (EDM preconditioning)"),
+        "sigma_data": (float, None, "σ_data of the EDM preconditioning (None: `flowkern train` measures the "
+                                     "training data's standard deviation)"),
     }
 
     def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, num_scales: int = 18,

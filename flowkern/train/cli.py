@@ -24,7 +24,8 @@ from flowkern.train import checkpoint
 from flowkern.train.evaluate import STEPS, draw, format_table, ode_nll, score
 
 DEFAULTS = {"data": "checkerboard", "steps": 1500, "batch": 256, "lr": 2e-3, "hidden": 128, "depth": 3,
-            "time_dim": 64, "warmup": 100, "ema": (0.99, 0.999), "eval_ema": 0.999, "seed": 0, "samples": 5000}
+            "time_dim": 64, "warmup": 100, "lr_decay": "none", "ema": (0.99, 0.999), "eval_ema": 0.999, "seed": 0,
+            "samples": 5000}
 
 
 class CLIError(Exception):
@@ -66,6 +67,8 @@ def _common_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out up to --steps")
     p.add_argument("--optimizer", choices=("adamw", "radam"), default="adamw")
     p.add_argument("--warmup", type=int, default=d["warmup"], help="linear LR warm-up steps")
+    p.add_argument("--lr-decay", choices=("none", "cosine"), default=d["lr_decay"],
+                   help=f"after the warm-up: a constant LR or a cosine to 0 at the last step (default {d['lr_decay']})")
     p.add_argument("--grad-clip", type=_positive_float, default=1.0)
     p.add_argument("--ema", type=float, nargs="+", default=list(d["ema"]), help="EMA decays kept")
     p.add_argument("--eval-ema", type=float, default=d["eval_ema"], help="the EMA decay used to sample")
@@ -224,7 +227,8 @@ def train(args) -> int:
         raise CLIError("flow matching trains from data: --teacher is not used by 'fm'")
     try:
         config = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, optimizer=args.optimizer,
-                             warmup=args.warmup, grad_clip=args.grad_clip, ema_decays=tuple(args.ema),
+                             warmup=args.warmup, lr_decay=args.lr_decay, grad_clip=args.grad_clip,
+                             ema_decays=tuple(args.ema),
                              eval_ema=args.eval_ema, log_every=args.log_every,
                              checkpoint_every=args.checkpoint_every, seed=args.seed)
     except (TypeError, ValueError) as err:
@@ -242,6 +246,9 @@ def train(args) -> int:
     model = _network(arch)
     if teacher is not None and getattr(cls, "init_from_teacher", False):
         model.load_state_dict(teacher.state_dict())
+    data_std = f"{args.method}_sigma_data"
+    if hasattr(args, data_std) and getattr(args, data_std) is None:   # EDM's σ_data, measured on the data
+        setattr(args, data_std, dataset.data_std())
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     try:
         method = cls.from_options(model, Namespace(**options), teacher=teacher)
@@ -263,7 +270,8 @@ def train(args) -> int:
         plot_samples(drawn, reference[:4000], out / "samples.png", title=f"{args.method} on {args.data}")
         plot_loss(trainer.losses, out / "loss.png", title=f"{args.method} loss")
         (out / "quality.json").write_text(json.dumps(
-            {"train_seconds": seconds, **{k: v for k, v in result.items() if k != "rows"},
+            {"steps": trainer.step_count, "train_seconds": seconds,
+             **{k: v for k, v in result.items() if k != "rows"},
              "rows": {label: scores for label, scores in result["rows"]}}, indent=1))
         _print_quality(result, (*STEPS, 100) if args.method == "fm" or teacher is not None else STEPS)
     if distributed.is_distributed():

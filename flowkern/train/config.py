@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from flowkern._validate import check_bool, check_finite_scalar, check_int
 
 OPTIMIZERS = ("adamw", "radam")
+LR_DECAYS = ("none", "cosine")
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """steps: optimiser steps in total; batch: rows per process per step (the global batch is batch × world size);
-    lr: peak learning rate, reached linearly over `warmup` steps; optimizer: "adamw" or "radam"; grad_clip: max
+    lr: peak learning rate, reached linearly over `warmup` steps; lr_decay: after the warm-up, "none" (constant) or
+    "cosine" (half a cosine from lr down to lr·lr_floor at the last step); optimizer: "adamw" or "radam"; grad_clip: max
     global gradient norm (None: no clipping, the norm is still measured for the NaN guard); ema_decays: the EMA
     copies kept (e.g. (0.999, 0.9999)); eval_ema: the decay whose weights sample/evaluate (None: the raw weights);
     bf16: autocast to bfloat16 on CUDA (None: on when training on CUDA; never on CPU); log_every: steps between
@@ -24,6 +27,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup: int = 100
+    lr_decay: str = "none"
+    lr_floor: float = 0.0
     grad_clip: float | None = 1.0
     ema_decays: tuple[float, ...] = (0.99, 0.999)
     eval_ema: float | None = 0.99
@@ -44,6 +49,10 @@ class TrainConfig:
         if len(self.betas) != 2 or not all(0 <= check_finite_scalar("betas", b) < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         check_int("warmup", self.warmup, minimum=0)
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
+        if not 0 <= check_finite_scalar("lr_floor", self.lr_floor) <= 1:
+            raise ValueError(f"lr_floor must be in [0, 1], got {self.lr_floor}")
         if self.grad_clip is not None and not (check_finite_scalar("grad_clip", self.grad_clip) > 0):
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         self.ema_decays = tuple(self.ema_decays)
@@ -71,3 +80,12 @@ def warmup_factor(step: int, warmup: int) -> float:
     """Linear warm-up: lr(step) = lr · min(1, (step + 1)/warmup) (step counts from 0; warmup 0: constant)."""
     return 1.0 if warmup == 0 else min(1.0, (step + 1) / warmup)
 
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """The multiplier of config.lr at optimiser step `step` (0-based): the linear warm-up, then for "cosine"
+    floor + (1 − floor)·½(1 + cos(π·p)), p = (step − warmup)/(steps − warmup) the fraction of the decay phase done."""
+    factor = warmup_factor(step, config.warmup)
+    if config.lr_decay == "none" or step < config.warmup:
+        return factor
+    p = min(1.0, (step - config.warmup) / max(config.steps - config.warmup, 1))
+    return factor * (config.lr_floor + (1 - config.lr_floor) * 0.5 * (1 + math.cos(math.pi * p)))

@@ -1,7 +1,7 @@
 """The training loop shared by every method (`Trainer`).
 
 One step: data → method.loss(net, x0, step) (bf16 autocast on CUDA; the method keeps time and loss in float32) →
-backward → gradient all-reduce (DDP) → clip → NaN/Inf guard → optimiser (AdamW/RAdam, linear warm-up) → EMA →
+backward → gradient all-reduce (DDP) → clip → NaN/Inf guard → optimiser (AdamW/RAdam, linear warm-up, optional cosine decay) → EMA →
 method.on_step_end(step). Each phase runs inside an NVTX range (flowkern.train.data/loss/backward/optimizer/ema).
 
 Under DDP (`torchrun`, see `distributed.setup`) the method's model is wrapped once and the wrapper is the `net`
@@ -23,7 +23,7 @@ from torch import nn
 from flowkern._nvtx import nvtx_range
 from flowkern.methods.base import Method
 from flowkern.train import checkpoint, distributed, rng
-from flowkern.train.config import TrainConfig, warmup_factor
+from flowkern.train.config import TrainConfig, lr_factor
 from flowkern.train.ema import EMA
 
 
@@ -70,8 +70,7 @@ class Trainer:
         if not self.params:
             raise ValueError("method has no trainable parameters")
         self.optimizer = _build_optimizer(self.params, config)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           lambda s: warmup_factor(s, config.warmup))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
         self.ema = EMA(method.model, config.ema_decays)
         self.bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
         if self.bf16 and self.device.type != "cuda":
