@@ -1,6 +1,8 @@
 """CTM: the two-time jump G on the exact Gaussian flow, the CTM target, DSM, GAN balancing, training, options."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from methods_cases import (
@@ -114,6 +116,29 @@ def test_gan_term_balanced_and_discriminator_steps():
     assert any(not torch.equal(a, b) for a, b in zip(d0, method.discriminator.parameters()))
     assert all(p.grad is None for p in method.discriminator.parameters())   # the engine's backward leaves D alone
     assert all(p.grad is not None for p in method.model.parameters())
+
+
+def test_gan_discriminator_optimizer_is_checkpointed():
+    """state_dict() carries the discriminator's Adam moments (exact resume); a fresh CTM loading it continues with
+    the same discriminator step."""
+    def make():
+        torch.manual_seed(3)
+        return CTM(tiny_net(), teacher=GaussianTeacher(), num_scales=10, gan=True, data_dim=2)
+
+    a, b = make(), make()
+    x0 = gaussian_batch(64)
+    with flowkern.use_backend("torch"):
+        for step in range(2):
+            a.loss(a.model, x0, step)
+        b.load_state_dict(copy.deepcopy(a.state_dict()))   # as through torch.save/torch.load: no shared moments
+        moments = a._d_opt.state_dict()["state"]
+        assert moments and all(torch.equal(moments[k]["exp_avg"], b._d_opt.state_dict()["state"][k]["exp_avg"])
+                               for k in moments)
+        torch.manual_seed(5)
+        a.loss(a.model, x0, 2)
+        torch.manual_seed(5)
+        b.loss(b.model, x0, 2)
+    assert all(torch.equal(p, q) for p, q in zip(a.discriminator.parameters(), b.discriminator.parameters()))
 
 
 def test_bad_options():

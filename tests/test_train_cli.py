@@ -122,3 +122,16 @@ def test_consistency_sigma_data_defaults_to_the_data_std(run_dir, tmp_path):
     assert main(["train", "cd", "--data", "8gaussians", "--out", str(out2), "--teacher", str(run_dir / "checkpoint.pt"),
                  "--cd-sigma-data", "0.5", *_with(TINY, "--steps", "2")]) == 0
     assert restore(torch.load(out2 / "checkpoint.pt", weights_only=False))[0].sigma_data == 0.5
+
+
+def test_ctm_gan_from_the_command_line(run_dir, tmp_path):
+    """--ctm-gan: the discriminator is sized from the dataset and its optimiser state is in the checkpoint."""
+    from flowkern.train.cli import restore
+
+    out = tmp_path / "ctm"
+    assert main(["train", "ctm", "--data", "8gaussians", "--out", str(out), "--teacher", str(run_dir / "checkpoint.pt"),
+                 "--ctm-gan", "--ctm-num-scales", "6", *_with(TINY, "--steps", "2")]) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["method_state"]["_extra_state"]["d_opt"]["state"]
+    method, _ = restore(state)
+    assert method.gan and method.discriminator.net[0].in_features == 2

@@ -62,3 +62,23 @@ def test_ddp_matches_single_process_with_doubled_batch(tmp_path, monkeypatch):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
     # the loss moved: the test would notice unsynchronised or missing updates
     assert single_losses[-1] < 0.9 * single_losses[0]
+
+
+def _mean_worker(rank: int, world: int, port: int, out_path: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from flowkern.methods.ctm import _mean_over_ranks
+
+        grads = [torch.full((2, 3), float(rank + 1)), torch.arange(4.0) * (rank + 1)]
+        torch.save(_mean_over_ranks(grads), f"{out_path}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ctm_discriminator_gradients_are_averaged_over_ranks(tmp_path):
+    """CTM's discriminator steps inside the loss, outside DDP: its gradients are all-reduced explicitly."""
+    mp.spawn(_mean_worker, args=(2, _free_port(), str(tmp_path / "g")), nprocs=2, join=True)
+    for rank in range(2):
+        a, b = torch.load(tmp_path / f"g.{rank}")
+        assert torch.equal(a, torch.full((2, 3), 1.5)) and torch.equal(b, torch.arange(4.0) * 1.5)

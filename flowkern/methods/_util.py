@@ -1,6 +1,7 @@
 """Small helpers shared by the methods: frozen copies, EMA targets, repeating a dropout mask, option checks."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 
@@ -56,6 +57,10 @@ def add_cli_options(parser, prefix: str, options: dict) -> None:
     the prefix keeps several methods' flags apart in one parser)."""
     for opt, (kind, default, text) in options.items():
         flag = f"--{prefix}-{opt.replace('_', '-')}"
+        if kind is bool:   # --flag / --no-flag
+            parser.add_argument(flag, dest=f"{prefix}_{opt}", action=argparse.BooleanOptionalAction, default=default,
+                                help=f"{text} (default {'on' if default else 'off'})")
+            continue
         parser.add_argument(flag, dest=f"{prefix}_{opt}", type=kind, default=default, help=f"{text} (default {default})")
 
 

@@ -84,6 +84,18 @@ def last_linear_weight(model: nn.Module) -> nn.Parameter:
     return linears[-1].weight
 
 
+def _mean_over_ranks(grads):
+    """The discriminator's gradients averaged over the DDP ranks (its step happens inside `loss`, outside the DDP
+    wrapper, so the all-reduce is explicit; every rank then takes the same step and the copies stay equal)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return grads
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    return [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
+
+
 class Discriminator(nn.Module):
     """A small MLP discriminator on flattened samples [B, ...] -> logits [B] (for 2-D toys and 8×8 digits)."""
 
@@ -124,6 +136,8 @@ class CTM(Method):
         "max_teacher_steps": (int, 4, "most teacher Heun steps per target"),
         "target_decay": (float, 0.999, "EMA decay of the target network"),
         "dsm_weight": (float, 1.0, "weight of the denoising (DSM) loss"),
+        "gan": (bool, False, "add the GAN loss (a small MLP discriminator, last-layer gradient-norm balancing)"),
+        "gan_start": (int, 0, "first optimizer step with the GAN loss"),
         "sigma_data": (float, None, "σ_data of the EDM preconditioning (None: `flowkern train` measures the "
                                      "training data's standard deviation)"),
     }
@@ -223,11 +237,26 @@ class CTM(Method):
         with torch.enable_grad():
             d_loss = F.softplus(-disc(x0)).mean() + F.softplus(disc(pred.detach())).mean()
             grads = torch.autograd.grad(d_loss, list(disc.parameters()))
-        for p, g in zip(disc.parameters(), grads):
+        for p, g in zip(disc.parameters(), _mean_over_ranks(grads)):
             p.grad = g
         self._d_opt.step()
         self._d_opt.zero_grad(set_to_none=True)
         return lam * gen, {"gan_weight": float(lam), "d_loss": float(d_loss.detach())}
+
+    @classmethod
+    def option_values(cls, args) -> dict:
+        values = super().option_values(args)
+        if values["gan"]:   # the discriminator's input width: `flowkern train` sets data_dim from the dataset
+            values["data_dim"] = getattr(args, "data_dim", None)
+        return values
+
+    def get_extra_state(self) -> dict:
+        """The discriminator's optimiser state, so that `state_dict()` (the training checkpoint) resumes it."""
+        return {"d_opt": self._d_opt.state_dict()} if self.gan else {}
+
+    def set_extra_state(self, state: dict) -> None:
+        if self.gan and state.get("d_opt") is not None:
+            self._d_opt.load_state_dict(state["d_opt"])
 
     def loss(self, net: Callable, x0: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
         pred, target = self.targets(net, x0, step)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -246,6 +247,7 @@ def train(args) -> int:
     model = _network(arch)
     if teacher is not None and getattr(cls, "init_from_teacher", False):
         model.load_state_dict(teacher.state_dict())
+    args.data_dim = math.prod(dataset.shape)   # for methods with a discriminator on samples (ctm --ctm-gan)
     data_std = f"{args.method}_sigma_data"
     if hasattr(args, data_std) and getattr(args, data_std) is None:   # EDM's σ_data, measured on the data
         setattr(args, data_std, dataset.data_std())
