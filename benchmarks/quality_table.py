@@ -21,6 +21,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from flowkern.methods import get_method
+
 FAR_BETTER = 0.25    # SW2@1 ≤ this × teacher's 1-step Euler SW2
 WITHIN = 1.5         # SW2@1 ≤ this × teacher's 100-step Euler SW2
 STEPS = (1, 2, 4, 8)
@@ -28,10 +30,12 @@ COMMON = ["--batch", "256", "--lr", "2e-3", "--lr-decay", "cosine", "--threads",
 # method: (training steps, extra `flowkern train` options)
 RECIPES = {
     "fm": (8000, []),
-    "pd": (8000, ["--pd-start-steps", "128"]),
+    # rounds 64 → 1 student steps; a constant LR and a short EMA, so the last (1-step) round is not averaged with the
+    # 2-step student of the round before
+    "pd": (8000, ["--lr-decay", "none", "--eval-ema", "0.99"]),
     "cd": (6000, []),
     "ct": (10000, []),
-    "ctm": (3000, []),
+    "ctm": (4000, []),
 }
 
 
@@ -42,7 +46,7 @@ def run(method: str, data: str, out: Path, samples: int, scale: float) -> dict:
         steps, extra = RECIPES[method]
         argv = [sys.executable, "-m", "flowkern", "train", method, "--data", data, "--out", str(run_dir),
                 "--steps", str(max(1, round(steps * scale))), "--samples", str(samples), *COMMON, *extra]
-        if method != "fm":
+        if getattr(get_method(method), "needs_teacher", False):
             argv += ["--teacher", str(out / f"fm-{data}" / "checkpoint.pt")]
         start = time.perf_counter()
         log = out / f"{method}-{data}.log"

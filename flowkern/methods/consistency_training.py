@@ -86,6 +86,9 @@ class ConsistencyTraining(Method):
         "total_steps": (int, None, "planned optimizer steps, the curriculum length (None: the run's --steps)"),
         "schedule": (str, "ict", "'ict' or 'ect'"),
         "ect_q": (float, 2.0, "ECT's q"),
+        "p_mean": (float, -1.1, "mean of the lognormal σ distribution"),
+        "p_std": (float, 2.0, "standard deviation of the lognormal σ distribution"),
+        "distance": (str, "pseudo_huber", "'pseudo_huber' (iCT) or 'l2'"),
         "sigma_data": (float, None, "σ_data of the EDM preconditioning (None: `flowkern train` measures the "
                                      "training data's standard deviation)"),
     }
