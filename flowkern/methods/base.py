@@ -80,5 +80,6 @@ class Method(torch.nn.Module):
     @classmethod
     def from_options(cls, model: nn.Module, args, *, teacher: nn.Module | None = None) -> Method:
         """Build the method from parsed CLI options (`args`, an argparse.Namespace)."""
-        values = cls.option_values(args)
+        # an option still None here (e.g. sigma_data outside `flowkern train`) takes the constructor's default
+        values = {k: v for k, v in cls.option_values(args).items() if v is not None}
         return cls(model, teacher=teacher, **values) if teacher is not None else cls(model, **values)
