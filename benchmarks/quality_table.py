@@ -30,12 +30,12 @@ COMMON = ["--batch", "256", "--lr", "2e-3", "--lr-decay", "cosine", "--threads",
 # method: (training steps, extra `flowkern train` options)
 RECIPES = {
     "fm": (8000, []),
-    # rounds 64 → 1 student steps; a constant LR and a short EMA, so the last (1-step) round is not averaged with the
-    # 2-step student of the round before
-    "pd": (8000, ["--lr-decay", "none", "--eval-ema", "0.99"]),
-    "cd": (6000, []),
+    # six rounds of 2000 steps, 32 → 1 student steps (the first teacher takes 64 Euler steps); a constant LR and a
+    # short EMA, so the last (1-step) student is not averaged with the 2-step student of the round before
+    "pd": (12000, ["--pd-start-steps", "32", "--lr-decay", "none", "--eval-ema", "0.99"]),
+    "cd": (9000, []),
     "ct": (10000, []),
-    "ctm": (4000, []),
+    "ctm": (6000, []),
 }
 
 
