@@ -34,7 +34,7 @@ RECIPES = {
     # short EMA, so the last (1-step) student is not averaged with the 2-step student of the round before
     "pd": (12000, ["--pd-start-steps", "32", "--lr-decay", "none", "--eval-ema", "0.99"]),
     "cd": (9000, []),
-    "ct": (10000, []),
+    "ct": (15000, []),
     "ctm": (6000, []),
 }
 

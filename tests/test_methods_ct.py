@@ -130,3 +130,10 @@ def test_cli_options_total_steps_from_run_steps():
     assert (method.total_steps, method.schedule, method.ect_stage_steps) == (800, "ect", 100)
     method = ConsistencyTraining.from_options(tiny_net(), parser.parse_args(["--ct-total-steps", "50"]))
     assert method.total_steps == 50
+    assert method.p_mean == -1.1 and method.sigma_data == 0.5          # no σ_data given: iCT's image constants
+    # σ_data given (flowkern train measures it): the lognormal mean moves with the data's scale
+    method = ConsistencyTraining.from_options(tiny_net(), parser.parse_args(["--ct-sigma-data", "2.0"]))
+    assert method.p_mean == pytest.approx(-1.1 + math.log(4.0))
+    method = ConsistencyTraining.from_options(tiny_net(), parser.parse_args(["--ct-sigma-data", "2.0",
+                                                                             "--ct-p-mean", "-0.5"]))
+    assert method.p_mean == -0.5
