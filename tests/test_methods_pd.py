@@ -113,3 +113,22 @@ def test_cli_options_and_round_length_from_run_steps():
     assert (method.start_steps, method.min_steps, method.round_steps) == (8, 1, 150)   # 8, 4, 2, 1: 4 rounds
     args = parser.parse_args(["--pd-round-steps", "7"])
     assert ProgressiveDistillation.from_options(tiny_net(), args, teacher=tiny_net()).round_steps == 7
+    assert method.round_anneal                                           # the CLI anneals within each round
+    args = parser.parse_args(["--no-pd-round-anneal"])
+    assert not ProgressiveDistillation.from_options(tiny_net(), args, teacher=tiny_net()).round_anneal
+
+
+@pytest.mark.usefixtures("fast_cpu")
+def test_round_anneal_restarts_the_lr_each_round():
+    """lr_scale: 1 → 0 linearly within each round, restarting when N halves; the engine multiplies it in."""
+    from flowkern.data import get_dataset
+    from flowkern.train import TrainConfig, Trainer
+
+    method = ProgressiveDistillation(tiny_net(), teacher=tiny_net(), start_steps=4, round_steps=10, round_anneal=True)
+    assert [method.lr_scale(k) for k in (0, 5, 9, 10, 19, 20, 29, 35)] == pytest.approx(
+        [1.0, 0.5, 0.1, 1.0, 0.1, 1.0, 0.1, 0.1])                         # rounds N = 4, 2, 1; N = 1 holds
+    assert ProgressiveDistillation(tiny_net(), teacher=tiny_net()).lr_scale(7) == 1.0
+    config = TrainConfig(steps=12, batch=16, lr=1e-3, warmup=0, ema_decays=(0.9,), eval_ema=0.9)
+    trainer = Trainer(method, get_dataset("moons").sample, config, progress=False)
+    lrs = [trainer.train_step()["lr"] for _ in range(12)]
+    assert lrs == pytest.approx([1e-3 * method.lr_scale(k + 1) for k in range(12)])

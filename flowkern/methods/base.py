@@ -59,6 +59,11 @@ class Method(torch.nn.Module):
 
         return sample(model, noise, steps=steps)
 
+    def lr_scale(self, step: int) -> float:
+        """A factor on the engine's learning rate at optimiser step `step` (0-based), for methods with their own
+        phases (progressive distillation anneals within each round); default 1."""
+        return 1.0
+
     def on_step_end(self, step: int) -> None:
         """Curriculum / target updates, called after optimizer.step() (also when the step was skipped)."""
 

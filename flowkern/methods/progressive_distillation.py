@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from flowkern._validate import check_tensor
+from flowkern._validate import check_bool, check_tensor
 from flowkern.flow_map import jump
 from flowkern.flow_map import sample as flow_map_sample
 from flowkern.methods._util import check_positive_int, frozen_copy
@@ -62,6 +62,8 @@ class ProgressiveDistillation(Method):
         start_steps: student steps in round 0 (the teacher then takes 2·start_steps); a power of two.
         round_steps: optimizer steps per round.
         min_steps: the last round's student steps (a power of two ≤ start_steps); N stays there after.
+        round_anneal: multiply the engine's LR by a linear anneal to 0 within each round (`lr_scale`); the CLI
+            turns it on.
     """
 
     name: ClassVar[str] = "pd"
@@ -71,10 +73,12 @@ class ProgressiveDistillation(Method):
         "start_steps": (int, 64, "student sampling steps in the first round (teacher: twice that)"),
         "round_steps": (int, None, "optimizer steps per halving round (None: the run's --steps over the rounds)"),
         "min_steps": (int, 1, "student steps of the last round"),
+        "round_anneal": (bool, True, "anneal the LR linearly to 0 within each round (each student converges "
+                                     "before it becomes the teacher)"),
     }
 
     def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, start_steps: int = 64,
-                 round_steps: int = 1000, min_steps: int = 1):
+                 round_steps: int = 1000, min_steps: int = 1, round_anneal: bool = False):
         if teacher is None:
             raise ValueError("progressive distillation needs a teacher (a flow-matching velocity network)")
         if not isinstance(teacher, nn.Module):
@@ -83,6 +87,7 @@ class ProgressiveDistillation(Method):
         self.start_steps = check_positive_int("start_steps", start_steps)
         self.round_steps = check_positive_int("round_steps", round_steps)
         self.min_steps = check_positive_int("min_steps", min_steps)
+        self.round_anneal = check_bool("round_anneal", round_anneal)
         for name, n in (("start_steps", self.start_steps), ("min_steps", self.min_steps)):
             if not _is_power_of_two(n):
                 raise ValueError(f"{name} must be a power of two (the steps halve every round), got {n}")
@@ -98,6 +103,15 @@ class ProgressiveDistillation(Method):
         """N at optimizer step `step` (0-based): max(min_steps, start_steps / 2^⌊step/round_steps⌋)."""
         step = max(int(step), 0)
         return max(self.min_steps, self.start_steps >> min(step // self.round_steps, 62))
+
+    def lr_scale(self, step: int) -> float:
+        """With round_anneal: 1 − (fraction of the current round done), restarting at 1 each round; the last round
+        (N = min_steps) holds its final small value after its planned length. Else 1."""
+        if not self.round_anneal:
+            return 1.0
+        last = (int(self.start_steps).bit_length() - int(self.min_steps).bit_length()) * self.round_steps
+        into = step - last if step >= last else step % self.round_steps
+        return max(1.0 - into / self.round_steps, 1.0 / self.round_steps)
 
     def targets(self, net: Callable, x0: Tensor, step: int) -> tuple[Tensor, Tensor]:
         """(student velocity, v_target) for a batch, both float32 [B, ...]; the target carries no grad."""

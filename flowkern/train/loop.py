@@ -70,7 +70,8 @@ class Trainer:
         if not self.params:
             raise ValueError("method has no trainable parameters")
         self.optimizer = _build_optimizer(self.params, config)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, config) * method.lr_scale(s))
         self.ema = EMA(method.model, config.ema_decays)
         self.bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
         if self.bf16 and self.device.type != "cuda":
