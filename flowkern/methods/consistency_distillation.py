@@ -53,7 +53,9 @@ class ConsistencyDistillation(Method):
     name: ClassVar[str] = "cd"
     needs_teacher: ClassVar[bool] = True
     OPTIONS: ClassVar[dict] = {
-        "num_scales": (int, 18, "points N of the Karras grid"),
+        "num_scales": (int, 40, "points N of the Karras grid (the CM papers: 18 on CIFAR-10, 40 on ImageNet; a "
+                                "flow-matching teacher's 18-step Heun solve of the checkerboard is at SW2 0.149, "
+                                "at 40 steps 0.100)"),
         "target_decay": (float, 0.95, "EMA decay of the target network"),
         "distance": (str, "l2", "'l2' or 'pseudo_huber'"),
         "sigma_data": (float, None, "σ_data of the EDM preconditioning (None: `flowkern train` measures the "
