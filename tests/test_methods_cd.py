@@ -92,4 +92,4 @@ def test_cli_options():
     cd = ConsistencyDistillation.from_options(tiny_net(), args, teacher=tiny_net())
     ctm = CTM.from_options(tiny_net(), args, teacher=tiny_net())
     assert (cd.num_scales, cd.distance, cd.target_decay) == (40, "pseudo_huber", 0.95)
-    assert (ctm.dsm_weight, ctm.num_scales) == (0.5, 18)
+    assert (ctm.dsm_weight, ctm.num_scales) == (0.5, 40)
