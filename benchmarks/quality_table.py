@@ -30,9 +30,9 @@ COMMON = ["--batch", "256", "--lr", "2e-3", "--lr-decay", "cosine", "--threads",
 # method: (training steps, extra `flowkern train` options)
 RECIPES = {
     "fm": (8000, []),
-    # seven rounds of ~1700 steps, 64 → 1 student steps (the first teacher takes 128 Euler steps), the LR annealed to
+    # seven rounds of ~1140 steps, 64 → 1 student steps (the first teacher takes 128 Euler steps), the LR annealed to
     # 0 within each round; a short EMA, so the 1-step student is not averaged with the 2-step one of the round before
-    "pd": (12000, ["--lr-decay", "none", "--eval-ema", "0.99"]),
+    "pd": (8000, ["--lr-decay", "none", "--eval-ema", "0.99"]),
     "cd": (9000, []),
     "ct": (15000, []),
     "ctm": (6000, []),
