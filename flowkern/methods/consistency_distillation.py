@@ -23,8 +23,10 @@ from flowkern._validate import check_finite_scalar, check_tensor
 from flowkern.methods._util import check_decay, check_positive_int, frozen_copy, update_ema
 from flowkern.methods.base import Method
 from flowkern.methods.edm import (
+    NUM_SCALES_OPTION,
     RHO,
     SIGMA_DATA,
+    SIGMA_DATA_OPTION,
     SIGMA_MAX,
     SIGMA_MIN,
     check_distance,
@@ -53,13 +55,10 @@ class ConsistencyDistillation(Method):
     name: ClassVar[str] = "cd"
     needs_teacher: ClassVar[bool] = True
     OPTIONS: ClassVar[dict] = {
-        "num_scales": (int, 40, "points N of the Karras grid (the CM papers: 18 on CIFAR-10, 40 on ImageNet; a "
-                                "flow-matching teacher's 18-step Heun solve of the checkerboard is at SW2 0.149, "
-                                "at 40 steps 0.100)"),
+        "num_scales": NUM_SCALES_OPTION,
         "target_decay": (float, 0.95, "EMA decay of the target network"),
         "distance": (str, "l2", "'l2' or 'pseudo_huber'"),
-        "sigma_data": (float, None, "σ_data of the EDM preconditioning (None: `flowkern train` measures the "
-                                     "training data's standard deviation)"),
+        "sigma_data": SIGMA_DATA_OPTION,
     }
 
     def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, num_scales: int = 18,

@@ -32,6 +32,7 @@ from flowkern.methods.base import Method
 from flowkern.methods.edm import (
     RHO,
     SIGMA_DATA,
+    SIGMA_DATA_OPTION,
     SIGMA_MAX,
     SIGMA_MIN,
     check_distance,
@@ -97,8 +98,7 @@ class ConsistencyTraining(Method):
                                 "noise levels relative to the data's scale as iCT's images with σ_data = 0.5)"),
         "p_std": (float, 2.0, "standard deviation of the lognormal σ distribution"),
         "distance": (str, "pseudo_huber", "'pseudo_huber' (iCT) or 'l2'"),
-        "sigma_data": (float, None, "σ_data of the EDM preconditioning (None: `flowkern train` measures the "
-                                     "training data's standard deviation)"),
+        "sigma_data": SIGMA_DATA_OPTION,
     }
 
     def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, total_steps: int = 10000,

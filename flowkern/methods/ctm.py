@@ -39,8 +39,10 @@ from flowkern._validate import check_bool, check_finite_scalar, check_int, check
 from flowkern.methods._util import check_decay, check_positive_int, frozen_copy, update_ema
 from flowkern.methods.base import Method
 from flowkern.methods.edm import (
+    NUM_SCALES_OPTION,
     RHO,
     SIGMA_DATA,
+    SIGMA_DATA_OPTION,
     SIGMA_MAX,
     SIGMA_MIN,
     check_distance,
@@ -87,12 +89,9 @@ def last_linear_weight(model: nn.Module) -> nn.Parameter:
 def _mean_over_ranks(grads):
     """The discriminator's gradients averaged over the DDP ranks (its step happens inside `loss`, outside the DDP
     wrapper, so the all-reduce is explicit; every rank then takes the same step and the copies stay equal)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return grads
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
+    from flowkern.train.distributed import mean_over_ranks  # flowkern.train imports the methods
+
+    flat = mean_over_ranks(torch.cat([g.reshape(-1) for g in grads]))
     return [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
 
 
@@ -132,17 +131,14 @@ class CTM(Method):
     name: ClassVar[str] = "ctm"
     needs_teacher: ClassVar[bool] = True
     OPTIONS: ClassVar[dict] = {
-        "num_scales": (int, 40, "points N of the Karras grid (the CM papers: 18 on CIFAR-10, 40 on ImageNet; a "
-                                "flow-matching teacher's 18-step Heun solve of the checkerboard is at SW2 0.149, "
-                                "at 40 steps 0.100)"),
+        "num_scales": NUM_SCALES_OPTION,
         "max_teacher_steps": (int, 4, "most teacher Heun steps per target"),
         "target_decay": (float, 0.99, "EMA decay of the target network (CTM's ImageNet runs: 0.999, for long runs; "
                                       "a few thousand steps need a faster target)"),
         "dsm_weight": (float, 1.0, "weight of the denoising (DSM) loss"),
         "gan": (bool, False, "add the GAN loss (a small MLP discriminator, last-layer gradient-norm balancing)"),
         "gan_start": (int, 0, "first optimizer step with the GAN loss"),
-        "sigma_data": (float, None, "σ_data of the EDM preconditioning (None: `flowkern train` measures the "
-                                     "training data's standard deviation)"),
+        "sigma_data": SIGMA_DATA_OPTION,
     }
 
     def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, num_scales: int = 18,

@@ -32,6 +32,13 @@ SIGMA_MAX = 80.0
 RHO = 7.0
 SIGMA_DATA = 0.5
 
+# CLI option entries (Method.OPTIONS) shared by the EDM-σ methods (cd, ct, ctm)
+SIGMA_DATA_OPTION = (float, None, "σ_data of the EDM preconditioning (None: `flowkern train` measures the training "
+                                  "data's standard deviation)")
+NUM_SCALES_OPTION = (int, 40, "points N of the Karras grid (the CM papers: 18 on CIFAR-10, 40 on ImageNet; a "
+                              "flow-matching teacher's 18-step Heun solve of the checkerboard is at SW2 0.149, at 40 "
+                              "steps 0.100)")
+
 
 # ----------------------------------------------------------------------------------------------------- coordinates
 
