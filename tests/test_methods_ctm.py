@@ -76,6 +76,17 @@ def test_index_sampling():
     assert bool((i_u == i_s).any()) and bool((i_u > i_s).any())
 
 
+@pytest.mark.parametrize("prob", [0.5, 1.0])
+def test_index_sampling_s_min_prob(prob):
+    method = CTM(tiny_net(), teacher=tiny_net(), num_scales=18, max_teacher_steps=3, s_min_prob=prob)
+    torch.manual_seed(0)
+    i_t, i_s, i_u = method.sample_indices(20000, torch.device("cpu"))
+    assert bool(((i_s <= i_u) & (i_u < i_t) & (i_t - i_u <= 3)).all())
+    # P(i_s = 0) = prob + (1 − prob)·E[1/i_t], i_t ~ U{1..17}
+    want = prob + (1 - prob) * sum(1 / k for k in range(1, 18)) / 17
+    assert abs(float((i_s == 0).float().mean()) - want) < 0.015
+
+
 def test_exact_model_sampler_is_exact_in_one_step():
     noise = torch.randn(256, 2, dtype=F64)
     method = CTM(ExactCTMNet(), teacher=GaussianTeacher())
@@ -154,3 +165,5 @@ def test_bad_options():
         CTM(tiny_net(), teacher=tiny_net(), dsm_weight=-1.0)
     with pytest.raises(ValueError, match="num_scales"):
         CTM(tiny_net(), teacher=tiny_net(), num_scales=1)
+    with pytest.raises(ValueError, match="s_min_prob"):
+        CTM(tiny_net(), teacher=tiny_net(), s_min_prob=1.5)

@@ -93,6 +93,8 @@ class ConsistencyTraining(Method):
     OPTIONS: ClassVar[dict] = {
         "total_steps": (int, None, "planned optimizer steps, the curriculum length (None: the run's --steps)"),
         "schedule": (str, "ict", "'ict' or 'ect'"),
+        "s0": (int, 10, "iCT's initial discretisation steps"),
+        "s1": (int, 1280, "iCT's final discretisation steps"),
         "ect_q": (float, 2.0, "ECT's q"),
         "p_mean": (float, None, "mean of the lognormal σ distribution (None: iCT's −1.1 + ln(σ_data/0.5), the same "
                                 "noise levels relative to the data's scale as iCT's images with σ_data = 0.5)"),

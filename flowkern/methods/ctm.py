@@ -11,7 +11,8 @@ coordinates G is exactly the DDIM jump x_s = (s/t)·x_t + (1 − s/t)·g, done b
 (`edm.ddim_jump`); G(·, σ, σ) is the identity and g(·, σ, σ) is a denoiser (the DSM loss trains it).
 
 Losses, on the Karras grid σ_1 = σ_min < … < σ_N = σ_max:
-* CTM: i_t ~ U{2..N}, i_s ~ U{1..i_t − 1}, i_u ~ U{max(i_s, i_t − max_teacher_steps)..i_t − 1};
+* CTM: i_t ~ U{2..N}, i_s ~ U{1..i_t − 1} (replaced by i_s = 1, s = σ_min, with probability `s_min_prob`: the
+      official code's "smallest" s strategy when 1, the jump the 1-step sampler takes), i_u ~ U{max(i_s, i_t − max_teacher_steps)..i_t − 1};
       y_t = x₀ + σ_t·ε,   pred = G_sg(G_θ(y_t, σ_t, σ_s), σ_s, σ_min),
       target = G_sg(G_sg(Heun_φ^k(y_t; σ_t → σ_u), σ_u, σ_s), σ_s, σ_min),   k = i_t − i_u teacher Heun steps,
   where sg = the EMA target network θ⁻ (frozen parameters; the student branch back-propagates through its input),
@@ -120,6 +121,7 @@ class CTM(Method):
         teacher: a flow-matching velocity network teacher(x, t, t) (required).
         num_scales: N, points of the Karras grid.
         max_teacher_steps: most teacher Heun steps k per target.
+        s_min_prob: probability that a pair's s is σ_min (else s ~ U{1..i_t − 1} on the grid).
         target_decay: μ of the EMA target network θ⁻.
         dsm_weight: weight of the DSM loss.
         distance: 'l2' or 'pseudo_huber'.
@@ -133,6 +135,8 @@ class CTM(Method):
     OPTIONS: ClassVar[dict] = {
         "num_scales": NUM_SCALES_OPTION,
         "max_teacher_steps": (int, 4, "most teacher Heun steps per target"),
+        "s_min_prob": (float, 0.0, "probability that a pair's s is σ_min (the 1-step jump) rather than uniform on "
+                                   "the grid below t"),
         "target_decay": (float, 0.99, "EMA decay of the target network (CTM's ImageNet runs: 0.999, for long runs; "
                                       "a few thousand steps need a faster target)"),
         "dsm_weight": (float, 1.0, "weight of the denoising (DSM) loss"),
@@ -142,7 +146,7 @@ class CTM(Method):
     }
 
     def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, num_scales: int = 18,
-                 max_teacher_steps: int = 4, target_decay: float = 0.999, dsm_weight: float = 1.0,
+                 max_teacher_steps: int = 4, s_min_prob: float = 0.0, target_decay: float = 0.999, dsm_weight: float = 1.0,
                  distance: str = "l2", gan: bool = False, gan_start: int = 0, gan_lr: float = 2e-4,
                  data_dim: int | None = None, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
                  rho: float = RHO, sigma_data: float = SIGMA_DATA, p_mean: float = -1.2, p_std: float = 1.2):
@@ -151,6 +155,9 @@ class CTM(Method):
         super().__init__(model, teacher=teacher)
         self.num_scales = check_int("num_scales", num_scales, minimum=2)
         self.max_teacher_steps = check_positive_int("max_teacher_steps", max_teacher_steps)
+        self.s_min_prob = check_finite_scalar("s_min_prob", s_min_prob)
+        if not 0 <= self.s_min_prob <= 1:
+            raise ValueError(f"s_min_prob must be in [0, 1], got {self.s_min_prob}")
         self.target_decay = check_decay("target_decay", target_decay)
         self.dsm_weight = check_finite_scalar("dsm_weight", dsm_weight)
         if self.dsm_weight < 0:
@@ -190,10 +197,12 @@ class CTM(Method):
 
     def sample_indices(self, batch: int, device) -> tuple[Tensor, Tensor, Tensor]:
         """(i_t, i_s, i_u), 0-based ascending-grid indices: i_t ~ U{1..N−1}, i_s ~ U{0..i_t−1} (s < t: at s = t
-        G is the identity and the pair carries no signal), i_u ~ U{max(i_s, i_t − max_teacher_steps)..i_t−1}."""
+        G is the identity and the pair carries no signal; i_s = 0 with probability s_min_prob), i_u ~ U{max(i_s, i_t − max_teacher_steps)..i_t−1}."""
         n = self.num_scales
         i_t = torch.randint(1, n, (batch,), device=device)
         i_s = (torch.rand(batch, device=device) * i_t.float()).long().clamp(max=i_t - 1)
+        if self.s_min_prob > 0:
+            i_s = torch.where(torch.rand(batch, device=device) < self.s_min_prob, torch.zeros_like(i_s), i_s)
         lo = torch.maximum(i_s, i_t - self.max_teacher_steps)
         i_u = lo + (torch.rand(batch, device=device) * (i_t - lo).float()).long()
         return i_t, i_s, torch.minimum(i_u, i_t - 1)
