@@ -68,6 +68,23 @@ def test_ctm_target_with_exact_teacher_and_model():
     assert gaps[1] < 2e-3 and gaps[0] / gaps[1] > 3, gaps
 
 
+def test_teacher_solve_moves_each_row_its_own_segment():
+    """Rows with segments of different lengths (0..4 steps) against one row-at-a-time Heun loop."""
+    method = CTM(tiny_net(), teacher=GaussianTeacher(), num_scales=12, max_teacher_steps=4)
+    grid = edm.karras_sigmas(12, edm.SIGMA_MIN, edm.SIGMA_MAX, edm.RHO, dtype=F64)
+    i_from = torch.tensor([5, 9, 3, 11, 4])
+    i_to = torch.tensor([5, 5, 1, 10, 0])
+    y = torch.randn(5, 2, dtype=F64)
+    with flowkern.use_backend("torch"):
+        got = method.teacher_solve(y, grid, i_from, i_to)
+        for r in range(5):
+            want = y[r:r + 1]
+            for i in range(int(i_from[r]), int(i_to[r]), -1):
+                want = edm.heun_step(method.teacher, want, grid[i:i + 1], grid[i - 1:i])
+            assert torch.allclose(got[r:r + 1], want, rtol=1e-12, atol=1e-12), r
+    assert torch.equal(got[0], y[0])                                    # a zero-length segment is untouched
+
+
 def test_index_sampling():
     method = CTM(tiny_net(), teacher=tiny_net(), num_scales=18, max_teacher_steps=3)
     i_t, i_s, i_u = method.sample_indices(20000, torch.device("cpu"))
