@@ -71,6 +71,7 @@ def _with(args, flag, value):
     (["train", "fm", "--steps", "0"], "must be >= 1"),
     (["train", "fm", "--steps", "-3"], "must be >= 1"),
     (["sample", "x.pt", "--out", "y.pt", "--steps", "0"], "must be >= 1"),
+    (["train", "ct", "--dropout", "1"], "must be in [0, 1)"),
 ])
 def test_bad_arguments_exit_nonzero(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
@@ -135,3 +136,19 @@ def test_ctm_gan_from_the_command_line(run_dir, tmp_path):
     assert state["method_state"]["_extra_state"]["d_opt"]["state"]
     method, _ = restore(state)
     assert method.gan and method.discriminator.net[0].in_features == 2
+
+
+def test_dropout_is_part_of_the_architecture(tmp_path):
+    """--dropout: stored with the architecture; the training model drops units, the restored eval model does not."""
+    from flowkern.train.cli import restore
+
+    out = tmp_path / "ct"
+    assert main(["train", "ct", "--data", "8gaussians", "--out", str(out), "--dropout", "0.3",
+                 *_with(TINY, "--steps", "2")]) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["extra"]["arch"]["dropout"] == 0.3
+    method, model = restore(state)
+    x, t = torch.randn(64, 2), torch.full((64,), 0.5)
+    method.model.train()
+    assert not torch.equal(method.model(x, t, t), method.model(x, t, t))     # fresh masks each call
+    assert not model.training and torch.equal(model(x, t, t), model(x, t, t))

@@ -53,6 +53,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 # -- parsers ----------------------------------------------------------------------------------------------------------
 def _common_train_options(p: argparse.ArgumentParser) -> None:
     from flowkern.data import DATASET_NAMES
@@ -75,6 +85,9 @@ def _common_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-ema", type=float, default=d["eval_ema"], help="the EMA decay used to sample")
     p.add_argument("--hidden", type=_positive_int, default=d["hidden"], help="MLPFlowMap width")
     p.add_argument("--depth", type=_positive_int, default=d["depth"], help="MLPFlowMap residual blocks")
+    p.add_argument("--dropout", type=_probability, default=0.0,
+                   help="MLPFlowMap dropout inside each block (iCT's regulariser; ct replays the grad pass's mask in "
+                        "its target pass)")
     p.add_argument("--samples", type=_positive_int, default=d["samples"], help="samples for the quality table")
     p.add_argument("--log-every", type=_positive_int, default=25)
     p.add_argument("--checkpoint-every", type=int, default=0)
@@ -119,7 +132,8 @@ def add_parsers(sub) -> None:
 def _network(arch: dict) -> torch.nn.Module:
     from flowkern.nn import MLPFlowMap
 
-    return MLPFlowMap(arch["dim"], hidden=arch["hidden"], depth=arch["depth"], time_dim=arch["time_dim"])
+    return MLPFlowMap(arch["dim"], hidden=arch["hidden"], depth=arch["depth"], time_dim=arch["time_dim"],
+                      dropout=arch.get("dropout", 0.0))
 
 
 def _method_class(name: str):
@@ -235,7 +249,8 @@ def train(args) -> int:
     except (TypeError, ValueError) as err:
         raise CLIError(str(err)) from None
     teacher = teacher_arch = None
-    arch = {"dim": dataset.dim, "hidden": args.hidden, "depth": args.depth, "time_dim": DEFAULTS["time_dim"]}
+    arch = {"dim": dataset.dim, "hidden": args.hidden, "depth": args.depth, "time_dim": DEFAULTS["time_dim"],
+            "dropout": args.dropout}
     if args.teacher is not None:
         teacher, teacher_arch, teacher_data = _teacher(args.teacher)
         if teacher_data != args.data:
