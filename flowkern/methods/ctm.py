@@ -12,7 +12,8 @@ coordinates G is exactly the DDIM jump x_s = (s/t)·x_t + (1 − s/t)·g, done b
 
 Losses, on the Karras grid σ_1 = σ_min < … < σ_N = σ_max:
 * CTM: i_t ~ U{2..N}, i_s ~ U{1..i_t − 1} (replaced by i_s = 1, s = σ_min, with probability `s_min_prob`: the
-      official code's "smallest" s strategy when 1, the jump the 1-step sampler takes), i_u ~ U{max(i_s, i_t − max_teacher_steps)..i_t − 1};
+      official code's "smallest" s strategy when 1, the jump the 1-step sampler takes),
+      i_u ~ U{max(i_s, i_t − max_teacher_steps)..i_t − 1};
       y_t = x₀ + σ_t·ε,   pred = G_sg(G_θ(y_t, σ_t, σ_s), σ_s, σ_min),
       target = G_sg(G_sg(Heun_φ^k(y_t; σ_t → σ_u), σ_u, σ_s), σ_s, σ_min),   k = i_t − i_u teacher Heun steps,
   where sg = the EMA target network θ⁻ (frozen parameters; the student branch back-propagates through its input),
@@ -148,7 +149,8 @@ class CTM(Method):
     }
 
     def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, num_scales: int = 18,
-                 max_teacher_steps: int = 4, s_min_prob: float = 0.0, target_decay: float = 0.999, dsm_weight: float = 1.0,
+                 max_teacher_steps: int = 4, s_min_prob: float = 0.0, target_decay: float = 0.999,
+                 dsm_weight: float = 1.0,
                  distance: str = "l2", gan: bool = False, gan_start: int = 0, gan_lr: float = 2e-4,
                  data_dim: int | None = None, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
                  rho: float = RHO, sigma_data: float = SIGMA_DATA, p_mean: float = -1.2, p_std: float = 1.2):
@@ -201,7 +203,8 @@ class CTM(Method):
 
     def sample_indices(self, batch: int, device) -> tuple[Tensor, Tensor, Tensor]:
         """(i_t, i_s, i_u), 0-based ascending-grid indices: i_t ~ U{1..N−1}, i_s ~ U{0..i_t−1} (s < t: at s = t
-        G is the identity and the pair carries no signal; i_s = 0 with probability s_min_prob), i_u ~ U{max(i_s, i_t − max_teacher_steps)..i_t−1}."""
+        G is the identity and the pair carries no signal; i_s = 0 with probability s_min_prob),
+        i_u ~ U{max(i_s, i_t − max_teacher_steps)..i_t−1}."""
         n = self.num_scales
         i_t = torch.randint(1, n, (batch,), device=device)
         i_s = (torch.rand(batch, device=device) * i_t.float()).long().clamp(max=i_t - 1)
