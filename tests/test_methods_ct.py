@@ -15,6 +15,7 @@ from methods_cases import (
 
 import flowkern
 from flowkern.methods.consistency_training import ConsistencyTraining, ect_ratio, ict_num_scales, lognormal_index_probs
+from flowkern.methods.coupling import ot_permutation
 from flowkern.methods.edm import karras_sigmas
 
 pytestmark = pytest.mark.usefixtures(fast_cpu.__name__)
@@ -82,9 +83,27 @@ def test_target_pass_uses_the_grad_pass_dropout_mask(monkeypatch):
     assert not torch.equal(pred.detach(), target)
 
 
-@pytest.mark.parametrize("schedule", ["ict", "ect"])
-def test_training_loss_falls_targets_float32(schedule):
-    method = ConsistencyTraining(tiny_net(), total_steps=60, schedule=schedule, sigma_data=0.5)
+@pytest.mark.parametrize("coupling", ["independent", "ot"])
+def test_noise_pairing(monkeypatch, coupling):
+    """At σ_lo = σ_min the target is y = x₀ + σ_min·z exactly (f is the identity there), which exposes the z that
+    was paired with each x₀: the raw draw, or its minibatch-OT permutation."""
+    method = ConsistencyTraining(tiny_net(), total_steps=100, coupling=coupling)
+    hi, lo = torch.full((128,), 1.5), torch.full((128,), 0.002)
+    monkeypatch.setattr(method, "sigma_pairs", lambda batch, step, device: (hi, lo))
+    x0 = gaussian_batch(128)
+    torch.manual_seed(3)
+    raw = torch.randn_like(x0)
+    torch.manual_seed(3)
+    _, target, _ = method.targets(method.model, x0, 0)
+    paired = raw[ot_permutation(x0, raw)] if coupling == "ot" else raw
+    assert torch.allclose((target - x0) / 0.002, paired, atol=1e-3)
+    if coupling == "ot":
+        assert not torch.allclose(paired, raw)
+
+
+@pytest.mark.parametrize(("schedule", "coupling"), [("ict", "independent"), ("ect", "independent"), ("ict", "ot")])
+def test_training_loss_falls_targets_float32(schedule, coupling):
+    method = ConsistencyTraining(tiny_net(), total_steps=60, schedule=schedule, sigma_data=0.5, coupling=coupling)
     x0 = gaussian_batch(256)
     with flowkern.use_backend("torch"):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -118,6 +137,8 @@ def test_bad_options():
         ConsistencyTraining(tiny_net(), total_steps=0)
     with pytest.raises(ValueError, match="p_std"):
         ConsistencyTraining(tiny_net(), p_std=-1.0)
+    with pytest.raises(ValueError, match="coupling"):
+        ConsistencyTraining(tiny_net(), coupling="sinkhorn")
 
 
 def test_cli_options_total_steps_from_run_steps():
@@ -128,8 +149,9 @@ def test_cli_options_total_steps_from_run_steps():
     ConsistencyTraining.add_options(parser)
     method = ConsistencyTraining.from_options(tiny_net(), parser.parse_args(["--ct-schedule", "ect"]))
     assert (method.total_steps, method.schedule, method.ect_stage_steps) == (800, "ect", 100)
-    method = ConsistencyTraining.from_options(tiny_net(), parser.parse_args(["--ct-total-steps", "50"]))
-    assert method.total_steps == 50
+    method = ConsistencyTraining.from_options(tiny_net(), parser.parse_args(["--ct-total-steps", "50",
+                                                                             "--ct-coupling", "ot"]))
+    assert method.total_steps == 50 and method.coupling == "ot"
     assert method.p_mean == -1.1 and method.sigma_data == 0.5          # no σ_data given: iCT's image constants
     # σ_data given (flowkern train measures it): the lognormal mean moves with the data's scale
     method = ConsistencyTraining.from_options(tiny_net(), parser.parse_args(["--ct-sigma-data", "2.0"]))

@@ -11,7 +11,10 @@ iCT (schedule='ict'), at optimizer step k of K = total_steps:
     loss = λ(σ_i)·d(f_θ(x₀ + σ_{i+1}·z), sg f_θ(x₀ + σ_i·z)),   λ = 1/(σ_{i+1} − σ_i),
     d = pseudo-Huber on the whole vector, c = 0.00054·√dim.
 The target is the SAME network under stop-gradient (no EMA teacher), evaluated with the same dropout mask as the
-grad pass (the RNG state is replayed).
+grad pass (the RNG state is replayed). coupling='ot' pairs each x₀ of the batch with a noise draw z by minibatch
+optimal transport (`flowkern.methods.coupling`) instead of independently: the same data and noise, straighter
+paths; the multistep sampler then re-noises with the same coupling (the coupled process's intermediate marginals
+differ from the independent one's).
 
 ECT (schedule='ect'): continuous σ_t ~ lognormal(P_mean, P_std) (clamped to [2σ_min, σ_max]) and
     σ_r = σ_t·(1 − q^{−k}·(1 + 8·sigmoid(−σ_t))),   k = 1 + ⌊step/stage_steps⌋,
@@ -29,6 +32,7 @@ from torch import Tensor, nn
 from flowkern._validate import check_finite_scalar, check_tensor
 from flowkern.methods._util import check_positive_int, replay_rng
 from flowkern.methods.base import Method
+from flowkern.methods.coupling import DEFAULT_BLOCK, check_coupling, couple
 from flowkern.methods.edm import (
     RHO,
     SIGMA_DATA,
@@ -85,6 +89,8 @@ class ConsistencyTraining(Method):
         p_mean, p_std: the lognormal σ distribution (−1.1, 2.0).
         ect_q, ect_stage_steps: ECT's q (> 1) and steps per stage (default total_steps // 8).
         distance: 'pseudo_huber' (iCT) or 'l2'.
+        coupling: 'independent' (iCT) or 'ot' (minibatch optimal-transport pairing of x₀ and z, in blocks of
+            `coupling_block` rows; sampling re-noises with the same coupling).
         sigma_min, sigma_max, rho, sigma_data: EDM constants.
     """
 
@@ -100,12 +106,17 @@ class ConsistencyTraining(Method):
                                 "noise levels relative to the data's scale as iCT's images with σ_data = 0.5)"),
         "p_std": (float, 2.0, "standard deviation of the lognormal σ distribution"),
         "distance": (str, "pseudo_huber", "'pseudo_huber' (iCT) or 'l2'"),
+        "coupling": (str, "independent", "pairing of data and noise in a batch: 'independent' (iCT) or 'ot' "
+                                         "(minibatch optimal transport, straighter paths; the multistep sampler "
+                                         "re-noises with it too)"),
+        "coupling_block": (int, DEFAULT_BLOCK, "rows per minibatch-OT block (training and sampling)"),
         "sigma_data": SIGMA_DATA_OPTION,
     }
 
     def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, total_steps: int = 10000,
                  schedule: str = "ict", s0: int = 10, s1: int = 1280, p_mean: float = -1.1, p_std: float = 2.0,
                  ect_q: float = 2.0, ect_stage_steps: int | None = None, distance: str = "pseudo_huber",
+                 coupling: str = "independent", coupling_block: int = DEFAULT_BLOCK,
                  sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
                  sigma_data: float = SIGMA_DATA):
         if teacher is not None:
@@ -127,6 +138,8 @@ class ConsistencyTraining(Method):
         self.ect_stage_steps = (max(self.total_steps // 8, 1) if ect_stage_steps is None
                                 else check_positive_int("ect_stage_steps", ect_stage_steps))
         self.distance = check_distance(distance)
+        self.coupling = check_coupling(coupling)
+        self.coupling_block = check_positive_int("coupling_block", coupling_block)
         self.sigma_min, self.sigma_max, self.rho = check_sigmas(sigma_min, sigma_max, rho)
         self.sigma_data = check_finite_scalar("sigma_data", sigma_data, positive=True)
 
@@ -162,7 +175,7 @@ class ConsistencyTraining(Method):
         check_tensor("x0", x0)
         x0 = x0.float()
         hi, lo = self.sigma_pairs(x0.shape[0], step, x0.device)
-        z = torch.randn_like(x0)
+        z = couple(x0, torch.randn_like(x0), self.coupling, self.coupling_block)
         with replay_rng(x0.device), torch.no_grad():  # the grad pass below sees the same dropout mask
             target = self.f(self.model, x0 + col(lo, x0) * z, lo)
         pred = self.f(net, x0 + col(hi, x0) * z, hi)
@@ -177,7 +190,8 @@ class ConsistencyTraining(Method):
 
     def sample(self, model: nn.Module, noise: Tensor, steps: int) -> Tensor:
         return consistency_sample(model, noise, steps, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
-                                  rho=self.rho, sigma_data=self.sigma_data)
+                                  rho=self.rho, sigma_data=self.sigma_data, renoise=self.coupling,
+                                  coupling_block=self.coupling_block)
 
     @classmethod
     def option_values(cls, args) -> dict:

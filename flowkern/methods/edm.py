@@ -26,6 +26,7 @@ from torch import Tensor
 
 from flowkern._validate import check_finite_scalar, check_int, check_tensor
 from flowkern.flow_map import jump
+from flowkern.methods.coupling import DEFAULT_BLOCK, check_coupling, couple
 
 SIGMA_MIN = 0.002
 SIGMA_MAX = 80.0
@@ -211,14 +212,20 @@ def sampling_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float, 
 
 
 def consistency_sample(model: Callable, noise: Tensor, steps: int, *, sigma_min: float, sigma_max: float, rho: float,
-                       sigma_data: float, generator: torch.Generator | None = None) -> Tensor:
+                       sigma_data: float, generator: torch.Generator | None = None, renoise: str = "independent",
+                       coupling_block: int = DEFAULT_BLOCK) -> Tensor:
     """Multistep consistency sampling (CM paper, Alg. 1), from flowkern noise (t = 1) to data (t = 0).
 
     y = σ_max·noise (the EDM state at σ_max, whose data part is negligible); x̂₀ = f(y, σ_max); then for each of
     the next steps − 1 levels σ of `sampling_sigmas` (above σ_min): re-noise y = x̂₀ + √(σ² − σ_min²)·z with fresh
     z ~ N(0, I) and denoise again x̂₀ = f(y, σ). Returns x̂₀ in the dtype of noise.
+
+    renoise: how z is paired with x̂₀, the coupling the model was trained with ('independent', or 'ot': the
+    batch's x̂₀ paired with fresh draws by minibatch optimal transport in blocks of `coupling_block`, see
+    `flowkern.methods.coupling`; the samples of one block are then not independent of each other, as in training).
     """
     steps = check_sample_args(model, noise, steps)
+    renoise = check_coupling(renoise)
     acc = time_dtype(noise)
     sig = sampling_sigmas(steps, sigma_min, sigma_max, rho, device=noise.device, dtype=acc)
     batch = noise.shape[0]
@@ -227,6 +234,7 @@ def consistency_sample(model: Callable, noise: Tensor, steps: int, *, sigma_min:
         x0 = consistency_function(model, y, sig[0].expand(batch), sigma_min=sigma_min, sigma_data=sigma_data)
         for level in sig[1:-1]:
             z = torch.randn(noise.shape, dtype=acc, device=noise.device, generator=generator)
+            z = couple(x0, z, renoise, coupling_block, generator)
             y = x0 + math.sqrt(max(float(level) ** 2 - sigma_min ** 2, 0.0)) * z
             x0 = consistency_function(model, y, level.expand(batch), sigma_min=sigma_min, sigma_data=sigma_data)
     return x0.to(noise.dtype)
