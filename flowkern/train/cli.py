@@ -214,7 +214,7 @@ def _print_quality(result: dict, steps) -> None:
 
 
 def train(args) -> int:
-    from flowkern.train import distributed
+    from flowkern.train import distributed, rng
     from flowkern.train.config import TrainConfig
     from flowkern.train.loop import Trainer
     from flowkern.train.plots import plot_loss, plot_samples
@@ -260,6 +260,7 @@ def train(args) -> int:
             arch = dict(teacher_arch)
     if state is not None:
         arch = state["extra"]["arch"]
+    rng.seed_all(args.seed)   # the initial weights (and a discriminator's) follow --seed too
     model = _network(arch)
     if teacher is not None and getattr(cls, "init_from_teacher", False):
         model.load_state_dict(teacher.state_dict())
