@@ -36,14 +36,18 @@ def check_coupling(coupling) -> str:
     return coupling
 
 
-def ot_permutation(x0: Tensor, z: Tensor) -> Tensor:
-    """The permutation π [B] (int64, on x0's device) minimising Σ_i ‖x₀_i − z_π(i)‖², x0 and z: [B, ...] alike.
-
-    Solved on the CPU in float64 (a 256-block takes milliseconds, cost O(B³)); ties broken deterministically."""
+def _check_pair(x0: Tensor, z: Tensor) -> None:
     check_tensor("x0", x0)
     check_tensor("z", z)
     if x0.shape != z.shape or x0.dim() < 1:
         raise ValueError(f"x0 and z must have the same shape [B, ...], got {tuple(x0.shape)} and {tuple(z.shape)}")
+
+
+def ot_permutation(x0: Tensor, z: Tensor) -> Tensor:
+    """The permutation π [B] (int64, on x0's device) minimising Σ_i ‖x₀_i − z_π(i)‖², x0 and z: [B, ...] alike.
+
+    Solved on the CPU in float64 (a 256-block takes milliseconds, cost O(B³)); ties broken deterministically."""
+    _check_pair(x0, z)
     try:
         from scipy.optimize import linear_sum_assignment
     except ImportError as err:  # scipy comes with scikit-learn (pip install 'flowkern[digits]')
@@ -63,19 +67,15 @@ def couple(x0: Tensor, z: Tensor, coupling: str, block: int = DEFAULT_BLOCK,
     `generator`, see the module docstring). x0, z: [B, ...] alike; the result is shaped and typed like z."""
     if check_coupling(coupling) == "independent":
         return z
-    block = check_int("block", block, minimum=1)
-    check_tensor("z", z)
-    if x0.shape != z.shape or x0.dim() < 1:
-        raise ValueError(f"x0 and z must have the same shape [B, ...], got {tuple(x0.shape)} and {tuple(z.shape)}")
+    _check_pair(x0, z)
     n = x0.shape[0]
+    block = min(check_int("block", block, minimum=1), max(n, 1))   # fewer rows than a block: what there is
     out = torch.empty_like(z)
-    full = n - n % block if n >= block else 0
+    full = n - n % block
     for lo in range(0, full, block):
         xb, zb = x0[lo:lo + block], z[lo:lo + block]
         out[lo:lo + block] = zb[ot_permutation(xb, zb)]
     if full < n:
-        if n < block:       # fewer rows than a block: the coupling of what there is
-            return z[ot_permutation(x0, z)]
         lo = n - block      # the trailing rows with the block - r before them, against a fresh block of draws
         fresh = torch.randn((block, *z.shape[1:]), dtype=z.dtype, device=z.device, generator=generator)
         paired = fresh[ot_permutation(x0[lo:], fresh)]
