@@ -6,6 +6,8 @@ r = √((sd² + σ'²)/(sd² + σ²)), and the denoiser E[x₀ | y] = μ + sd²/
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -103,6 +105,27 @@ def tiny_net(dim=2, dropout=0.0, seed=0):
     """A small `flowkern.nn.MLPFlowMap` (its output layer is zero at init: u = 0)."""
     torch.manual_seed(seed)
     return MLPFlowMap(dim, hidden=32, depth=2, time_dim=16, dropout=dropout)
+
+
+def dropout_net():
+    """tiny_net with dropout 0.5 and perturbed weights (adaLN-zero switches the dropout branch off at init)."""
+    net = tiny_net(dropout=0.5)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    return net
+
+
+def assert_target_pass_replays_dropout(method, module, monkeypatch):
+    """The caller has collapsed the method's target pair onto its prediction (same input, same times, target
+    weights = model weights), so pred == target exactly iff the target pass drew the grad pass's dropout masks.
+    Control: with `module`'s replay_rng made a no-op, the masks, and so the two, differ."""
+    x0 = gaussian_batch(64)
+    pred, target = method.targets(method.model, x0, 0)[:2]
+    assert torch.equal(pred.detach(), target)
+    monkeypatch.setattr(module, "replay_rng", lambda device: contextlib.nullcontext())
+    pred, target = method.targets(method.model, x0, 0)[:2]
+    assert not torch.equal(pred.detach(), target)
 
 
 def gaussian_batch(n=256, dim=2, seed=0, dtype=torch.float32):

@@ -6,6 +6,8 @@ import torch
 from methods_cases import (
     ExactConsistencyNet,
     GaussianTeacher,
+    assert_target_pass_replays_dropout,
+    dropout_net,
     fast_cpu,
     gaussian_batch,
     tiny_net,
@@ -13,6 +15,7 @@ from methods_cases import (
 )
 
 import flowkern
+import flowkern.methods.consistency_distillation as cd_module
 from flowkern.methods.consistency_distillation import ConsistencyDistillation
 
 pytestmark = pytest.mark.usefixtures(fast_cpu.__name__)
@@ -41,6 +44,16 @@ def test_targets_shape_dtype_and_no_grad_under_bf16():
     assert pred.shape == target.shape == (64, 2)
     assert pred.dtype == target.dtype == torch.float32
     assert pred.requires_grad and not target.requires_grad
+
+
+def test_target_pass_uses_the_grad_pass_dropout_mask(monkeypatch):
+    """A flat σ grid and a teacher step that stays put make the target input and times the prediction's; with the
+    EMA target equal to the model the two agree exactly iff the dropout masks match (Song et al.'s CD code)."""
+    method = ConsistencyDistillation(dropout_net(), teacher=GaussianTeacher(), num_scales=10)
+    method.target.load_state_dict(method.model.state_dict())
+    monkeypatch.setattr(cd_module, "karras_sigmas", lambda n, *args, device, dtype: torch.full((n,), 0.7))
+    monkeypatch.setattr(cd_module, "heun_step", lambda teacher, y, sigma_from, sigma_to: y)
+    assert_target_pass_replays_dropout(method, cd_module, monkeypatch)
 
 
 def test_ema_target_update_and_training():

@@ -7,6 +7,8 @@ import pytest
 import torch
 from methods_cases import (
     MU,
+    assert_target_pass_replays_dropout,
+    dropout_net,
     fast_cpu,
     gaussian_batch,
     tiny_net,
@@ -14,6 +16,7 @@ from methods_cases import (
 )
 
 import flowkern
+import flowkern.methods.consistency_training as ct_module
 from flowkern.methods.consistency_training import ConsistencyTraining, ect_ratio, ict_num_scales, lognormal_index_probs
 from flowkern.methods.coupling import ot_permutation
 from flowkern.methods.edm import karras_sigmas
@@ -65,22 +68,10 @@ def test_ect_schedule_matches_formula():
 
 def test_target_pass_uses_the_grad_pass_dropout_mask(monkeypatch):
     """With σ_hi = σ_lo the two passes see the same input, so they agree exactly iff the dropout masks match."""
-    method = ConsistencyTraining(tiny_net(dropout=0.5), total_steps=100)
-    with torch.no_grad():                                     # adaLN-zero: the dropout branch is off at init
-        for p in method.model.parameters():
-            p.add_(0.5 * torch.randn_like(p))
+    method = ConsistencyTraining(dropout_net(), total_steps=100)
     same = torch.full((64,), 0.7)
     monkeypatch.setattr(method, "sigma_pairs", lambda batch, step, device: (same, same.clone()))
-    pred, target, _ = method.targets(method.model, gaussian_batch(64), 0)
-    assert torch.equal(pred.detach(), target)
-    # control: without the RNG replay the masks differ
-    import contextlib
-
-    import flowkern.methods.consistency_training as ct
-
-    monkeypatch.setattr(ct, "replay_rng", lambda device: contextlib.nullcontext())
-    pred, target, _ = method.targets(method.model, gaussian_batch(64), 0)
-    assert not torch.equal(pred.detach(), target)
+    assert_target_pass_replays_dropout(method, ct_module, monkeypatch)
 
 
 @pytest.mark.parametrize("coupling", ["independent", "ot"])

@@ -10,6 +10,8 @@ from methods_cases import (
     SD,
     ExactCTMNet,
     GaussianTeacher,
+    assert_target_pass_replays_dropout,
+    dropout_net,
     fast_cpu,
     gaussian_batch,
     ode_y,
@@ -20,6 +22,7 @@ from methods_cases import (
 
 import flowkern
 from flowkern.flow_map import GaussianFlowMap
+from flowkern.methods import ctm as ctm_module
 from flowkern.methods import edm
 from flowkern.methods.ctm import CTM, ctm_g, ctm_jump
 
@@ -129,6 +132,16 @@ def test_training_loss_falls_no_grad_into_teacher_or_target():
     assert after < 0.8 * before, (before, after)
     assert all(p.grad is None for p in method.target.parameters())
     assert out.shape == (5, 2) and out.dtype == torch.float32
+
+
+def test_target_pass_uses_the_grad_pass_dropout_mask(monkeypatch):
+    """A flat σ grid and a teacher that stays put make the target's inputs and times the prediction's; with the
+    EMA target equal to the model the two agree exactly iff both jumps draw the grad pass's dropout masks."""
+    method = CTM(dropout_net(), teacher=GaussianTeacher(), num_scales=10, max_teacher_steps=2)
+    method.target.load_state_dict(method.model.state_dict())
+    monkeypatch.setattr(ctm_module, "karras_sigmas", lambda n, *args, device, dtype: torch.full((n,), 0.7))
+    monkeypatch.setattr(method, "teacher_solve", lambda y, grid, i_from, i_to: y)
+    assert_target_pass_replays_dropout(method, ctm_module, monkeypatch)
 
 
 def test_gan_term_balanced_and_discriminator_steps():

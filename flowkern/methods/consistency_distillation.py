@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from flowkern._validate import check_finite_scalar, check_tensor
-from flowkern.methods._util import check_decay, check_positive_int, frozen_copy, update_ema
+from flowkern.methods._util import check_decay, check_positive_int, frozen_copy, replay_rng, update_ema
 from flowkern.methods.base import Method
 from flowkern.methods.edm import (
     NUM_SCALES_OPTION,
@@ -93,7 +93,8 @@ class ConsistencyDistillation(Method):
         y_next = x0 + sigma_next.view(-1, *[1] * (x0.dim() - 1)) * eps
         with torch.no_grad():
             y_hat = heun_step(self.teacher, y_next, sigma_next, sigma)
-            target = self.f(self.target, y_hat, sigma)
+            with replay_rng(x0.device):      # the grad pass below draws the same dropout mask
+                target = self.f(self.target, y_hat, sigma)
         pred = self.f(net, y_next, sigma_next)
         return pred, target, torch.ones(batch, device=x0.device)
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowkern._validate import check_bool, check_finite_scalar, check_int, check_tensor
-from flowkern.methods._util import check_decay, check_positive_int, frozen_copy, update_ema
+from flowkern.methods._util import check_decay, check_positive_int, frozen_copy, replay_rng, update_ema
 from flowkern.methods.base import Method
 from flowkern.methods.edm import (
     NUM_SCALES_OPTION,
@@ -227,7 +227,8 @@ class CTM(Method):
         y_t = x0 + col(s_t, x0) * torch.randn_like(x0)
         with torch.no_grad():
             y_u = self.teacher_solve(y_t, grid, i_t, i_u)
-            target = self.jump(self.target, self.jump(self.target, y_u, s_u, s_s), s_s, s_min)
+            with replay_rng(x0.device):      # the grad pass below draws the same dropout masks, call for call
+                target = self.jump(self.target, self.jump(self.target, y_u, s_u, s_s), s_s, s_min)
         pred = self.jump(self.target, self.jump(net, y_t, s_t, s_s), s_s, s_min)
         return pred, target
 

@@ -87,8 +87,8 @@ def _common_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=_positive_int, default=d["hidden"], help="MLPFlowMap width")
     p.add_argument("--depth", type=_positive_int, default=d["depth"], help="MLPFlowMap residual blocks")
     p.add_argument("--dropout", type=_probability, default=0.0,
-                   help="MLPFlowMap dropout inside each block (iCT's regulariser; ct replays the grad pass's mask in "
-                        "its target pass)")
+                   help="MLPFlowMap dropout inside each block (iCT's regulariser; ct, cd and ctm replay the grad "
+                        "pass's masks in their target passes)")
     p.add_argument("--samples", type=_positive_int, default=d["samples"], help="samples for the quality table")
     p.add_argument("--log-every", type=_positive_int, default=25)
     p.add_argument("--checkpoint-every", type=int, default=0)
