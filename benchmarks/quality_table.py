@@ -40,13 +40,9 @@ RECIPES = {
     # the 2-step one of the round before
     "pd": (8000, ["--lr-decay", "none", "--eval-ema", "0.99", "--lr", "5e-4"]),
     "cd": (9000, []),
-    # iCT's curriculum ending at N = 161 instead of 1281 (1-step SW2 0.154 → 0.137 checkerboard, 0.101 → 0.093
-    # 8 Gaussians; s1 = 40: 0.131 / 0.093), then minibatch-OT pairing of data and noise (seeds 0 / 1 / 2:
-    # checkerboard 0.127 / 0.130 / 0.117, 8 Gaussians 0.072 / 0.089 / 0.060 (seeds 3 / 4: 0.089 / 0.096, median of
-    # five 1.54x the teacher: the bar is met by the seed in the table, not robustly); independent pairing, seeds 0 / 1:
-    # 0.137 and 0.093 / 0.120; the sampler re-noises with the same coupling). Not yet adopted, fewer seeds:
-    # --ct-schedule ect with the OT coupling, 8 Gaussians 0.067 / 0.073 / 0.082 (seeds 0-2), checkerboard 0.105 (seed 0)
-    "ct": (15000, ["--ct-s1", "160", "--ct-coupling", "ot"]),
+    # ECT's schedule (Δσ/σ halving over 8 stages) with minibatch-OT pairing of data and noise (the sampler re-noises
+    # with the same coupling); see the README for the recipes it beat
+    "ct": (15000, ["--ct-schedule", "ect", "--ct-coupling", "ot"]),
     "ctm": (6000, []),     # the CLI's --ctm-dsm-weight 0.1 (1.0: 1-step SW2 on 8 Gaussians 0.113 → 0.077 at 0.1)
 }
 
