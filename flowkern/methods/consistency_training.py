@@ -102,6 +102,7 @@ class ConsistencyTraining(Method):
         "s0": (int, 10, "iCT's initial discretisation steps"),
         "s1": (int, 1280, "iCT's final discretisation steps"),
         "ect_q": (float, 2.0, "ECT's q"),
+        "ect_stage_steps": (int, None, "optimizer steps per ECT stage, k = 1 + ⌊step/stage_steps⌋ (None: total_steps // 8)"),
         "p_mean": (float, None, "mean of the lognormal σ distribution (None: iCT's −1.1 + ln(σ_data/0.5), the same "
                                 "noise levels relative to the data's scale as iCT's images with σ_data = 0.5)"),
         "p_std": (float, 2.0, "standard deviation of the lognormal σ distribution"),
