@@ -124,8 +124,8 @@ def test_bad_options():
         ConsistencyTraining(tiny_net(), s0=20, s1=10)
     with pytest.raises(ValueError, match="ect_q"):
         ConsistencyTraining(tiny_net(), ect_q=1.0)
-    with pytest.raises(ValueError, match="ect_stage_steps"):
-        ConsistencyTraining(tiny_net(), schedule="ect", ect_stage_steps=0)
+    with pytest.raises(ValueError, match="ect_stages"):
+        ConsistencyTraining(tiny_net(), schedule="ect", ect_stages=0)
     with pytest.raises(ValueError, match="total_steps"):
         ConsistencyTraining(tiny_net(), total_steps=0)
     with pytest.raises(ValueError, match="p_std"):
@@ -143,7 +143,7 @@ def test_cli_options_total_steps_from_run_steps():
     method = ConsistencyTraining.from_options(tiny_net(), parser.parse_args(["--ct-schedule", "ect"]))
     assert (method.total_steps, method.schedule, method.ect_stage_steps) == (800, "ect", 100)
     method = ConsistencyTraining.from_options(tiny_net(), parser.parse_args(["--ct-schedule", "ect",
-                                                                             "--ct-ect-stage-steps", "160"]))
+                                                                             "--ct-ect-stages", "5"]))
     assert method.ect_stage_steps == 160 and [method.ect_stage(k) for k in (159, 160, 799)] == [1, 2, 5]
     method = ConsistencyTraining.from_options(tiny_net(), parser.parse_args(["--ct-total-steps", "50",
                                                                              "--ct-coupling", "ot"]))

@@ -83,11 +83,12 @@ class ConsistencyTraining(Method):
 
     Args:
         model: the consistency network F_θ, a flowkern network net(x, t, s) (called with s = 0).
-        total_steps: K, the planned optimizer steps (sets the iCT curriculum and ECT's default stage length).
+        total_steps: K, the planned optimizer steps (sets the iCT curriculum and ECT's stage length).
         schedule: 'ict' (discrete doubling curriculum) or 'ect' (continuous r(t)).
         s0, s1: iCT's initial and final discretisation steps (10 and 1280).
         p_mean, p_std: the lognormal σ distribution (−1.1, 2.0).
-        ect_q, ect_stage_steps: ECT's q (> 1) and steps per stage (default total_steps // 8).
+        ect_q, ect_stages: ECT's q (> 1) and its number of stages over total_steps (k = 1 + ⌊step/(total_steps //
+            ect_stages)⌋; each stage divides Δσ/σ by q).
         distance: 'pseudo_huber' (iCT) or 'l2'.
         coupling: 'independent' (iCT) or 'ot' (minibatch optimal-transport pairing of x₀ and z, in blocks of
             `coupling_block` rows; sampling re-noises with the same coupling).
@@ -102,7 +103,7 @@ class ConsistencyTraining(Method):
         "s0": (int, 10, "iCT's initial discretisation steps"),
         "s1": (int, 1280, "iCT's final discretisation steps"),
         "ect_q": (float, 2.0, "ECT's q"),
-        "ect_stage_steps": (int, None, "optimizer steps per ECT stage, k = 1 + ⌊step/stage_steps⌋ (None: total_steps // 8)"),
+        "ect_stages": (int, 8, "ECT's stages over the curriculum (each divides Δσ/σ by q)"),
         "p_mean": (float, None, "mean of the lognormal σ distribution (None: iCT's −1.1 + ln(σ_data/0.5), the same "
                                 "noise levels relative to the data's scale as iCT's images with σ_data = 0.5)"),
         "p_std": (float, 2.0, "standard deviation of the lognormal σ distribution"),
@@ -116,7 +117,7 @@ class ConsistencyTraining(Method):
 
     def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, total_steps: int = 10000,
                  schedule: str = "ict", s0: int = 10, s1: int = 1280, p_mean: float = -1.1, p_std: float = 2.0,
-                 ect_q: float = 2.0, ect_stage_steps: int | None = None, distance: str = "pseudo_huber",
+                 ect_q: float = 2.0, ect_stages: int = 8, distance: str = "pseudo_huber",
                  coupling: str = "independent", coupling_block: int = DEFAULT_BLOCK,
                  sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
                  sigma_data: float = SIGMA_DATA):
@@ -136,8 +137,7 @@ class ConsistencyTraining(Method):
         self.ect_q = check_finite_scalar("ect_q", ect_q)
         if self.ect_q <= 1:
             raise ValueError(f"ect_q must be > 1, got {self.ect_q}")
-        self.ect_stage_steps = (max(self.total_steps // 8, 1) if ect_stage_steps is None
-                                else check_positive_int("ect_stage_steps", ect_stage_steps))
+        self.ect_stage_steps = max(self.total_steps // check_positive_int("ect_stages", ect_stages), 1)
         self.distance = check_distance(distance)
         self.coupling = check_coupling(coupling)
         self.coupling_block = check_positive_int("coupling_block", coupling_block)
