@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -72,9 +73,7 @@ def run(method: str, data: str, out: Path, samples: int, scale: float, seed: int
 def median_row(rows: list[dict]) -> dict:
     """{steps: {"sw2": median, "kl": median}} over several runs' quality rows (the upper median for an even count,
     so two seeds are judged on the worse)."""
-    def median(values):
-        return sorted(values)[len(values) // 2]
-    return {k: {m: median([row[k][m] for row in rows]) for m in ("sw2", "kl")} for k in rows[0]}
+    return {k: {m: statistics.median_high(row[k][m] for row in rows) for m in ("sw2", "kl")} for k in rows[0]}
 
 
 def lane(data: str, methods: list[str], out: Path, samples: int, scale: float,
