@@ -22,8 +22,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from flowkern.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel  # noqa: E402
-from flowkern.kernels.attention_fwd import attention_fwd_kernel  # noqa: E402
+from flowkern.kernels.attention.bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel  # noqa: E402
+from flowkern.kernels.attention.fwd import attention_fwd_kernel  # noqa: E402
 
 
 def _signature(fn, pointer_dtype, constexprs):

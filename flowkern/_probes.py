@@ -1,6 +1,6 @@
 """Host side of Hutchinson probes: generation and the fused probe·(J·probe) reduction on each backend.
 
-* ``triton`` / ``cuda``: counter-based Philox probes (see `kernels/hutchinson.py`; `csrc/hutchinson.cu` is the same
+* ``triton`` / ``cuda``: counter-based Philox probes (see `kernels/divergence.py`; `csrc/hutchinson.cu` is the same
   map, so the two backends give the same Rademacher probes bit for bit and Gaussian probes equal up to the last
   bits of the device's log/sin/cos). The reduction regenerates each probe instead of reading it back.
 * ``torch``: probes from a `torch.Generator` seeded by (seed, stream); the reduction is a plain dot product.
@@ -20,7 +20,7 @@ _MAX_CB = 512
 
 
 def _kernels():
-    from flowkern.kernels import hutchinson
+    from flowkern.kernels import divergence as hutchinson
 
     return hutchinson
 

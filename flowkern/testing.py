@@ -30,7 +30,7 @@ def math_attention(q, k, v, *, causal=False, attn_mask=None, scale=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Counter-based probes (the map `kernels/hutchinson.py` and `csrc/hutchinson.cu` implement), in plain PyTorch.
+# Counter-based probes (the map `kernels/divergence.py` and `csrc/hutchinson.cu` implement), in plain PyTorch.
 # ---------------------------------------------------------------------------------------------------------------
 
 _MASK32 = 0xFFFFFFFF
@@ -66,7 +66,7 @@ def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = 10):
 
 def hutchinson_probes_reference(seed: int, stream: int, probes: int, batch: int, dim: int,
                                 distribution: str = "rademacher") -> torch.Tensor:
-    """The [probes, batch, dim] probes of `kernels/hutchinson.py`, in float64 (Box–Muller in float64)."""
+    """The [probes, batch, dim] probes of `kernels/divergence.py`, in float64 (Box–Muller in float64)."""
     i = torch.arange(dim, dtype=torch.int64)
     b = torch.arange(batch, dtype=torch.int64)[:, None]
     k = torch.arange(probes, dtype=torch.int64)[:, None, None]

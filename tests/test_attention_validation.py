@@ -129,6 +129,6 @@ def test_nvtx_ranges_are_pushed_only_when_enabled(monkeypatch):
 def test_kernels_are_never_a_bare_top_level_module():
     import importlib.util
 
-    import flowkern.kernels.attention_fwd  # noqa: F401
+    import flowkern.kernels.attention.fwd  # noqa: F401
 
     assert importlib.util.find_spec("kernels") is None or "flowkern" not in str(importlib.util.find_spec("kernels"))

@@ -85,7 +85,7 @@ sys.path.insert(0, sys.argv[1])
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from flowkern.kernels.hutchinson import hutchinson_probes_kernel, hutchinson_reduce_kernel
+from flowkern.kernels.divergence import hutchinson_probes_kernel, hutchinson_reduce_kernel
 ONES = ("n_elem", "n_rows", "n_batch", "n_chunks", "seed", "stream")  # ints the JIT may specialise to 1
 for fn in (hutchinson_probes_kernel, hutchinson_reduce_kernel):
     for dist in (0, 1):

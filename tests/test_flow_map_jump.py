@@ -226,7 +226,7 @@ _COMPILE_SCRIPT = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from flowkern.kernels.flow_map_jump import flow_map_jump_kernel
+from flowkern.kernels.flow_map import flow_map_jump_kernel
 
 ints = ["batch", "features", "stride_xb", "stride_ub", "stride_yb", "stride_t", "stride_s", "stride_lp",
         "stride_div", "stride_lpo"]

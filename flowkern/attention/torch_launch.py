@@ -1,6 +1,6 @@
 """Pure-PyTorch attention forward (+ tangent) and backward: the reference backend and the CPU fallback.
 
-The same online-softmax maths as the Triton kernels (see `flowkern/kernels/attention_fwd.py`), walking the keys in
+The same online-softmax maths as the Triton kernels (see `flowkern/kernels/attention/fwd.py`), walking the keys in
 chunks, so memory is O(Nq·chunk + N·D) per head, never Nq×Nk: the backward recomputes P from the saved
 log-sum-exp chunk by chunk. GQA works on a [B, Hkv, G, N, D] view of the queries (no copies of k/v). Accumulates
 in float32 (float64 for float64 inputs).

@@ -12,7 +12,7 @@ LOG2E = 1.4426950408889634
 
 def _kernels():
     # Imported on first use: importing Triton kernels decides interpreter vs compiled mode for the process.
-    from flowkern.kernels import attention_configs
+    from flowkern.kernels.attention import configs as attention_configs
 
     return attention_configs
 

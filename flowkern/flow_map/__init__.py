@@ -7,8 +7,9 @@
 * `semigroup_target(model, x, t, r, s)`: (Φ(Φ(x, t, r), r, s), Φ(x, t, s)); r = None is the two-half-step target.
 * `GaussianFlowMap`: the exact flow map of Gaussian data (ground truth for tests).
 """
-from flowkern.flow_map.api import (evaluate, jump, sample, sample_many, semigroup_target, standard_normal_logp,
-                                   uniform_schedule)
+from flowkern.flow_map.jump import jump
+from flowkern.flow_map.sampling import (evaluate, sample, sample_many, semigroup_target, standard_normal_logp,
+                                        uniform_schedule)
 from flowkern.flow_map.gaussian import GaussianFlowMap
 
 __all__ = ["GaussianFlowMap", "evaluate", "jump", "sample", "sample_many", "semigroup_target",

@@ -1,6 +1,6 @@
 """Pure-PyTorch flow-map jump: the reference backend and the CPU fallback.
 
-Same maths as `flowkern/kernels/flow_map_jump.py`: h = s − t, y = x + h·u, ℓ' = ℓ + h·D, in float32 (float64 for
+Same maths as `flowkern/kernels/flow_map.py`: h = s − t, y = x + h·u, ℓ' = ℓ + h·D, in float32 (float64 for
 float64 inputs), results cast to the output dtype. A multiply then an add (never a fused multiply-add): both are
 correctly rounded elementwise, so a row's result does not depend on its position in the batch (the samplers rely
 on this for `sample_many` == `sample`, bit for bit).

@@ -9,7 +9,7 @@ TILE = 2048  # elements per program when several samples share one (small F)
 
 def _kernels():
     # Imported on first use: importing Triton kernels decides interpreter vs compiled mode for the process.
-    from flowkern.kernels import flow_map_jump
+    from flowkern.kernels import flow_map as flow_map_jump
 
     return flow_map_jump
 

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from flowkern._dispatch import select_backend
 from flowkern._validate import check_like, check_tensor
-from flowkern.ops._fused import FusedOp, apply_dual, apply_explicit, launcher, primal
+from flowkern._fused import FusedOp, apply_dual, apply_explicit, launcher, primal
 
 APPROXIMATIONS = ("none", "tanh")
 

@@ -14,7 +14,7 @@ import torch
 
 from flowkern._dispatch import select_backend
 from flowkern._validate import check_like, check_tensor
-from flowkern.ops._fused import FusedOp, apply_dual, apply_explicit, primal
+from flowkern._fused import FusedOp, apply_dual, apply_explicit, primal
 from flowkern.ops._rows import check_tangent
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from flowkern._validate import check_finite_scalar
-from flowkern.ops._fused import FusedOp, apply_dual, apply_explicit, launcher, primal, zeros_if_none
+from flowkern._fused import FusedOp, apply_dual, apply_explicit, launcher, primal, zeros_if_none
 from flowkern.ops._rows import as_rows, check_tangent, param_group, row_layout, select_row_backend
 
 NORMS = ("layer", "rms")

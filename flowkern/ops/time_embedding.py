@@ -9,7 +9,7 @@ import torch
 
 from flowkern._dispatch import select_backend
 from flowkern._validate import check_finite_scalar, check_int, check_like, check_tensor
-from flowkern.ops._fused import FusedOp, apply_dual, apply_explicit, launcher, primal, zeros_if_none
+from flowkern._fused import FusedOp, apply_dual, apply_explicit, launcher, primal, zeros_if_none
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ def _sum_chunks(part: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def activation(x, v, *, kind: str, write_y: bool = True):
-    kern = _kernels("elementwise")
+    kern = _kernels("activations")
     act = {"silu": kern.ACT_SILU, "gelu": kern.ACT_GELU, "gelu_tanh": kern.ACT_GELU_TANH}[kind]
     y = torch.empty_like(x) if write_y else None
     yv = torch.empty_like(v) if v is not None else None
@@ -97,7 +97,7 @@ def gated_residual_fwd(x, g, y, x_t, g_t, y_t, *, group: int):
     rows, n_cols = x.shape
     out = torch.empty_like(x)
     out_t = torch.empty_like(x) if x_t is not None else None
-    _kernels("elementwise").gated_residual_fwd_kernel[(rows,)](
+    _kernels("residual").gated_residual_fwd_kernel[(rows,)](
         x, g, y, _or(x_t, x), _or(g_t, g), _or(y_t, y), out, _or(out_t, out),
         x.stride(0), g.stride(0), y.stride(0), _stride(x_t), _stride(g_t), _stride(y_t), out.stride(0),
         _stride(out_t), n_cols, group, HAS_TANGENT=x_t is not None, **_row_meta(n_cols),
@@ -111,7 +111,7 @@ def gated_residual_bwd(g, y, dout, *, group: int, need_dy: bool, need_dg: bool):
     rows_per_prog, n_chunks = _chunks(n_groups, group)
     dy = torch.empty_like(y) if need_dy else None
     dg_part = torch.empty((n_groups, n_chunks, n_cols), dtype=torch.float32, device=y.device) if need_dg else None
-    _kernels("elementwise").gated_residual_bwd_kernel[(n_groups, n_chunks)](
+    _kernels("residual").gated_residual_bwd_kernel[(n_groups, n_chunks)](
         g, y, dout, _or(dy, y), _or(dg_part, dout), g.stride(0), y.stride(0), dout.stride(0), _stride(dy),
         n_cols, group, rows_per_prog, n_chunks, NEED_DY=need_dy, NEED_DG=need_dg, **_row_meta(n_cols),
     )

@@ -23,7 +23,7 @@ Grid: (cdiv(seq_q, BLOCK_M), batch·q_heads). The program of query head h reads 
 import triton
 import triton.language as tl
 
-from flowkern.kernels.attention_scores import masked_scores_log2
+from flowkern.kernels.attention.scores import masked_scores_log2
 from flowkern.kernels.utils import LN2, load_tile, mma, store_tile
 
 

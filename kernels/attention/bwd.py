@@ -13,7 +13,7 @@ Rows whose every key is removed have LSE = +inf, so P = 0 and every gradient the
 import triton
 import triton.language as tl
 
-from flowkern.kernels.attention_scores import masked_scores_log2
+from flowkern.kernels.attention.scores import masked_scores_log2
 from flowkern.kernels.utils import LOG2E, load_tile, mma, store_tile
 
 

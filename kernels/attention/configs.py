@@ -11,9 +11,9 @@ is one small config, with BLOCK_M ≠ BLOCK_N so the causal tile bounds are exer
 import triton
 
 from flowkern._config import autotune_enabled, triton_interpreting
-from flowkern.kernels.attention_bwd import (attention_bwd_delta_kernel, attention_bwd_dkdv_kernel,
+from flowkern.kernels.attention.bwd import (attention_bwd_delta_kernel, attention_bwd_dkdv_kernel,
                                            attention_bwd_dq_kernel)
-from flowkern.kernels.attention_fwd import attention_fwd_kernel
+from flowkern.kernels.attention.fwd import attention_fwd_kernel
 
 _INTERPRETER = triton_interpreting()
 
