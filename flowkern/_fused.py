@@ -165,6 +165,22 @@ def zeros_if_none(t, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if t is None else t
 
 
+_KERNEL_MODULES: dict = {}
+
+
+def kernel_module(name: str):
+    """The Triton kernel module `flowkern.kernels.<name>` (e.g. "norms", "attention.fwd"), imported on first use.
+
+    The one lazy kernel import: importing Triton kernels decides interpreter vs compiled mode for the process, and a
+    CPU-only user who never launches a kernel never imports Triton's JIT machinery."""
+    mod = _KERNEL_MODULES.get(name)
+    if mod is None:
+        import importlib
+
+        mod = _KERNEL_MODULES[name] = importlib.import_module(f"flowkern.kernels.{name}")
+    return mod
+
+
 def launcher(backend: str):
     """The launcher module of a backend: flowkern/ops/{torch,triton}_launch.py (same signatures)."""
     if backend == "triton":
