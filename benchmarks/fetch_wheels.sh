@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run HERE (a machine with PyPI) before a GPU session: downloads the wheels the GPU image lacks into .whl/
-# (git-ignored), which the device tool carries (carry: [".whl"]) and gpu_check.sh installs.
+# Run on a machine with package-index access before the GPU check: downloads the wheels of optional packages into
+# .whl/ (git-ignored); copy that folder along with the repository and benchmarks/gpu_check.sh installs them.
 # jvp-flash-attention is the public baseline of the attention benchmarks (pure Python + Triton).
 set -euo pipefail
 cd "$(dirname "$0")/.."

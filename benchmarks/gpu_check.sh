@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The one script a session with a GPU lease runs, from the repository root (device tool):
-#   here:   bash benchmarks/fetch_wheels.sh          (once; jvp-flash-attention for the attention baseline)
-#   device: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
+# The GPU check, run from the repository root on a machine with a CUDA GPU:
+#   bash benchmarks/fetch_wheels.sh      (once, on a machine with package-index access: optional baseline wheels)
+#   bash benchmarks/gpu_check.sh         (installs .whl/*.whl when that folder is present)
 # 1. GPU correctness: the test suite on the GPU (compiled Triton; FLOWKERN_AUTOTUNE=0 so each shape compiles once)
 #    and the autotuned kernels at benchmark-like shapes; 2. the benchmarks (autotuned); 3. a short table last.
-# Logs and the benchmark JSON go to $OUT (the device tool brings them back). Budget: about 10 minutes in all.
+# Logs, the benchmark JSON and the table go to $OUT (default /tmp/flowkern-gpu). About 10 minutes in all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/flowkern-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_DEFAULT_FP_FUSION=1
-if compgen -G ".whl/*.whl" >/dev/null; then  # wheels carried for packages the GPU image lacks
+if compgen -G ".whl/*.whl" >/dev/null; then  # optional packages the machine lacks, from fetch_wheels.sh
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
