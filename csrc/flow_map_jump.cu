@@ -1,4 +1,4 @@
-// Flow-map jump (see flow_map_jump.h and kernels/flow_map_jump.py for the maths):
+// Flow-map jump (see flow_map_jump.h and kernels/flow_map.py for the maths):
 //   h_b = s_b - t_b,   y[b, f] = x[b, f] + h_b * u[b, f],   l'[b] = l[b] + h_b * D[b]   (float32 maths)
 // One grid-stride loop over the batch*features elements (flat index i -> b = i / features, f = i % features: small
 // feature sizes, 2-D toys, keep every thread busy), then one over the batch rows for the log-density. The flat index

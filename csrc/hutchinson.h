@@ -1,5 +1,5 @@
 // Hutchinson trace estimation: counter-based Philox probes and the fused probe·(J·probe) reduction.
-// Torch-free: compiles with plain nvcc. The probe map is the one of kernels/hutchinson.py (Triton):
+// Torch-free: compiles with plain nvcc. The probe map is the one of kernels/divergence.py (Triton):
 //
 //   probe(seed, stream, b, k, i): Philox4x32-10, key (seed mod 2^32, seed >> 32), counter (i >> 2, b, k, stream)
 //   -> words r0..r3; element i uses lane i & 3.
