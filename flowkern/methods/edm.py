@@ -1,7 +1,8 @@
 """EDM σ-space helpers shared by the consistency methods (CD, CT, CTM): one place for the maths.
 
-Conventions (docs/conventions.md; the consistency models' maths: docs/methods.md). flowkern's state is x_t = (1 − t)·x₀ + t·ε (t = 0 data, t = 1 noise). EDM's is
-y = x₀ + σ·ε. They are the same point of the same probability path, rescaled:
+Conventions (docs/conventions.md; the consistency models' maths: docs/methods.md). flowkern's state is
+x_t = (1 − t)·x₀ + t·ε (t = 0 data, t = 1 noise). EDM's is y = x₀ + σ·ε. They are the same point of the same
+probability path, rescaled:
 
     y = x_t / (1 − t),   σ = t / (1 − t),   t = σ / (1 + σ),   x_t = y / (1 + σ).
 

@@ -15,8 +15,8 @@ the weight finite at t = 1 where the x̂ error is what matters; t ≥ 1/N on the
 
 Rounds. Round r trains a student of N_r = start_steps/2^r steps (t on the grid i/N_r, i = 1..N_r) against a
 teacher of 2·N_r steps; every `round_steps` optimizer steps the student becomes the teacher and N halves, down to
-`min_steps` (by default the run's `total_steps` shared equally by the log₂(start_steps/min_steps) + 1 rounds). N is a pure function of the step, and the teacher copy is a registered submodule, so a checkpoint
-resumes exactly.
+`min_steps` (by default the run's `total_steps` shared equally by the log₂(start_steps/min_steps) + 1 rounds).
+N is a pure function of the step, and the teacher copy is a registered submodule, so a checkpoint resumes exactly.
 """
 from __future__ import annotations
 
