@@ -208,6 +208,8 @@ def test_gan_discriminator_is_an_auxiliary_network_in_the_state_dict():
     assert any(k.startswith("discriminator.") for k in method.state_dict())
     assert CTM(tiny_net(), teacher=GaussianTeacher(), sigma_data=0.5).auxiliary_networks() == {}
     assert not hasattr(method, "_d_opt")
+    sized = CTM(tiny_net(dim=5), teacher=tiny_net(dim=5), sigma_data=0.5, gan=True, data_dim=5)
+    assert sized.discriminator.net[0].in_features == 5                  # the discriminator's input: data_dim
 
 
 def test_bad_options():
