@@ -1,4 +1,4 @@
-"""Consistency distillation: targets on the exact Gaussian flow, EMA target, training smoke tests, options."""
+"""Consistency distillation: targets on the exact Gaussian flow, EMA target, training smoke tests, bad arguments."""
 from __future__ import annotations
 
 import pytest
@@ -28,7 +28,8 @@ def test_exact_consistency_function_has_near_zero_loss():
     x0 = gaussian_batch(512, dtype=F64)
     gaps = []
     for n in (100, 200):
-        method = ConsistencyDistillation(ExactConsistencyNet().double(), teacher=GaussianTeacher(), num_scales=n)
+        method = ConsistencyDistillation(ExactConsistencyNet().double(), teacher=GaussianTeacher(), sigma_data=0.5,
+                                         num_scales=n)
         torch.manual_seed(0)
         pred, target, weight = method.targets(method.model, x0, 0)
         gaps.append(float((pred.double() - target.double()).abs().max()))
@@ -37,7 +38,7 @@ def test_exact_consistency_function_has_near_zero_loss():
 
 
 def test_targets_shape_dtype_and_no_grad_under_bf16():
-    method = ConsistencyDistillation(tiny_net(), teacher=tiny_net(seed=1), num_scales=10)
+    method = ConsistencyDistillation(tiny_net(), teacher=tiny_net(seed=1), sigma_data=0.5, num_scales=10)
     x0 = gaussian_batch(64).bfloat16()
     with flowkern.use_backend("torch"), torch.autocast("cpu", dtype=torch.bfloat16):
         pred, target, _ = method.targets(method.model, x0, 0)
@@ -49,7 +50,7 @@ def test_targets_shape_dtype_and_no_grad_under_bf16():
 def test_target_pass_uses_the_grad_pass_dropout_mask(monkeypatch):
     """A flat σ grid and a teacher step that stays put make the target input and times the prediction's; with the
     EMA target equal to the model the two agree exactly iff the dropout masks match (Song et al.'s CD code)."""
-    method = ConsistencyDistillation(dropout_net(), teacher=GaussianTeacher(), num_scales=10)
+    method = ConsistencyDistillation(dropout_net(), teacher=GaussianTeacher(), sigma_data=0.5, num_scales=10)
     method.target.load_state_dict(method.model.state_dict())
     monkeypatch.setattr(cd_module, "karras_sigmas", lambda n, *args, device, dtype: torch.full((n,), 0.7))
     monkeypatch.setattr(cd_module, "heun_step", lambda teacher, y, sigma_from, sigma_to: y)
@@ -78,31 +79,16 @@ def test_ema_target_update_and_training():
 
 def test_bad_options():
     with pytest.raises(ValueError, match="teacher"):
-        ConsistencyDistillation(tiny_net())
+        ConsistencyDistillation(tiny_net(), sigma_data=0.5)
     with pytest.raises(ValueError, match="num_scales"):
-        ConsistencyDistillation(tiny_net(), teacher=tiny_net(), num_scales=1)
+        ConsistencyDistillation(tiny_net(), teacher=tiny_net(), sigma_data=0.5, num_scales=1)
     with pytest.raises(ValueError, match="target_decay"):
-        ConsistencyDistillation(tiny_net(), teacher=tiny_net(), target_decay=1.0)
+        ConsistencyDistillation(tiny_net(), teacher=tiny_net(), sigma_data=0.5, target_decay=1.0)
     with pytest.raises(ValueError, match="distance"):
-        ConsistencyDistillation(tiny_net(), teacher=tiny_net(), distance="lpips")
+        ConsistencyDistillation(tiny_net(), teacher=tiny_net(), sigma_data=0.5, distance="lpips")
     with pytest.raises(ValueError, match="sigma_data"):
         ConsistencyDistillation(tiny_net(), teacher=tiny_net(), sigma_data=0.0)
     with pytest.raises(ValueError, match="sigma_min"):
-        ConsistencyDistillation(tiny_net(), teacher=tiny_net(), sigma_min=100.0)
+        ConsistencyDistillation(tiny_net(), teacher=tiny_net(), sigma_data=0.5, sigma_min=100.0)
     with pytest.raises(TypeError, match="x0"):
-        ConsistencyDistillation(tiny_net(), teacher=tiny_net()).loss(tiny_net(), [1.0], 0)
-
-
-def test_cli_options():
-    import argparse
-
-    from flowkern.methods.ctm import CTM
-
-    parser = argparse.ArgumentParser()
-    ConsistencyDistillation.add_options(parser)
-    CTM.add_options(parser)                    # prefixed flags: both fit in one parser
-    args = parser.parse_args(["--cd-num-scales", "40", "--cd-distance", "pseudo_huber", "--ctm-dsm-weight", "0.5"])
-    cd = ConsistencyDistillation.from_options(tiny_net(), args, teacher=tiny_net())
-    ctm = CTM.from_options(tiny_net(), args, teacher=tiny_net())
-    assert (cd.num_scales, cd.distance, cd.target_decay) == (40, "pseudo_huber", 0.95)
-    assert (ctm.dsm_weight, ctm.num_scales) == (0.5, 40)
+        ConsistencyDistillation(tiny_net(), teacher=tiny_net(), sigma_data=0.5).loss(tiny_net(), [1.0], 0)

@@ -28,7 +28,7 @@ def test_ict_doubling_curriculum():
     """K = 1000, s0 = 10, s1 = 1280: K' = ⌊1000/(log2 128 + 1)⌋ = 125, N doubles every 125 steps, capped at 1281."""
     got = [ict_num_scales(k, 1000) for k in (0, 124, 125, 249, 250, 500, 874, 875, 999, 10 ** 6)]
     assert got == [11, 11, 21, 21, 41, 161, 641, 1281, 1281, 1281]
-    method = ConsistencyTraining(tiny_net(), total_steps=1000)
+    method = ConsistencyTraining(tiny_net(), total_steps=1000, sigma_data=0.5, schedule="ict", coupling="independent")
     assert [method.num_scales(k) for k in (0, 125, 875)] == [11, 21, 1281]
 
 
@@ -42,7 +42,7 @@ def test_lognormal_index_probs_are_interval_masses():
 
 
 def test_ict_pairs_are_adjacent_grid_points():
-    method = ConsistencyTraining(tiny_net(), total_steps=1000)
+    method = ConsistencyTraining(tiny_net(), total_steps=1000, sigma_data=0.5, schedule="ict", coupling="independent")
     hi, lo = method.sigma_pairs(4096, 0, torch.device("cpu"))
     grid = karras_sigmas(11).float()
     idx = torch.searchsorted(grid, lo)
@@ -57,7 +57,8 @@ def test_ect_schedule_matches_formula():
     for k, q in ((1, 2.0), (3, 2.0), (2, 4.0)):
         want = [1 - q ** -k * (1 + 8 / (1 + math.exp(s))) for s in sigma.tolist()]
         assert torch.allclose(ect_ratio(sigma, k, q), torch.tensor(want, dtype=torch.float64), rtol=1e-14)
-    method = ConsistencyTraining(tiny_net(), total_steps=800, schedule="ect", ect_q=2.0)
+    method = ConsistencyTraining(tiny_net(), sigma_data=0.5, total_steps=800, schedule="ect", ect_q=2.0, ect_stages=8,
+                                 coupling="independent")
     assert [method.ect_stage(k) for k in (0, 99, 100, 799)] == [1, 1, 2, 8]
     torch.manual_seed(0)
     hi, lo = method.sigma_pairs(2048, 450, torch.device("cpu"))           # stage 5
@@ -68,7 +69,7 @@ def test_ect_schedule_matches_formula():
 
 def test_target_pass_uses_the_grad_pass_dropout_mask(monkeypatch):
     """With σ_hi = σ_lo the two passes see the same input, so they agree exactly iff the dropout masks match."""
-    method = ConsistencyTraining(dropout_net(), total_steps=100)
+    method = ConsistencyTraining(dropout_net(), total_steps=100, sigma_data=0.5, schedule="ict", coupling="independent")
     same = torch.full((64,), 0.7)
     monkeypatch.setattr(method, "sigma_pairs", lambda batch, step, device: (same, same.clone()))
     assert_target_pass_replays_dropout(method, ct_module, monkeypatch)
@@ -78,7 +79,7 @@ def test_target_pass_uses_the_grad_pass_dropout_mask(monkeypatch):
 def test_noise_pairing(monkeypatch, coupling):
     """At σ_lo = σ_min the target is y = x₀ + σ_min·z exactly (f is the identity there), which exposes the z that
     was paired with each x₀: the raw draw, or its minibatch-OT permutation."""
-    method = ConsistencyTraining(tiny_net(), total_steps=100, coupling=coupling)
+    method = ConsistencyTraining(tiny_net(), sigma_data=0.5, total_steps=100, schedule="ict", coupling=coupling)
     hi, lo = torch.full((128,), 1.5), torch.full((128,), 0.002)
     monkeypatch.setattr(method, "sigma_pairs", lambda batch, step, device: (hi, lo))
     x0 = gaussian_batch(128)
@@ -116,42 +117,34 @@ def test_training_loss_falls_targets_float32(schedule, coupling):
 
 
 def test_bad_options():
-    with pytest.raises(ValueError, match="no teacher"):
-        ConsistencyTraining(tiny_net(), teacher=tiny_net())
+    with pytest.raises(TypeError, match="teacher"):
+        ConsistencyTraining(tiny_net(), sigma_data=0.5, total_steps=100, teacher=tiny_net())
     with pytest.raises(ValueError, match="schedule"):
-        ConsistencyTraining(tiny_net(), schedule="ctm")
+        ConsistencyTraining(tiny_net(), sigma_data=0.5, total_steps=100, schedule="ctm")
     with pytest.raises(ValueError, match="s1 must be >= s0"):
-        ConsistencyTraining(tiny_net(), s0=20, s1=10)
+        ConsistencyTraining(tiny_net(), sigma_data=0.5, total_steps=100, s0=20, s1=10)
     with pytest.raises(ValueError, match="ect_q"):
-        ConsistencyTraining(tiny_net(), ect_q=1.0)
+        ConsistencyTraining(tiny_net(), sigma_data=0.5, total_steps=100, ect_q=1.0)
     with pytest.raises(ValueError, match="ect_stages"):
-        ConsistencyTraining(tiny_net(), schedule="ect", ect_stages=0)
+        ConsistencyTraining(tiny_net(), sigma_data=0.5, total_steps=100, schedule="ect", ect_stages=0)
     with pytest.raises(ValueError, match="total_steps"):
-        ConsistencyTraining(tiny_net(), total_steps=0)
+        ConsistencyTraining(tiny_net(), sigma_data=0.5, total_steps=0)
     with pytest.raises(ValueError, match="p_std"):
-        ConsistencyTraining(tiny_net(), p_std=-1.0)
+        ConsistencyTraining(tiny_net(), sigma_data=0.5, total_steps=100, p_std=-1.0)
     with pytest.raises(ValueError, match="coupling"):
-        ConsistencyTraining(tiny_net(), coupling="sinkhorn")
+        ConsistencyTraining(tiny_net(), sigma_data=0.5, total_steps=100, coupling="sinkhorn")
 
 
-def test_cli_options_total_steps_from_run_steps():
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=800)
-    ConsistencyTraining.add_options(parser)
-    method = ConsistencyTraining.from_options(tiny_net(), parser.parse_args(["--ct-schedule", "ect"]))
+def test_ect_stages_and_lognormal_mean_from_sigma_data():
+    method = ConsistencyTraining(tiny_net(), sigma_data=0.5, total_steps=800, schedule="ect", ect_stages=8)
     assert (method.total_steps, method.schedule, method.ect_stage_steps) == (800, "ect", 100)
-    method = ConsistencyTraining.from_options(tiny_net(), parser.parse_args(["--ct-schedule", "ect",
-                                                                             "--ct-ect-stages", "5"]))
+    method = ConsistencyTraining(tiny_net(), sigma_data=0.5, total_steps=800, ect_stages=5)
     assert method.ect_stage_steps == 160 and [method.ect_stage(k) for k in (159, 160, 799)] == [1, 2, 5]
-    method = ConsistencyTraining.from_options(tiny_net(), parser.parse_args(["--ct-total-steps", "50",
-                                                                             "--ct-coupling", "ot"]))
+    method = ConsistencyTraining(tiny_net(), sigma_data=0.5, total_steps=50, coupling="ot")
     assert method.total_steps == 50 and method.coupling == "ot"
-    assert method.p_mean == -1.1 and method.sigma_data == 0.5          # no σ_data given: iCT's image constants
-    # σ_data given (flowkern train measures it): the lognormal mean moves with the data's scale
-    method = ConsistencyTraining.from_options(tiny_net(), parser.parse_args(["--ct-sigma-data", "2.0"]))
+    assert method.p_mean == -1.1                              # σ_data = 0.5: iCT's image constant
+    # the lognormal mean moves with the data's scale
+    method = ConsistencyTraining(tiny_net(), sigma_data=2.0, total_steps=50)
     assert method.p_mean == pytest.approx(-1.1 + math.log(4.0))
-    method = ConsistencyTraining.from_options(tiny_net(), parser.parse_args(["--ct-sigma-data", "2.0",
-                                                                             "--ct-p-mean", "-0.5"]))
+    method = ConsistencyTraining(tiny_net(), sigma_data=2.0, total_steps=50, p_mean=-0.5)
     assert method.p_mean == -0.5

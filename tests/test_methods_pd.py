@@ -52,7 +52,8 @@ def test_two_step_target_tends_to_the_posterior_mean():
 
 def test_student_starts_from_teacher_and_rounds_halve():
     teacher = tiny_net(seed=3)
-    method = ProgressiveDistillation(tiny_net(seed=4), teacher=teacher, start_steps=8, round_steps=3, min_steps=2)
+    method = ProgressiveDistillation(tiny_net(seed=4), teacher=teacher, total_steps=9, start_steps=8, round_steps=3,
+                                     min_steps=2)
     for p, q in zip(method.model.parameters(), teacher.parameters()):
         assert torch.equal(p, q)
     assert [method.student_steps(k) for k in range(12)] == [8, 8, 8, 4, 4, 4, 2, 2, 2, 2, 2, 2]
@@ -68,7 +69,7 @@ def test_student_starts_from_teacher_and_rounds_halve():
 
 def test_training_loss_falls_no_teacher_grad_float32_targets():
     teacher = tiny_net(seed=5)
-    method = ProgressiveDistillation(tiny_net(), teacher=teacher, start_steps=1, round_steps=1000)
+    method = ProgressiveDistillation(tiny_net(), teacher=teacher, total_steps=1000, start_steps=1)
     x0 = gaussian_batch(256)
     with flowkern.use_backend("torch"):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -87,35 +88,31 @@ def test_training_loss_falls_no_teacher_grad_float32_targets():
 
 def test_bad_options():
     with pytest.raises(ValueError, match="teacher"):
-        ProgressiveDistillation(tiny_net())
+        ProgressiveDistillation(tiny_net(), total_steps=1000)
     with pytest.raises(ValueError, match="start_steps must be a power of two"):
-        ProgressiveDistillation(tiny_net(), teacher=tiny_net(), start_steps=6)
+        ProgressiveDistillation(tiny_net(), teacher=tiny_net(), total_steps=1000, start_steps=6)
     with pytest.raises(ValueError, match="min_steps"):
-        ProgressiveDistillation(tiny_net(), teacher=tiny_net(), start_steps=2, min_steps=4)
+        ProgressiveDistillation(tiny_net(), teacher=tiny_net(), total_steps=1000, start_steps=2, min_steps=4)
     with pytest.raises(ValueError, match="round_steps"):
-        ProgressiveDistillation(tiny_net(), teacher=tiny_net(), round_steps=0)
+        ProgressiveDistillation(tiny_net(), teacher=tiny_net(), total_steps=1000, round_steps=0)
     with pytest.raises(ValueError, match="architecture"):
-        ProgressiveDistillation(tiny_net(dim=3), teacher=tiny_net(dim=2))
+        ProgressiveDistillation(tiny_net(dim=3), teacher=tiny_net(dim=2), total_steps=1000)
     with pytest.raises(TypeError, match="unknown options|unexpected keyword"):
-        ProgressiveDistillation(tiny_net(), teacher=tiny_net(), bogus=1)
+        ProgressiveDistillation(tiny_net(), teacher=tiny_net(), total_steps=1000, bogus=1)
     with pytest.raises(ValueError, match="steps"):
-        ProgressiveDistillation(tiny_net(), teacher=tiny_net()).sample(tiny_net(), torch.randn(2, 2), 0)
+        ProgressiveDistillation(tiny_net(), teacher=tiny_net(), total_steps=1000).sample(tiny_net(), torch.randn(2, 2),
+                                                                                        0)
 
 
-def test_cli_options_and_round_length_from_run_steps():
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=600)
-    ProgressiveDistillation.add_options(parser)
-    args = parser.parse_args(["--pd-start-steps", "8"])
-    method = ProgressiveDistillation.from_options(tiny_net(), args, teacher=tiny_net())
+def test_round_length_from_total_steps_and_recipe_defaults():
+    method = ProgressiveDistillation(tiny_net(), teacher=tiny_net(), total_steps=600, start_steps=8)
     assert (method.start_steps, method.min_steps, method.round_steps) == (8, 1, 150)   # 8, 4, 2, 1: 4 rounds
-    args = parser.parse_args(["--pd-round-steps", "7"])
-    assert ProgressiveDistillation.from_options(tiny_net(), args, teacher=tiny_net()).round_steps == 7
-    assert method.round_anneal                                           # the CLI anneals within each round
-    args = parser.parse_args(["--no-pd-round-anneal"])
-    assert not ProgressiveDistillation.from_options(tiny_net(), args, teacher=tiny_net()).round_anneal
+    assert ProgressiveDistillation(tiny_net(), teacher=tiny_net(), total_steps=600, round_steps=7).round_steps == 7
+    assert method.round_anneal                                    # the recipe anneals within each round
+    assert not ProgressiveDistillation(tiny_net(), teacher=tiny_net(), total_steps=600,
+                                       round_anneal=False).round_anneal
+    default = ProgressiveDistillation(tiny_net(), teacher=tiny_net(), total_steps=8000)
+    assert (default.start_steps, default.round_steps) == (64, 8000 // 7)                # 64 → 1: 7 rounds
 
 
 @pytest.mark.usefixtures("fast_cpu")
@@ -124,10 +121,12 @@ def test_round_anneal_restarts_the_lr_each_round():
     from flowkern.data import get_dataset
     from flowkern.train import TrainConfig, Trainer
 
-    method = ProgressiveDistillation(tiny_net(), teacher=tiny_net(), start_steps=4, round_steps=10, round_anneal=True)
+    method = ProgressiveDistillation(tiny_net(), teacher=tiny_net(), total_steps=1000, start_steps=4, round_steps=10,
+                                     round_anneal=True)
     assert [method.lr_scale(k) for k in (0, 5, 9, 10, 19, 20, 29, 35)] == pytest.approx(
         [1.0, 0.5, 0.1, 1.0, 0.1, 1.0, 0.1, 0.1])                         # rounds N = 4, 2, 1; N = 1 holds
-    assert ProgressiveDistillation(tiny_net(), teacher=tiny_net()).lr_scale(7) == 1.0
+    assert ProgressiveDistillation(tiny_net(), teacher=tiny_net(), total_steps=1000,
+                                   round_anneal=False).lr_scale(7) == 1.0
     config = TrainConfig(steps=12, batch=16, lr=1e-3, warmup=0, ema_decays=(0.9,), eval_ema=0.9)
     trainer = Trainer(method, get_dataset("moons").sample, config, progress=False)
     lrs = [trainer.train_step()["lr"] for _ in range(12)]

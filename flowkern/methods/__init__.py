@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib
 
-from flowkern.methods.base import Method
+from flowkern.methods.base import Auxiliary, Method
+from flowkern.methods.parameters import RUN_VALUES
 
 METHODS: dict[str, str] = {
     "fm": "flowkern.methods.flow_matching:FlowMatching",
@@ -47,16 +48,4 @@ def get_method(name: str) -> type[Method]:
     return cls
 
 
-def available_methods() -> list[str]:
-    """The registered method names whose modules import."""
-    out = []
-    for name in METHODS:
-        try:
-            get_method(name)
-        except ImportError:
-            continue
-        out.append(name)
-    return out
-
-
-__all__ = ["METHODS", "Method", "available_methods", "get_method", "method_names"]
+__all__ = ["METHODS", "RUN_VALUES", "Auxiliary", "Method", "get_method", "method_names"]

@@ -2,7 +2,7 @@
 
 Convention. CD lives in EDM's σ (y = x₀ + σ·ε; `flowkern.methods.edm` maps it to flowkern's x_t = y/(1 + σ),
 t = σ/(1 + σ)). The consistency function is f_θ(y, σ) = c_skip(σ)·y + c_out(σ)·F_θ(c_in·y, t(σ)) with the boundary
-preconditioning of METHODS.md §2, so f_θ(y, σ_min) = y exactly.
+preconditioning of docs/methods.md, so f_θ(y, σ_min) = y exactly.
 
 Step. On the Karras grid σ_1 = σ_min < … < σ_N = σ_max (ρ = 7), draw n ~ U{1, …, N − 1}, x₀, ε:
     y_{n+1} = x₀ + σ_{n+1}·ε,
@@ -19,16 +19,16 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from flowkern._validate import check_finite_scalar, check_tensor
-from flowkern.methods._util import check_decay, check_positive_int, frozen_copy, replay_rng, update_ema
+from flowkern._ema import ema_update_module_
+from flowkern._rng import replay_rng
+from flowkern._validate import check_finite_scalar, check_int, check_tensor
+from flowkern.methods._util import check_decay, frozen_copy
 from flowkern.methods.base import Method
 from flowkern.methods.edm import (
-    NUM_SCALES_OPTION,
     RHO,
-    SIGMA_DATA,
-    SIGMA_DATA_OPTION,
     SIGMA_MAX,
     SIGMA_MIN,
+    Distance,
     check_distance,
     check_sigmas,
     consistency_function,
@@ -46,30 +46,25 @@ class ConsistencyDistillation(Method):
     Args:
         model: the consistency network F_θ, a flowkern network net(x, t, s) (called with s = 0).
         teacher: a flow-matching velocity network teacher(x, t, t) (required).
-        num_scales: N, points of the Karras grid (CM: 18 on CIFAR-10).
-        target_decay: μ of the EMA target network θ⁻.
-        distance: 'l2' (mean squared error) or 'pseudo_huber' (c = 0.00054·√dim).
-        sigma_min, sigma_max, rho, sigma_data: EDM constants (σ_data: the data's standard deviation).
+        sigma_data: standard deviation of the data, σ_data of the EDM preconditioning (a run value).
+        num_scales: points N of the Karras grid (>= 2).
+        target_decay: EMA decay μ of the target network θ⁻, in [0, 1).
+        distance: "l2" (mean squared error) or "pseudo_huber" (c = 0.00054·√dim).
+        sigma_min: smallest noise level σ_min of the grid (f is the identity there).
+        sigma_max: largest noise level σ_max of the grid.
+        rho: exponent ρ of the Karras grid.
     """
 
     name: ClassVar[str] = "cd"
     needs_teacher: ClassVar[bool] = True
-    OPTIONS: ClassVar[dict] = {
-        "num_scales": NUM_SCALES_OPTION,
-        "target_decay": (float, 0.95, "EMA decay of the target network"),
-        "distance": (str, "l2", "'l2' or 'pseudo_huber'"),
-        "sigma_data": SIGMA_DATA_OPTION,
-    }
 
-    def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, num_scales: int = 18,
-                 target_decay: float = 0.95, distance: str = "l2", sigma_min: float = SIGMA_MIN,
-                 sigma_max: float = SIGMA_MAX, rho: float = RHO, sigma_data: float = SIGMA_DATA):
+    def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, sigma_data: float,
+                 num_scales: int = 40, target_decay: float = 0.95, distance: Distance = "l2",
+                 sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO):
         if teacher is None:
             raise ValueError("consistency distillation needs a teacher (a flow-matching velocity network)")
         super().__init__(model, teacher=teacher)
-        self.num_scales = check_positive_int("num_scales", num_scales)
-        if self.num_scales < 2:
-            raise ValueError(f"num_scales must be >= 2 (a grid needs two points), got {self.num_scales}")
+        self.num_scales = check_int("num_scales", num_scales, minimum=2)
         self.target_decay = check_decay("target_decay", target_decay)
         self.distance = check_distance(distance)
         self.sigma_min, self.sigma_max, self.rho = check_sigmas(sigma_min, sigma_max, rho)
@@ -104,7 +99,7 @@ class ConsistencyDistillation(Method):
         return loss, {}
 
     def on_step_end(self, step: int) -> None:
-        update_ema(self.target, self.model, self.target_decay)
+        ema_update_module_(self.target, self.model, self.target_decay)
 
     def sample(self, model: nn.Module, noise: Tensor, steps: int) -> Tensor:
         return consistency_sample(model, noise, steps, sigma_min=self.sigma_min, sigma_max=self.sigma_max,

@@ -24,21 +24,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from flowkern._rng import replay_rng
 from flowkern._validate import check_finite_scalar, check_tensor
-from flowkern.methods._util import check_positive_int, replay_rng
+from flowkern.methods._util import check_choice, check_positive_int
 from flowkern.methods.base import Method
-from flowkern.methods.coupling import DEFAULT_BLOCK, check_coupling, couple
+from flowkern.methods.coupling import DEFAULT_BLOCK, Coupling, check_coupling, couple
 from flowkern.methods.edm import (
     RHO,
     SIGMA_DATA,
-    SIGMA_DATA_OPTION,
     SIGMA_MAX,
     SIGMA_MIN,
+    Distance,
     check_distance,
     check_sigmas,
     col,
@@ -49,7 +50,7 @@ from flowkern.methods.edm import (
     karras_sigmas,
 )
 
-SCHEDULES = ("ict", "ect")
+Schedule = Literal["ict", "ect"]
 
 
 def ict_num_scales(step: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
@@ -67,9 +68,8 @@ def lognormal_index_probs(grid: Tensor, p_mean: float, p_std: float) -> Tensor:
 
 
 def scaled_p_mean(sigma_data: float, p_mean: float = -1.1, reference_sigma_data: float = SIGMA_DATA) -> float:
-    """iCT's lognormal mean moved to data of another scale: P_mean + ln(σ_data/0.5). iCT tuned −1.1 on images with
-    σ_data = 0.5; EDM's noise levels act relative to the data's scale, so data 4× wider wants σ 4× larger (2-D toys
-    with σ_data ≈ 2.3: P_mean ≈ 0.43; their 1-step SW₂ improves ~20% over the unscaled −1.1)."""
+    """iCT's lognormal mean moved to data of another scale: P_mean + ln(σ_data/0.5). iCT chose −1.1 for images with
+    σ_data = 0.5; EDM's noise levels act relative to the data's scale, so data 4× wider wants σ 4× larger."""
     return p_mean + math.log(check_finite_scalar("sigma_data", sigma_data, positive=True) / reference_sigma_data)
 
 
@@ -83,66 +83,53 @@ class ConsistencyTraining(Method):
 
     Args:
         model: the consistency network F_θ, a flowkern network net(x, t, s) (called with s = 0).
-        total_steps: K, the planned optimizer steps (sets the iCT curriculum and ECT's stage length).
-        schedule: 'ict' (discrete doubling curriculum) or 'ect' (continuous r(t)).
-        s0, s1: iCT's initial and final discretisation steps (10 and 1280).
-        p_mean, p_std: the lognormal σ distribution (−1.1, 2.0).
-        ect_q, ect_stages: ECT's q (> 1) and its number of stages over total_steps (k = 1 + ⌊step/(total_steps //
-            ect_stages)⌋; each stage divides Δσ/σ by q).
-        distance: 'pseudo_huber' (iCT) or 'l2'.
-        coupling: 'independent' (iCT) or 'ot' (minibatch optimal-transport pairing of x₀ and z, in blocks of
-            `coupling_block` rows; sampling re-noises with the same coupling).
-        sigma_min, sigma_max, rho, sigma_data: EDM constants.
+        sigma_data: standard deviation of the data, σ_data of the EDM preconditioning (a run value).
+        total_steps: optimizer steps of the whole run K (the length of the iCT curriculum and of ECT's stages).
+        schedule: discretisation curriculum, "ict" (iCT's doubling of discrete steps) or "ect" (ECT's continuous
+            r(t) in stages).
+        s0: iCT's initial number of discretisation steps.
+        s1: iCT's final number of discretisation steps (>= s0).
+        p_mean: mean of the lognormal σ distribution (None: iCT's −1.1 moved to the data's scale,
+            −1.1 + ln(σ_data/0.5)).
+        p_std: standard deviation of the lognormal σ distribution.
+        ect_q: ECT's q (> 1): each stage divides Δσ/σ by q.
+        ect_stages: number of ECT stages over the run (k = 1 + ⌊step/(total_steps // ect_stages)⌋).
+        distance: "pseudo_huber" (iCT, c = 0.00054·√dim) or "l2" (mean squared error).
+        coupling: pairing of data and noise in a batch, "independent" or "ot" (minibatch optimal transport; the
+            multistep sampler re-noises with the same coupling).
+        coupling_block: rows per minibatch-OT block, in training and sampling.
+        sigma_min: smallest noise level σ_min (f is the identity there).
+        sigma_max: largest noise level σ_max.
+        rho: exponent ρ of the Karras grid.
     """
 
     name: ClassVar[str] = "ct"
     needs_teacher: ClassVar[bool] = False
-    OPTIONS: ClassVar[dict] = {
-        "total_steps": (int, None, "planned optimizer steps, the curriculum length (None: the run's --steps)"),
-        "schedule": (str, "ict", "'ict' or 'ect'"),
-        "s0": (int, 10, "iCT's initial discretisation steps"),
-        "s1": (int, 1280, "iCT's final discretisation steps"),
-        "ect_q": (float, 2.0, "ECT's q"),
-        "ect_stages": (int, 8, "ECT's stages over the curriculum (each divides Δσ/σ by q)"),
-        "p_mean": (float, None, "mean of the lognormal σ distribution (None: iCT's −1.1 + ln(σ_data/0.5), the same "
-                                "noise levels relative to the data's scale as iCT's images with σ_data = 0.5)"),
-        "p_std": (float, 2.0, "standard deviation of the lognormal σ distribution"),
-        "distance": (str, "pseudo_huber", "'pseudo_huber' (iCT) or 'l2'"),
-        "coupling": (str, "independent", "pairing of data and noise in a batch: 'independent' (iCT) or 'ot' "
-                                         "(minibatch optimal transport, straighter paths; the multistep sampler "
-                                         "re-noises with it too)"),
-        "coupling_block": (int, DEFAULT_BLOCK, "rows per minibatch-OT block (training and sampling)"),
-        "sigma_data": SIGMA_DATA_OPTION,
-    }
 
-    def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, total_steps: int = 10000,
-                 schedule: str = "ict", s0: int = 10, s1: int = 1280, p_mean: float = -1.1, p_std: float = 2.0,
-                 ect_q: float = 2.0, ect_stages: int = 8, distance: str = "pseudo_huber",
-                 coupling: str = "independent", coupling_block: int = DEFAULT_BLOCK,
-                 sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
-                 sigma_data: float = SIGMA_DATA):
-        if teacher is not None:
-            raise ValueError("consistency training uses no teacher (pass teacher=None); distill with 'cd'")
+    def __init__(self, model: nn.Module, *, sigma_data: float, total_steps: int, schedule: Schedule = "ect",
+                 s0: int = 10, s1: int = 1280, p_mean: float | None = None, p_std: float = 2.0,
+                 ect_q: float = 2.0, ect_stages: int = 6, distance: Distance = "pseudo_huber",
+                 coupling: Coupling = "ot", coupling_block: int = DEFAULT_BLOCK,
+                 sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO):
         super().__init__(model)
+        self.sigma_data = check_finite_scalar("sigma_data", sigma_data, positive=True)
         self.total_steps = check_positive_int("total_steps", total_steps)
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        self.schedule = schedule
+        self.schedule = check_choice("schedule", schedule, Schedule)
         self.s0 = check_positive_int("s0", s0)
         self.s1 = check_positive_int("s1", s1)
         if self.s1 < self.s0:
             raise ValueError(f"s1 must be >= s0, got s0={self.s0}, s1={self.s1}")
-        self.p_mean = check_finite_scalar("p_mean", p_mean)
+        self.p_mean = scaled_p_mean(self.sigma_data) if p_mean is None else check_finite_scalar("p_mean", p_mean)
         self.p_std = check_finite_scalar("p_std", p_std, positive=True)
         self.ect_q = check_finite_scalar("ect_q", ect_q)
         if self.ect_q <= 1:
             raise ValueError(f"ect_q must be > 1, got {self.ect_q}")
-        self.ect_stage_steps = max(self.total_steps // check_positive_int("ect_stages", ect_stages), 1)
+        self.ect_stages = check_positive_int("ect_stages", ect_stages)
+        self.ect_stage_steps = max(self.total_steps // self.ect_stages, 1)
         self.distance = check_distance(distance)
         self.coupling = check_coupling(coupling)
         self.coupling_block = check_positive_int("coupling_block", coupling_block)
         self.sigma_min, self.sigma_max, self.rho = check_sigmas(sigma_min, sigma_max, rho)
-        self.sigma_data = check_finite_scalar("sigma_data", sigma_data, positive=True)
 
     # ------------------------------------------------------------------------------------------- schedules
 
@@ -193,12 +180,3 @@ class ConsistencyTraining(Method):
         return consistency_sample(model, noise, steps, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
                                   rho=self.rho, sigma_data=self.sigma_data, renoise=self.coupling,
                                   coupling_block=self.coupling_block)
-
-    @classmethod
-    def option_values(cls, args) -> dict:
-        values = super().option_values(args)
-        if values["total_steps"] is None:      # the curriculum spans the run
-            values["total_steps"] = getattr(args, "steps", None) or 10000
-        if values["p_mean"] is None and values["sigma_data"] is not None:
-            values["p_mean"] = scaled_p_mean(values["sigma_data"])
-        return values

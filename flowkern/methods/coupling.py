@@ -21,19 +21,22 @@ than 1-step ones).
 """
 from __future__ import annotations
 
+import typing
+from typing import Literal
+
 import torch
 from torch import Tensor
 
 from flowkern._validate import check_int, check_tensor
+from flowkern.methods._util import check_choice
 
-COUPLINGS = ("independent", "ot")
+Coupling = Literal["independent", "ot"]
+COUPLINGS = typing.get_args(Coupling)
 DEFAULT_BLOCK = 256
 
 
 def check_coupling(coupling) -> str:
-    if coupling not in COUPLINGS:
-        raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
-    return coupling
+    return check_choice("coupling", coupling, Coupling)
 
 
 def _check_pair(x0: Tensor, z: Tensor) -> None:

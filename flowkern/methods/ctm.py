@@ -20,11 +20,11 @@ Losses, on the Karras grid σ_1 = σ_min < … < σ_N = σ_max:
   loss d(pred, target) (mean squared error, or pseudo-Huber).
 * DSM: σ ~ lognormal(−1.2, 1.2), loss λ(σ)·‖g_θ(x₀ + σ·ε, σ, σ) − x₀‖² with EDM's λ = (σ² + σ_d²)/(σ·σ_d)²
   (mean over features), weight `dsm_weight`.
-* GAN (optional, off by default): a small MLP discriminator on the samples; the generator term −log D(pred)
-  (non-saturating) is weighted by the last-layer gradient-norm ratio
+* GAN (optional, off by default), from step `gan_start` on: a small MLP discriminator D on the samples (an
+  auxiliary network, `auxiliary_networks()`, trained by the engine with its own Adam). The generator term
+  −log sigmoid(D(pred)) (non-saturating; D frozen in it) is weighted by the last-layer gradient-norm ratio
   λ_GAN = ‖∇_{w_L} L_CTM‖/(‖∇_{w_L} L_GAN‖ + 1e-4) (w_L = the weight of the network's last nn.Linear), clamped
-  to [0, 1e4]; the discriminator takes its own Adam step inside `loss` (logistic loss, real = x₀, fake = sg pred)
-  from step `gan_start` on.
+  to [0, 1e4]; the discriminator's loss is the logistic −log sigmoid(D(x₀)) − log(1 − sigmoid(D(sg pred))).
 Sampling: deterministic (γ = 0) jumps G along the Karras grid from σ_max to σ_min, from flowkern noise.
 """
 from __future__ import annotations
@@ -37,16 +37,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flowkern._ema import ema_update_module_
+from flowkern._precision import accumulation_dtype
+from flowkern._rng import replay_rng
 from flowkern._validate import check_bool, check_finite_scalar, check_int, check_tensor
-from flowkern.methods._util import check_decay, check_positive_int, frozen_copy, replay_rng, update_ema
-from flowkern.methods.base import Method
+from flowkern.methods._util import check_decay, check_positive_int, check_probability, frozen_copy
+from flowkern.methods.base import Auxiliary, Method
 from flowkern.methods.edm import (
-    NUM_SCALES_OPTION,
     RHO,
-    SIGMA_DATA,
-    SIGMA_DATA_OPTION,
     SIGMA_MAX,
     SIGMA_MIN,
+    Distance,
     check_distance,
     check_sample_args,
     check_sigmas,
@@ -60,8 +61,9 @@ from flowkern.methods.edm import (
     precondition,
     sampling_sigmas,
     sigma_to_t,
-    time_dtype,
 )
+
+DISCRIMINATOR_BETAS = (0.5, 0.9)
 
 
 def ctm_g(net: Callable, y: Tensor, sigma_t: Tensor, sigma_s: Tensor, sigma_data: float) -> Tensor:
@@ -72,7 +74,7 @@ def ctm_g(net: Callable, y: Tensor, sigma_t: Tensor, sigma_s: Tensor, sigma_data
 def ctm_jump(net: Callable, y: Tensor, sigma_t: Tensor, sigma_s: Tensor, sigma_data: float) -> Tensor:
     """G_θ(y, σ_t, σ_s) = (σ_s/σ_t)·y + (1 − σ_s/σ_t)·g_θ, done in flowkern coordinates as the DDIM jump
     `edm.ddim_jump(y/(1 + σ_t), g, t, s)·(1 + σ_s)`. y: [B, ...] (EDM state), σ_t ≥ σ_s > 0: [B]."""
-    acc = time_dtype(y)
+    acc = accumulation_dtype(y.dtype)
     sigma_t, sigma_s = sigma_t.to(acc), sigma_s.to(acc)
     g = ctm_g(net, y, sigma_t, sigma_s, sigma_data)
     x_t = y.to(acc) / col(1 + sigma_t, y)
@@ -86,15 +88,6 @@ def last_linear_weight(model: nn.Module) -> nn.Parameter:
         raise ValueError("gan=True needs a network with an nn.Linear output layer (the gradient-norm balance "
                          "uses its weight)")
     return linears[-1].weight
-
-
-def _mean_over_ranks(grads):
-    """The discriminator's gradients averaged over the DDP ranks (its step happens inside `loss`, outside the DDP
-    wrapper, so the all-reduce is explicit; every rank then takes the same step and the copies stay equal)."""
-    from flowkern.train.distributed import mean_over_ranks  # flowkern.train imports the methods
-
-    flat = mean_over_ranks(torch.cat([g.reshape(-1) for g in grads]))
-    return [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
 
 
 class Discriminator(nn.Module):
@@ -120,68 +113,65 @@ class CTM(Method):
     Args:
         model: the network F_θ, a flowkern two-time network net(x, t, s).
         teacher: a flow-matching velocity network teacher(x, t, t) (required).
-        num_scales: N, points of the Karras grid.
-        max_teacher_steps: most teacher Heun steps k per target.
-        s_min_prob: probability that a pair's s is σ_min (else s ~ U{1..i_t − 1} on the grid).
-        target_decay: μ of the EMA target network θ⁻.
-        dsm_weight: weight of the DSM loss.
-        distance: 'l2' or 'pseudo_huber'.
-        gan, gan_start, gan_lr, data_dim: the optional GAN term (data_dim = features per sample, for the
-            discriminator; required with gan=True).
-        sigma_min, sigma_max, rho, sigma_data: EDM constants.
+        sigma_data: standard deviation of the data, σ_data of the EDM preconditioning (a run value).
+        data_dim: features per sample, the discriminator's input width (a run value; required with gan).
+        num_scales: points N of the Karras grid (>= 2).
+        max_teacher_steps: most teacher Heun steps per target.
+        s_min_prob: probability that a pair's s is σ_min (the 1-step jump) rather than uniform on the grid below t.
+        target_decay: EMA decay μ of the target network θ⁻, in [0, 1).
+        dsm_weight: weight of the denoising (DSM) loss (>= 0; 0 turns it off).
+        distance: "l2" (mean squared error) or "pseudo_huber" (c = 0.00054·√dim).
+        gan: add the GAN loss (a small MLP discriminator on the samples, last-layer gradient-norm balancing).
+        gan_start: first optimizer step with the GAN loss.
+        gan_lr: learning rate of the discriminator's Adam.
+        sigma_min: smallest noise level σ_min of the grid.
+        sigma_max: largest noise level σ_max of the grid.
+        rho: exponent ρ of the Karras grid.
+        p_mean: mean of the DSM loss's lognormal σ distribution.
+        p_std: standard deviation of the DSM loss's lognormal σ distribution.
     """
 
     name: ClassVar[str] = "ctm"
     needs_teacher: ClassVar[bool] = True
-    OPTIONS: ClassVar[dict] = {
-        "num_scales": NUM_SCALES_OPTION,
-        "max_teacher_steps": (int, 4, "most teacher Heun steps per target"),
-        "s_min_prob": (float, 0.0, "probability that a pair's s is σ_min (the 1-step jump) rather than uniform on "
-                                   "the grid below t"),
-        "target_decay": (float, 0.99, "EMA decay of the target network (CTM's ImageNet runs: 0.999, for long runs; "
-                                      "a few thousand steps need a faster target)"),
-        "dsm_weight": (float, 0.1, "weight of the denoising (DSM) loss (the class's default is the paper's 1.0; with "
-                                   "the l2 distance on raw coordinates the EDM-weighted DSM term is ~100× the CTM "
-                                   "term and crowds it out: 1-step SW2 on 8 Gaussians 0.113 at 1.0, 0.077 at 0.1)"),
-        "gan": (bool, False, "add the GAN loss (a small MLP discriminator, last-layer gradient-norm balancing)"),
-        "gan_start": (int, 0, "first optimizer step with the GAN loss"),
-        "sigma_data": SIGMA_DATA_OPTION,
-    }
 
-    def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, num_scales: int = 18,
-                 max_teacher_steps: int = 4, s_min_prob: float = 0.0, target_decay: float = 0.999,
-                 dsm_weight: float = 1.0,
-                 distance: str = "l2", gan: bool = False, gan_start: int = 0, gan_lr: float = 2e-4,
-                 data_dim: int | None = None, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
-                 rho: float = RHO, sigma_data: float = SIGMA_DATA, p_mean: float = -1.2, p_std: float = 1.2):
+    def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, sigma_data: float,
+                 data_dim: int | None = None, num_scales: int = 40, max_teacher_steps: int = 4,
+                 s_min_prob: float = 0.0, target_decay: float = 0.99, dsm_weight: float = 0.1,
+                 distance: Distance = "l2", gan: bool = False, gan_start: int = 0, gan_lr: float = 2e-4,
+                 sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
+                 p_mean: float = -1.2, p_std: float = 1.2):
         if teacher is None:
             raise ValueError("CTM needs a teacher (a flow-matching velocity network)")
         super().__init__(model, teacher=teacher)
+        self.sigma_data = check_finite_scalar("sigma_data", sigma_data, positive=True)
         self.num_scales = check_int("num_scales", num_scales, minimum=2)
         self.max_teacher_steps = check_positive_int("max_teacher_steps", max_teacher_steps)
-        self.s_min_prob = check_finite_scalar("s_min_prob", s_min_prob)
-        if not 0 <= self.s_min_prob <= 1:
-            raise ValueError(f"s_min_prob must be in [0, 1], got {self.s_min_prob}")
+        self.s_min_prob = check_probability("s_min_prob", s_min_prob)
         self.target_decay = check_decay("target_decay", target_decay)
         self.dsm_weight = check_finite_scalar("dsm_weight", dsm_weight)
         if self.dsm_weight < 0:
             raise ValueError(f"dsm_weight must be >= 0, got {self.dsm_weight}")
         self.distance = check_distance(distance)
         self.sigma_min, self.sigma_max, self.rho = check_sigmas(sigma_min, sigma_max, rho)
-        self.sigma_data = check_finite_scalar("sigma_data", sigma_data, positive=True)
         self.p_mean = check_finite_scalar("p_mean", p_mean)
         self.p_std = check_finite_scalar("p_std", p_std, positive=True)
         self.gan = check_bool("gan", gan)
         self.gan_start = check_int("gan_start", gan_start, minimum=0)
         self.gan_lr = check_finite_scalar("gan_lr", gan_lr, positive=True)
+        self.data_dim = None if data_dim is None else check_positive_int("data_dim", data_dim)
         self.target = frozen_copy(model)
         self.discriminator = None
         if self.gan:
-            if data_dim is None:
+            if self.data_dim is None:
                 raise ValueError("gan=True needs data_dim (features per sample) for the discriminator")
             last_linear_weight(model)
-            self.discriminator = Discriminator(check_positive_int("data_dim", data_dim))
-            self._d_opt = torch.optim.Adam(self.discriminator.parameters(), lr=self.gan_lr, betas=(0.5, 0.9))
+            self.discriminator = Discriminator(self.data_dim)
+
+    def auxiliary_networks(self) -> dict[str, Auxiliary]:
+        """{"discriminator": ...} with gan=True (Adam, lr = gan_lr, betas (0.5, 0.9)), else none."""
+        if not self.gan:
+            return {}
+        return {"discriminator": Auxiliary(self.discriminator, lr=self.gan_lr, betas=DISCRIMINATOR_BETAS)}
 
     # ------------------------------------------------------------------------------------------- jumps
 
@@ -194,7 +184,7 @@ class CTM(Method):
         max_teacher_steps apart). Step j moves only the rows with more than j steps to go (the teacher sees those
         rows alone, so a batch costs the sum of its segment lengths, not batch × the longest)."""
         with torch.no_grad():
-            y = y.to(time_dtype(y))
+            y = y.to(accumulation_dtype(y.dtype))
             for j in range(int((i_from - i_to).max())):
                 rows = (i_from - j > i_to).nonzero().squeeze(1)
                 a = i_from[rows] - j
@@ -241,59 +231,41 @@ class CTM(Method):
         weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
         return (weight * ((denoised - x0) ** 2).reshape(x0.shape[0], -1).mean(1)).mean()
 
-    def _gan_terms(self, pred: Tensor, x0: Tensor, ctm_loss: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """Generator term λ_GAN·L_GAN (discriminator parameters frozen in it) and one discriminator Adam step."""
+    def gan_terms(self, pred: Tensor, x0: Tensor, ctm_loss: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(λ_GAN·L_GAN, the discriminator's loss, logs). The generator term goes through D (its gradient with
+        respect to D's parameters is not taken: the engine back-propagates each loss into its own network); D's
+        loss sees the samples detached."""
         disc = self.discriminator
-        frozen = {k: v.detach().clone() for k, v in disc.named_parameters()}  # the D step below is in place
-        gen = F.softplus(-torch.func.functional_call(disc, frozen, (pred,))).mean()
+        gen = F.softplus(-disc(pred)).mean()
         w = last_linear_weight(self.model)
         g_ctm = torch.autograd.grad(ctm_loss, w, retain_graph=True)[0]
         g_gan = torch.autograd.grad(gen, w, retain_graph=True)[0]
         lam = (g_ctm.norm() / (g_gan.norm() + 1e-4)).clamp(0, 1e4).detach()
-        with torch.enable_grad():
-            d_loss = F.softplus(-disc(x0)).mean() + F.softplus(disc(pred.detach())).mean()
-            grads = torch.autograd.grad(d_loss, list(disc.parameters()))
-        for p, g in zip(disc.parameters(), _mean_over_ranks(grads)):
-            p.grad = g
-        self._d_opt.step()
-        self._d_opt.zero_grad(set_to_none=True)
-        return lam * gen, {"gan_weight": float(lam), "d_loss": float(d_loss.detach())}
+        d_loss = F.softplus(-disc(x0)).mean() + F.softplus(disc(pred.detach())).mean()
+        return lam * gen, d_loss, {"gan_weight": lam, "d_loss": d_loss.detach()}
 
-    @classmethod
-    def option_values(cls, args) -> dict:
-        values = super().option_values(args)
-        if values["gan"]:   # the discriminator's input width: `flowkern train` sets data_dim from the dataset
-            values["data_dim"] = getattr(args, "data_dim", None)
-        return values
-
-    def get_extra_state(self) -> dict:
-        """The discriminator's optimiser state, so that `state_dict()` (the training checkpoint) resumes it."""
-        return {"d_opt": self._d_opt.state_dict()} if self.gan else {}
-
-    def set_extra_state(self, state: dict) -> None:
-        if self.gan and state.get("d_opt") is not None:
-            self._d_opt.load_state_dict(state["d_opt"])
-
-    def loss(self, net: Callable, x0: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, net: Callable, x0: Tensor, step: int) -> tuple[Tensor | dict[str, Tensor], dict[str, Tensor]]:
+        """The model's loss L_CTM + dsm_weight·L_DSM (+ λ_GAN·L_GAN); with the GAN term active, a dict
+        {"model": ..., "discriminator": ...}."""
         pred, target = self.targets(net, x0, step)
         ctm = distance(pred, target, self.distance, default_huber_c(pred)).mean()
         dsm = self.dsm_loss(net, x0) if self.dsm_weight > 0 else torch.zeros((), device=x0.device)
         total = ctm + self.dsm_weight * dsm
-        stats = {"ctm": float(ctm.detach()), "dsm": float(dsm.detach())}
-        if self.gan and step >= self.gan_start:
-            gan, gan_stats = self._gan_terms(pred, x0.float(), ctm)
-            total = total + gan
-            stats.update(gan_stats)
-        return total, stats
+        logs = {"ctm": ctm.detach(), "dsm": dsm.detach()}
+        if not (self.gan and step >= self.gan_start):
+            return total, logs
+        gen, d_loss, gan_logs = self.gan_terms(pred, x0.float(), ctm)
+        logs.update(gan_logs)
+        return {"model": total + gen, "discriminator": d_loss}, logs
 
     def on_step_end(self, step: int) -> None:
-        update_ema(self.target, self.model, self.target_decay)
+        ema_update_module_(self.target, self.model, self.target_decay)
 
     def sample(self, model: nn.Module, noise: Tensor, steps: int) -> Tensor:
         """γ = 0 CTM sampling: y = σ_max·noise, then y ← G(y, σ'_i, σ'_{i+1}) along `sampling_sigmas` down to
         σ_min; returns the state at σ_min (≈ data, t = 0) in the dtype of noise."""
         steps = check_sample_args(model, noise, steps)
-        acc = time_dtype(noise)
+        acc = accumulation_dtype(noise.dtype)
         sig = sampling_sigmas(steps, self.sigma_min, self.sigma_max, self.rho, device=noise.device, dtype=acc)
         batch = noise.shape[0]
         with torch.no_grad():

@@ -1,7 +1,8 @@
 """EDM σ-space helpers shared by the consistency methods (CD, CT, CTM): one place for the maths.
 
-Conventions (METHODS.md §0, §2). flowkern's state is x_t = (1 − t)·x₀ + t·ε (t = 0 data, t = 1 noise). EDM's is
-y = x₀ + σ·ε. They are the same point of the same probability path, rescaled:
+Conventions (docs/conventions.md; the consistency models' maths: docs/methods.md). flowkern's state is
+x_t = (1 − t)·x₀ + t·ε (t = 0 data, t = 1 noise). EDM's is y = x₀ + σ·ε. They are the same point of the same
+probability path, rescaled:
 
     y = x_t / (1 − t),   σ = t / (1 − t),   t = σ / (1 + σ),   x_t = y / (1 + σ).
 
@@ -20,25 +21,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from flowkern._precision import accumulation_dtype
 from flowkern._validate import check_finite_scalar, check_int, check_tensor
 from flowkern.flow_map import jump
+from flowkern.methods._util import check_choice
 from flowkern.methods.coupling import DEFAULT_BLOCK, check_coupling, couple
 
 SIGMA_MIN = 0.002
 SIGMA_MAX = 80.0
 RHO = 7.0
-SIGMA_DATA = 0.5
-
-# CLI option entries (Method.OPTIONS) shared by the EDM-σ methods (cd, ct, ctm)
-SIGMA_DATA_OPTION = (float, None, "σ_data of the EDM preconditioning (None: `flowkern train` measures the training "
-                                  "data's standard deviation)")
-NUM_SCALES_OPTION = (int, 40, "points N of the Karras grid (the CM papers: 18 on CIFAR-10, 40 on ImageNet; a "
-                              "flow-matching teacher's 18-step Heun solve of the checkerboard is at SW2 0.149, at 40 "
-                              "steps 0.100)")
+SIGMA_DATA = 0.5      # the σ_data of the image data EDM's and iCT's constants were chosen for
+Distance = Literal["l2", "pseudo_huber"]
 
 
 # ----------------------------------------------------------------------------------------------------- coordinates
@@ -54,17 +52,12 @@ def t_to_sigma(t: Tensor) -> Tensor:
     return t / (1 - t)
 
 
-def time_dtype(x: Tensor) -> torch.dtype:
-    """Times and σ are float32 (float64 for float64 states), whatever the autocast."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def col(v: Tensor, x: Tensor) -> Tensor:
     """A per-sample [B] tensor shaped to broadcast against x [B, ...]."""
     return v.reshape((-1,) + (1,) * (x.dim() - 1))
 
 
-# ----------------------------------------------------------------------------------------------------- grids, options
+# ----------------------------------------------------------------------------------------------------- grids, checks
 
 
 def check_sigmas(sigma_min, sigma_max, rho) -> tuple[float, float, float]:
@@ -91,16 +84,14 @@ def karras_sigmas(n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA
 
 
 def check_distance(distance) -> str:
-    if distance not in ("l2", "pseudo_huber"):
-        raise ValueError(f"distance must be 'l2' or 'pseudo_huber', got {distance!r}")
-    return distance
+    return check_choice("distance", distance, Distance)
 
 
 # ----------------------------------------------------------------------------------------------------- scalings
 
 
 def consistency_scalings(sigma: Tensor, sigma_min: float, sigma_data: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(c_skip, c_out, c_in) of the consistency-model boundary preconditioning (CM paper, App. C; METHODS §2):
+    """(c_skip, c_out, c_in) of the consistency-model boundary preconditioning (CM paper, App. C; docs/methods.md):
     c_skip = σ_d²/((σ − σ_min)² + σ_d²), c_out = (σ − σ_min)·σ_d/√(σ² + σ_d²), c_in = 1/√(σ² + σ_d²).
     At σ = σ_min, c_skip = 1 and c_out = 0 exactly, so f(y, σ_min) = y whatever the network says."""
     d2 = sigma_data ** 2
@@ -119,12 +110,12 @@ def precondition(net: Callable, y: Tensor, sigma: Tensor, s_time: Tensor, scalin
     """c_skip·y + c_out·net(c_in·y, t(σ), s_time) in float32 (float64 for float64 y), the network given flowkern
     times t(σ) = σ/(1 + σ) and `s_time` ([B] flowkern times). `scalings` = (c_skip, c_out, c_in), each [B]."""
     c_skip, c_out, c_in = (col(c, y) for c in scalings)
-    t = sigma_to_t(sigma).to(time_dtype(y))
+    t = sigma_to_t(sigma).to(accumulation_dtype(y.dtype))
     raw = net((c_in * y).to(y.dtype), t, s_time.to(t.dtype))
     if not isinstance(raw, Tensor) or raw.shape != y.shape:
         got = tuple(raw.shape) if isinstance(raw, Tensor) else type(raw).__name__
         raise ValueError(f"the network must return a tensor shaped like its input {tuple(y.shape)}, got {got}")
-    acc = time_dtype(y)
+    acc = accumulation_dtype(y.dtype)
     return c_skip.to(acc) * y.to(acc) + c_out.to(acc) * raw.to(acc)
 
 
@@ -141,7 +132,7 @@ def consistency_function(net: Callable, y: Tensor, sigma: Tensor, *, sigma_min: 
 def teacher_denoiser(teacher: Callable, y: Tensor, sigma: Tensor) -> Tensor:
     """EDM denoiser D(y, σ) = x_t − t·v(x_t, t) from a flowkern velocity teacher v = teacher(x, t, t), where
     x_t = y/(1 + σ), t = σ/(1 + σ). Float32 (float64 for float64 y)."""
-    acc = time_dtype(y)
+    acc = accumulation_dtype(y.dtype)
     t = sigma_to_t(sigma).to(acc)
     x = (y.to(acc) / col(1 + sigma.to(acc), y))
     v = teacher(x.to(y.dtype), t, t)
@@ -152,7 +143,7 @@ def heun_step(teacher: Callable, y: Tensor, sigma: Tensor, sigma_next: Tensor) -
     """One Heun (2nd-order) step of EDM's PF-ODE dy/dσ = (y − D(y, σ))/σ from σ to σ_next (both [B], > 0):
     d₁ = (y − D(y, σ))/σ, ỹ = y + h·d₁, d₂ = (ỹ − D(ỹ, σ_next))/σ_next, y' = y + h·(d₁ + d₂)/2, h = σ_next − σ.
     Local error O(h³). Float32 (float64 for float64 y)."""
-    acc = time_dtype(y)
+    acc = accumulation_dtype(y.dtype)
     y = y.to(acc)
     sigma, sigma_next = sigma.to(acc), sigma_next.to(acc)
     h = col(sigma_next - sigma, y)
@@ -166,7 +157,7 @@ def ddim_jump(x: Tensor, x0_hat: Tensor, t: Tensor, s: Tensor) -> Tensor:
     """The DDIM jump of the linear interpolant in flowkern coordinates, x_s = (s/t)·x_t + (1 − s/t)·x̂₀, done as
     `flowkern.flow_map.jump(x, u, t, s)` with u = (x_t − x̂₀)/t (the Euler velocity). t > 0; t, s: [B] in [0, 1].
     It equals EDM's (σ_s/σ_t)·y + (1 − σ_s/σ_t)·x̂₀ mapped by y = x/(1 − t) (module docstring)."""
-    acc = time_dtype(x)
+    acc = accumulation_dtype(x.dtype)
     u = (x.to(acc) - x0_hat.to(acc)) / col(t.to(acc), x)
     return jump(x.to(acc), u, t.to(acc), s.to(acc))
 
@@ -226,7 +217,7 @@ def consistency_sample(model: Callable, noise: Tensor, steps: int, *, sigma_min:
     """
     steps = check_sample_args(model, noise, steps)
     renoise = check_coupling(renoise)
-    acc = time_dtype(noise)
+    acc = accumulation_dtype(noise.dtype)
     sig = sampling_sigmas(steps, sigma_min, sigma_max, rho, device=noise.device, dtype=acc)
     batch = noise.shape[0]
     with torch.no_grad():

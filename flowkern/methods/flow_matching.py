@@ -2,7 +2,7 @@
 
 x_t = (1 − t)·x₀ + t·ε, ε ~ N(0, I), target velocity v = ε − x₀; loss = E ‖net(x_t, t, t) − (ε − x₀)‖² (mean over
 elements), with t ~ logit-normal: t = sigmoid(m + s·n), n ~ N(0, 1) (defaults m = 0, s = 1). The network is a
-flow map evaluated on the diagonal s = t, where u(x, t, t) = v(x, t) (METHODS.md §0).
+flow map evaluated on the diagonal s = t, where u(x, t, t) = v(x, t) (docs/conventions.md).
 
 Sampling integrates the PF-ODE dx/dt = v(x, t) from t = 1 to t = 0 with `steps` Euler steps:
 x ← x + (t_{i+1} − t_i)·v(x, t_i), i.e. the flow-map sampler with u(x, t, s) replaced by u(x, t, t).
@@ -43,14 +43,17 @@ class Diagonal(nn.Module):
 
 
 class FlowMatching(Method):
-    """‖net(x_t, t, t) − (ε − x₀)‖² with logit-normal t (options `t_mean`, `t_std`)."""
+    """Flow matching: ‖net(x_t, t, t) − (ε − x₀)‖² with logit-normal t (module docstring).
+
+    Args:
+        model: the velocity network, a flowkern network net(x, t, s) evaluated at s = t.
+        t_mean: mean m of the logit-normal time distribution t = sigmoid(m + s·n).
+        t_std: standard deviation s of the logit-normal time distribution (> 0).
+    """
 
     name = "fm"
 
-    def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, t_mean: float = 0.0,
-                 t_std: float = 1.0):
-        if teacher is not None:
-            raise ValueError("flow matching trains from data and takes no teacher")
+    def __init__(self, model: nn.Module, *, t_mean: float = 0.0, t_std: float = 1.0):
         super().__init__(model)
         self.t_mean = check_finite_scalar("t_mean", t_mean)
         self.t_std = check_finite_scalar("t_std", t_std, positive=True)
@@ -67,7 +70,7 @@ class FlowMatching(Method):
         out = net(xt, t, t)
         u = out[0] if isinstance(out, tuple) else out
         loss = (u.float() - v.float()).pow(2).mean()
-        return loss, {"mse": loss.item()}
+        return loss, {"mse": loss.detach()}
 
     def velocity(self, model: nn.Module):
         """v(x, t) = model(x, t, t) (for `flowkern.ode_log_likelihood`)."""
@@ -78,12 +81,3 @@ class FlowMatching(Method):
         from flowkern.flow_map import sample
 
         return sample(Diagonal(model), noise, steps=steps)
-
-    @classmethod
-    def add_options(cls, parser):
-        parser.add_argument("--t-mean", type=float, default=0.0, help="fm: logit-normal time mean (default 0)")
-        parser.add_argument("--t-std", type=float, default=1.0, help="fm: logit-normal time std (default 1)")
-
-    @classmethod
-    def from_options(cls, model, args, *, teacher=None):
-        return cls(model, teacher=teacher, t_mean=args.t_mean, t_std=args.t_std)

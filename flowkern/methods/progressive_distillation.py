@@ -15,8 +15,8 @@ the weight finite at t = 1 where the x̂ error is what matters; t ≥ 1/N on the
 
 Rounds. Round r trains a student of N_r = start_steps/2^r steps (t on the grid i/N_r, i = 1..N_r) against a
 teacher of 2·N_r steps; every `round_steps` optimizer steps the student becomes the teacher and N halves, down to
-`min_steps`. N is a pure function of the step, and the teacher copy is a registered submodule, so a checkpoint
-resumes exactly.
+`min_steps` (by default the run's `total_steps` shared equally by the log₂(start_steps/min_steps) + 1 rounds).
+N is a pure function of the step, and the teacher copy is a registered submodule, so a checkpoint resumes exactly.
 """
 from __future__ import annotations
 
@@ -26,18 +26,19 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from flowkern._precision import accumulation_dtype
 from flowkern._validate import check_bool, check_tensor
 from flowkern.flow_map import jump
 from flowkern.flow_map import sample as flow_map_sample
 from flowkern.methods._util import check_positive_int, frozen_copy
 from flowkern.methods.base import Method
-from flowkern.methods.edm import check_sample_args, col, time_dtype
+from flowkern.methods.edm import check_sample_args, col
 
 
 def two_step_target(teacher: Callable, x: Tensor, t: Tensor, delta: Tensor) -> Tensor:
     """x̂_target = (t·x'' − (t − 2Δ)·x_t)/(2Δ) from the teacher's two Euler steps x_t → x' → x'' of size Δ (module
     docstring). x: [B, ...]; t, delta: [B] with t − 2Δ ≥ 0 and Δ > 0. Float32 (float64 for float64 x), no grad."""
-    acc = time_dtype(x)
+    acc = accumulation_dtype(x.dtype)
     t, delta = t.to(acc), delta.to(acc)
     with torch.no_grad():
         x = x.to(acc)
@@ -51,6 +52,11 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def round_count(start_steps: int, min_steps: int) -> int:
+    """Rounds of start_steps → start_steps/2 → … → min_steps: log₂(start_steps/min_steps) + 1."""
+    return int(start_steps).bit_length() - int(min_steps).bit_length() + 1
+
+
 class ProgressiveDistillation(Method):
     """Progressive distillation: halving rounds of "one student step = two teacher steps" (module docstring).
 
@@ -59,33 +65,28 @@ class ProgressiveDistillation(Method):
             the teacher's weights here.
         teacher: the flow-matching teacher (required); a frozen copy is kept and replaced by the student at each
             halving.
-        start_steps: student steps in round 0 (the teacher then takes 2·start_steps); a power of two.
-        round_steps: optimizer steps per round.
-        min_steps: the last round's student steps (a power of two ≤ start_steps); N stays there after.
-        round_anneal: multiply the engine's LR by a linear anneal to 0 within each round (`lr_scale`); the CLI
-            turns it on.
+        total_steps: optimizer steps of the whole run (sets the default round length).
+        start_steps: student sampling steps in the first round (the teacher takes twice that); a power of two.
+        round_steps: optimizer steps per halving round (None: total_steps shared equally by the rounds).
+        min_steps: student steps of the last round (a power of two <= start_steps); N stays there after.
+        round_anneal: multiply the learning rate by a linear anneal to 0 within each round, so each student
+            converges before it becomes the teacher.
     """
 
     name: ClassVar[str] = "pd"
     needs_teacher: ClassVar[bool] = True
     init_from_teacher: ClassVar[bool] = True
-    OPTIONS: ClassVar[dict] = {
-        "start_steps": (int, 64, "student sampling steps in the first round (teacher: twice that)"),
-        "round_steps": (int, None, "optimizer steps per halving round (None: the run's --steps over the rounds)"),
-        "min_steps": (int, 1, "student steps of the last round"),
-        "round_anneal": (bool, True, "anneal the LR linearly to 0 within each round (each student converges "
-                                     "before it becomes the teacher)"),
-    }
 
-    def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, start_steps: int = 64,
-                 round_steps: int = 1000, min_steps: int = 1, round_anneal: bool = False):
+    def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, total_steps: int,
+                 start_steps: int = 64, round_steps: int | None = None, min_steps: int = 1,
+                 round_anneal: bool = True):
         if teacher is None:
             raise ValueError("progressive distillation needs a teacher (a flow-matching velocity network)")
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
         super().__init__(model, teacher=frozen_copy(teacher))
+        self.total_steps = check_positive_int("total_steps", total_steps)
         self.start_steps = check_positive_int("start_steps", start_steps)
-        self.round_steps = check_positive_int("round_steps", round_steps)
         self.min_steps = check_positive_int("min_steps", min_steps)
         self.round_anneal = check_bool("round_anneal", round_anneal)
         for name, n in (("start_steps", self.start_steps), ("min_steps", self.min_steps)):
@@ -93,6 +94,9 @@ class ProgressiveDistillation(Method):
                 raise ValueError(f"{name} must be a power of two (the steps halve every round), got {n}")
         if self.min_steps > self.start_steps:
             raise ValueError(f"min_steps ({self.min_steps}) must be <= start_steps ({self.start_steps})")
+        if round_steps is None:
+            round_steps = max(self.total_steps // round_count(self.start_steps, self.min_steps), 1)
+        self.round_steps = check_positive_int("round_steps", round_steps)
         try:
             self.model.load_state_dict(self.teacher.state_dict())
         except RuntimeError as err:
@@ -109,7 +113,7 @@ class ProgressiveDistillation(Method):
         (N = min_steps) holds its final small value after its planned length. Else 1."""
         if not self.round_anneal:
             return 1.0
-        last = (int(self.start_steps).bit_length() - int(self.min_steps).bit_length()) * self.round_steps
+        last = (round_count(self.start_steps, self.min_steps) - 1) * self.round_steps
         into = step - last if step >= last else step % self.round_steps
         return max(1.0 - into / self.round_steps, 1.0 / self.round_steps)
 
@@ -142,12 +146,3 @@ class ProgressiveDistillation(Method):
         steps = check_sample_args(model, noise, steps)
         with torch.no_grad():
             return flow_map_sample(lambda x, t, s: model(x, t, t), noise, steps=steps)
-
-    @classmethod
-    def option_values(cls, args) -> dict:
-        values = super().option_values(args)
-        if values["round_steps"] is None:      # equal rounds over the run: start_steps → … → min_steps
-            start, low = values["start_steps"], values["min_steps"]
-            rounds = max(int(start).bit_length() - int(low).bit_length(), 0) + 1
-            values["round_steps"] = max((getattr(args, "steps", None) or 1000 * rounds) // rounds, 1)
-        return values
