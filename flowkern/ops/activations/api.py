@@ -46,3 +46,10 @@ def silu_jvp(x, x_t):
     op = _op("flowkern.ops.silu_jvp", x, "silu")
     check_like("x_t", x_t, "x", x)
     return apply_explicit(op, (x,), (x_t,))
+
+
+def activation_prevalidated(x, kind: str):
+    """`silu` (kind 'silu') or `gelu` (kind 'gelu' exact, 'gelu_tanh') for a caller that guarantees x is a tensor
+    (the flowkern modules): dispatch only."""
+    name = "flowkern.ops.silu" if kind == "silu" else "flowkern.ops.gelu"
+    return apply_dual(ActivationOp(name, select_backend(name, x.device, x.dtype), kind), x)

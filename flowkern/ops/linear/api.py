@@ -51,3 +51,10 @@ def linear_jvp(x, x_t, weight, bias=None, *, weight_t=None, bias_t=None):
                                    ("bias_t", bias_t, "bias", bias)):
         check_tangent(name, t, ref_name, ref)
     return apply_explicit(op, (x, weight, bias), (x_t, weight_t, bias_t))
+
+
+def linear_prevalidated(x, weight, bias):
+    """`linear` for a caller that guarantees what `linear` validates (`flowkern.nn.Linear`: x [..., K] of the
+    parameters' dtype and device): dispatch only."""
+    return apply_dual(LinearOp("flowkern.ops.linear", select_backend("flowkern.ops.linear", x.device, x.dtype)),
+                      x, weight, bias)

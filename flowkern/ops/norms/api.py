@@ -113,3 +113,13 @@ def _check_tangents(*entries) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got None")
     for name, t, ref_name, ref in entries:
         check_tangent(name, t, ref_name, ref)
+
+
+def modulate_prevalidated(x, shift, scale, *, is_rms: bool, eps: float):
+    """`modulate` for a caller that guarantees what `modulate` validates (`flowkern.nn.Modulate`: shift and scale
+    of one shape, [B, D] or x's, x's dtype and device; eps a number >= 0): dispatch only."""
+    d = x.shape[-1]
+    rows = x.numel() // d
+    group = 1 if shift.shape == x.shape else rows // x.shape[0]
+    op = NormOp("flowkern.ops.modulate", select_row_backend("flowkern.ops.modulate", x, d), is_rms, True, eps, group)
+    return apply_dual(op, x, scale, shift)

@@ -87,3 +87,14 @@ def _native_layer_norm(x, w, b, *, one_plus: bool, group: int, eps: float):
         y = yg.view(rows, d)
     return y, None, mean.view(-1), rstd.view(-1)
 
+
+
+def native_modulate(x, shift, scale, *, is_rms: bool, eps: float):
+    """z = norm(x)·(1 + scale) + shift for x [B, ..., D] with shift, scale [B, D] or x's shape, as native ops (a
+    primal-only call that autograd differentiates; x in its accumulation dtype)."""
+    d = x.shape[-1]
+    if shift.shape != x.shape:  # per sample: broadcast over the tokens
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (d,)
+        shift, scale = shift.view(shape), scale.view(shape)
+    xhat = torch.rms_norm(x, (d,), None, eps) if is_rms else torch.layer_norm(x, (d,), None, None, eps)
+    return torch.addcmul(shift, xhat, 1 + scale)

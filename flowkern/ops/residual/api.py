@@ -28,6 +28,17 @@ def gated_residual(x, gate, y):
     return apply_dual(op, x, gate, y)
 
 
+def gated_residual_prevalidated(x, gate, y):
+    """`gated_residual` for a caller that guarantees what it validates (`flowkern.nn.GatedResidual`: y of x's
+    shape, gate [B, D], [D] or x's shape, one dtype and device): dispatch only."""
+    d = x.shape[-1]
+    rows = x.numel() // d
+    group = 1 if gate.shape == x.shape else (rows if gate.shape == (d,) else rows // x.shape[0])
+    op = GatedResidualOp("flowkern.ops.gated_residual", select_row_backend("flowkern.ops.gated_residual", x, d),
+                         group)
+    return apply_dual(op, x, gate, y)
+
+
 def gated_residual_jvp(x, gate, y, x_t, gate_t=None, y_t=None):
     """(out, ȯut) of `gated_residual` from one fused pass; missing tangents are zero. ȯut is stop-gradient."""
     op = _op("flowkern.ops.gated_residual_jvp", x, gate, y)

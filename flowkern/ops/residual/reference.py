@@ -5,6 +5,8 @@ dtype, outputs in the input dtype.
 """
 from __future__ import annotations
 
+import torch
+
 from flowkern._precision import accumulation_dtype
 from flowkern.ops._rows import flat_rows, grouped, per_group
 
@@ -28,3 +30,11 @@ def gated_residual_bwd(g, y, dout, *, group: int, need_dy: bool, need_dg: bool):
     dy = flat_rows(per_group(g, acc) * doutg, y.dtype) if need_dy else None
     dg = (doutg * grouped(y, group, acc)).sum(1) if need_dg else None
     return dy, dg
+
+
+def native_gated_residual(x, gate, y):
+    """x + gate⊙y for x, y [B, ..., D] and gate [B, D], [D] or x's shape, as one native op (a primal-only call
+    that autograd differentiates)."""
+    if gate.dim() == 2 and gate.shape != x.shape and x.dim() > 2:  # per sample: broadcast over the tokens
+        gate = gate.view((x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],))
+    return torch.addcmul(x, gate, y)
