@@ -207,3 +207,21 @@ def test_wide_rows_leave_triton():
     if TRITON_RUNS:
         with flowkern.use_backend("triton"), pytest.raises(ValueError, match="up to 32768 features"):
             ops.layer_norm(x)
+
+
+@pytest.mark.parametrize("one_plus,group", [(False, 6), (True, 3), (True, 1)], ids=["shared", "per_sample", "per_row"])
+def test_reference_primal_path_matches_its_tangent_path(one_plus, group):
+    """Without a tangent the reference runs torch.native_layer_norm; with one, its own composite: same y, mean,
+    rstd (float64), and y against F.layer_norm·w + b."""
+    gen = torch.Generator().manual_seed(group)
+    x = torch.randn(6, 10, dtype=torch.float64, generator=gen)
+    w, b = (torch.randn(6 // group, 10, dtype=torch.float64, generator=gen) for _ in range(2))
+    kw = dict(is_rms=False, one_plus=one_plus, group=group, eps=1e-5)
+    y, y_t, mean, rstd = norms_reference.norm_fwd(x, w, b, None, None, None, **kw)
+    y2, _, mean2, rstd2 = norms_reference.norm_fwd(x, w, b, torch.zeros_like(x), None, None, **kw)
+    assert y_t is None
+    for a, e in ((y, y2), (mean, mean2), (rstd, rstd2)):
+        torch.testing.assert_close(a, e, atol=1e-13, rtol=1e-13)
+    w_rows, b_rows = w.repeat_interleave(group, 0), b.repeat_interleave(group, 0)
+    expected = F.layer_norm(x, (10,), eps=1e-5) * ((1 + w_rows) if one_plus else w_rows) + b_rows
+    torch.testing.assert_close(y, expected, atol=1e-13, rtol=1e-13)

@@ -16,7 +16,7 @@ Three traps this function closes:
   else draws random numbers in between (draw noise and times before the JVP call).
 * The pass runs on `torch.autograd.forward_ad` duals (a fused op's tangent is the same either way, and a dual pass
   costs a fraction of `torch.func.jvp`'s host time per custom Function); `torch.func.jvp` serves calls made inside a
-  dual level or a torch.func transform, where a new dual level cannot open.
+  torch.func transform.
 * Times stay float32: nothing here casts the primals; the flowkern networks embed times in float32 whatever the
   autocast. A float16/bfloat16 tangent for a float32 time is refused (tangents must match their primals).
 """
@@ -104,11 +104,9 @@ def jvp(model, primals, tangents, *, kwargs: dict | None = None, preserve_rng_st
 
 
 def _duals_available(primals, tangents) -> bool:
-    """A fresh forward-AD level can hold these tensors: none is open already, and none is a torch.func wrapper."""
+    """Forward-AD duals can hold these tensors: none is a torch.func wrapper (a call inside a torch.func transform)."""
     from torch._C._functorch import is_functorch_wrapped_tensor
 
-    if fwAD._current_level >= 0:
-        return False
     return not any(is_functorch_wrapped_tensor(t) for t in (*primals, *tangents))
 
 
