@@ -120,23 +120,25 @@ def test_bench_meanflow_step_dit_gpu(benchmark, config):
 # network from torch.nn layers and F ops, same weights) is the host cost flowkern adds per call. One thread, so the
 # numbers do not depend on the other processes of the machine. Cases name their baseline; ratio = flowkern / twin.
 
-CPU_REPEATS, CPU_ROUNDS = 5, 5
+CPU_REPEATS, CPU_ROUNDS = 5, 9
 
 
-def _median_ms(fn) -> float:
-    """Median over CPU_ROUNDS of the mean time of CPU_REPEATS calls, in ms (after two warm-up calls)."""
+def _paired_ms(fn, baseline) -> tuple[float, float]:
+    """(ms of fn, ms of baseline): each the median over CPU_ROUNDS of the mean time of CPU_REPEATS calls, the two
+    interleaved round by round so a load change on the machine hits both (after two warm-up calls each)."""
     import statistics
     import time
 
-    fn()
-    fn()
-    rounds = []
-    for _ in range(CPU_ROUNDS):
+    def one_round(f):
         start = time.perf_counter()
         for _ in range(CPU_REPEATS):
-            fn()
-        rounds.append((time.perf_counter() - start) / CPU_REPEATS * 1e3)
-    return statistics.median(rounds)
+            f()
+        return (time.perf_counter() - start) / CPU_REPEATS * 1e3
+
+    for f in (fn, fn, baseline, baseline):
+        f()
+    rounds = [(one_round(fn), one_round(baseline)) for _ in range(CPU_ROUNDS)]
+    return statistics.median(r[0] for r in rounds), statistics.median(r[1] for r in rounds)
 
 
 @pytest.fixture
@@ -193,8 +195,8 @@ def _twin_jvp(model, primals, tangents):
     return step
 
 
-def _record(benchmark, fn, *, case, what, baseline, base_ms):
-    ms = _median_ms(fn)
+def _record(benchmark, fn, base_fn, *, case, what, baseline):
+    ms, base_ms = _paired_ms(fn, base_fn)
     benchmark.pedantic(fn, rounds=CPU_ROUNDS, iterations=CPU_REPEATS, warmup_rounds=1)
     benchmark.extra_info.update({"network": case, "pass": what, "baseline": baseline, "ms": ms,
                                  "baseline_ms": base_ms, "ratio": ms / base_ms, "threads": 1, "backend": "torch"})
@@ -205,9 +207,8 @@ def _record(benchmark, fn, *, case, what, baseline, base_ms):
 def test_bench_cpu_grad_pass(benchmark, one_thread, case):
     """Forward + backward of ‖model(x, t, s)‖² vs the same on the plain torch.nn twin."""
     fk, plain, primals, _ = CPU_NETWORKS[case]()
-    base_ms = _median_ms(_grad_pass(plain, primals))
-    _record(benchmark, _grad_pass(fk, primals), case=case, what="grad pass (forward + backward)",
-            baseline="plain torch.nn twin, forward + backward", base_ms=base_ms)
+    _record(benchmark, _grad_pass(fk, primals), _grad_pass(plain, primals), case=case,
+            what="grad pass (forward + backward)", baseline="plain torch.nn twin, forward + backward")
 
 
 @cpu_only
@@ -215,6 +216,5 @@ def test_bench_cpu_grad_pass(benchmark, one_thread, case):
 def test_bench_cpu_jvp_pass(benchmark, one_thread, case):
     """`flowkern.jvp(model, ...)` vs `torch.func.jvp` of the plain torch.nn twin (no grad, math SDPA)."""
     fk, plain, primals, tangents = CPU_NETWORKS[case]()
-    base_ms = _median_ms(_twin_jvp(plain, primals, tangents))
-    _record(benchmark, lambda: flowkern.nn.jvp(fk, primals, tangents), case=case, what="JVP pass (flowkern.jvp)",
-            baseline="plain torch.nn twin, torch.func.jvp under no_grad (math SDPA)", base_ms=base_ms)
+    _record(benchmark, lambda: flowkern.nn.jvp(fk, primals, tangents), _twin_jvp(plain, primals, tangents), case=case,
+            what="JVP pass (flowkern.jvp)", baseline="plain torch.nn twin, torch.func.jvp under no_grad (math SDPA)")

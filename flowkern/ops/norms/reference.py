@@ -97,4 +97,4 @@ def native_modulate(x, shift, scale, *, is_rms: bool, eps: float):
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (d,)
         shift, scale = shift.view(shape), scale.view(shape)
     xhat = torch.rms_norm(x, (d,), None, eps) if is_rms else torch.layer_norm(x, (d,), None, None, eps)
-    return torch.addcmul(shift, xhat, 1 + scale)
+    return xhat * (1 + scale) + shift

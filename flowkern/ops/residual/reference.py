@@ -33,8 +33,8 @@ def gated_residual_bwd(g, y, dout, *, group: int, need_dy: bool, need_dg: bool):
 
 
 def native_gated_residual(x, gate, y):
-    """x + gate⊙y for x, y [B, ..., D] and gate [B, D], [D] or x's shape, as one native op (a primal-only call
+    """x + gate⊙y for x, y [B, ..., D] and gate [B, D], [D] or x's shape, as native ops (a primal-only call
     that autograd differentiates)."""
     if gate.dim() == 2 and gate.shape != x.shape and x.dim() > 2:  # per sample: broadcast over the tokens
         gate = gate.view((x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],))
-    return torch.addcmul(x, gate, y)
+    return x + gate * y

@@ -2,6 +2,7 @@
 (kernels/time_embedding.py)."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -13,6 +14,15 @@ from flowkern.ops._backends import BackendModules
 from flowkern.ops.time_embedding import reference
 
 BACKENDS = BackendModules(__package__, reference)  # {"torch": reference, "triton": triton_launch}
+
+
+@functools.lru_cache(maxsize=64)
+def frequency_table(half: int, max_period: float, time_scale: float, dtype: torch.dtype,
+                    device: torch.device) -> torch.Tensor:
+    """f_k = time_scale·max_period^(−k/half), k < half, computed in float64 and stored in `dtype` (a constant:
+    never modified in place)."""
+    k = torch.arange(half, dtype=torch.float64, device=device)
+    return (time_scale * torch.exp(-math.log(max_period) * k / half)).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -28,10 +38,9 @@ class TimeEmbeddingOp(FusedOp):
     n_inputs: ClassVar[int] = 2
 
     def freqs(self, like: torch.Tensor) -> torch.Tensor:
-        """f_k = time_scale·max_period^(−k/half), k < half: the one table every backend uses."""
-        half = self.dim // 2
-        k = torch.arange(half, dtype=torch.float64, device=like.device)
-        return (self.time_scale * torch.exp(-math.log(self.max_period) * k / half)).to(like.dtype)
+        """f_k = time_scale·max_period^(−k/half), k < half: the one table every backend uses (built once per
+        configuration, dtype and device)."""
+        return frequency_table(self.dim // 2, self.max_period, self.time_scale, like.dtype, like.device)
 
     def forward(self, inputs, tangents):
         t, s = inputs
