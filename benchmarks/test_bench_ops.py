@@ -3,7 +3,7 @@
 GPU cases (skipped on CPU with a reason): each fused op with its tangent (one pass over memory) against the
 baseline `torch.func.jvp` of the plain PyTorch layer, timed with CUDA events (`triton.testing.do_bench` median).
 `extra_info` holds the op's GB/s (bytes it must move: every input read once, every output written once), the copy
-bandwidth measured in the same run on the same number of bytes, their ratio (target ≥ 0.7, issue 3) and the
+bandwidth measured in the same run on the same number of bytes, their ratio (target ≥ 0.7) and the
 baseline's time.
 
 CPU cases: only the linear JVP, where the stacked GEMM (one weight read for primal and tangent) against

@@ -5,7 +5,7 @@ One program per row x ∈ R^D (float32 maths, outputs in the input dtype):
     LayerNorm: μ = mean(x), r = 1/√(mean((x − μ)²) + ε), x̂ = (x − μ)·r
     RMSNorm:   μ = 0,       r = 1/√(mean(x²) + ε),       x̂ = x·r
     y = x̂·w + b, with w = γ (ONE_PLUS=False) or w = 1 + scale (adaLN modulate, ONE_PLUS=True), b = β or shift.
-Tangent (KERNELS.md §2), P(v) = r·(v − mean(v) − x̂·mean(x̂⊙v)) for LayerNorm, r·(v − x̂·mean(x̂⊙v)) for RMSNorm:
+Tangent (docs/layers.md), P(v) = r·(v − mean(v) − x̂·mean(x̂⊙v)) for LayerNorm, r·(v − x̂·mean(x̂⊙v)) for RMSNorm:
     x̂̇ = P(ẋ),  ẏ = x̂̇·w + x̂·ẇ + ḃ
 Backward, g = dy·w:  dx = P(g)  (the same projection: P is self-adjoint); dγ / dscale = Σ dy⊙x̂ and dβ / dshift = Σ dy
 over the rows sharing a parameter row, as float32 partial sums per program (the host adds the partials).

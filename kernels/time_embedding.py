@@ -3,7 +3,7 @@
 Per sample b, the two times are τ₀ = t and τ₁ = s (or τ₁ = t − s when DELTA); with frequencies f [half]
 (a float32 table from the host, so every backend uses the same numbers) the row of the output [B, 2·dim] is
     [cos(f·τ₀), sin(f·τ₀), cos(f·τ₁), sin(f·τ₁)]        (dim = 2·half columns per time)
-Tangent (KERNELS.md §2): ė = τ̇·[−f·sin(f·τ), f·cos(f·τ)] with τ̇₀ = ṫ, τ̇₁ = ṡ (or ṫ − ṡ).
+Tangent (docs/layers.md): ė = τ̇·[−f·sin(f·τ), f·cos(f·τ)] with τ̇₀ = ṫ, τ̇₁ = ṡ (or ṫ − ṡ).
 Backward: dτ = Σ_k (−f·sin(f·τ)·de_cos + f·cos(f·τ)·de_sin), then dt = dτ₀ (+ dτ₁ when DELTA), ds = dτ₁ (or −dτ₁).
 """
 import triton

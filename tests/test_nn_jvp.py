@@ -132,3 +132,38 @@ def test_meanflow_training_with_flowkern_jvp_learns_a_2d_toy():
             opt.step()
         after = fm_loss()
     assert after < 0.75 * before, (before, after)  # 6.0 -> 3.4 at this seed
+
+
+def _float64_mlp():
+    from nn_reference import randomize
+
+    model = randomize(flowkern.nn.MLPFlowMap(2, 16, 2, 8, divergence_head=True), std=0.3).double()
+    (x, t, s), (x_t, t_t, s_t) = _data()
+    return model, (x.double(), t.double(), s.double()), (x_t.double(), 0.5 * t_t.double(), s_t.double())
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_dual_pass_equals_torch_func_jvp_in_float64(backend):
+    """flowkern.jvp runs on forward-AD duals; torch.func.jvp of the same model is the reference (u and D)."""
+    if backend == "triton":
+        from conftest import TRITON_RUNS
+
+        if not TRITON_RUNS:
+            pytest.skip("needs Triton (GPU or interpreter)")
+    model, primals, tangents = _float64_mlp()
+    with flowkern.use_backend("torch"):  # float64: the PyTorch backend serves it under either request
+        (u, d), (u_t, d_t) = flowkern.nn.jvp(model, primals, tangents)
+        with torch.no_grad():
+            (u_r, d_r), (ut_r, dt_r) = torch.func.jvp(model, primals, tangents)
+    for a, b in ((u, u_r), (d, d_r), (u_t, ut_r), (d_t, dt_r)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    assert u_t.abs().max() > 1e-3 and d_t.abs().max() > 1e-3  # a real tangent, not zeros
+
+
+def test_output_independent_of_the_primals_gets_a_zero_tangent():
+    x = torch.randn(3, 2, dtype=torch.float64)
+    const = torch.arange(3.0, dtype=torch.float64)
+    out, (y_t, c_t) = flowkern.nn.jvp(lambda x: (2 * x, const), x, torch.ones_like(x))
+    torch.testing.assert_close(y_t, torch.full_like(x, 2.0))
+    torch.testing.assert_close(c_t, torch.zeros_like(const))
+    torch.testing.assert_close(out[1], const)

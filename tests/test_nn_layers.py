@@ -107,3 +107,51 @@ def test_bad_constructor_arguments(build, err, match):
 def test_linear_dtype_mismatch_is_a_clear_error():
     with flowkern.use_backend("torch"), pytest.raises(TypeError, match="weight has dtype torch.float32 but x has"):
         fnn.Linear(4, 4)(torch.randn(2, 4, dtype=torch.float64))
+
+
+def _layer_cases():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 8, dtype=torch.float64, generator=gen)
+    sh, sc, g = (torch.randn(3, 8, dtype=torch.float64, generator=gen) for _ in range(3))
+    y = torch.randn(3, 4, 8, dtype=torch.float64, generator=gen)
+    lin = randomize(fnn.Linear(8, 5)).double()
+    return [
+        ("Linear", lin, (x,), lambda x: F.linear(x, lin.weight, lin.bias)),
+        ("Modulate", fnn.Modulate("layer"), (x, sh, sc), lambda x, a, b: plain_modulate(x, a, b)),
+        ("Modulate rms", fnn.Modulate("rms"), (x, sh, sc),
+         lambda x, a, b: F.rms_norm(x, (8,), eps=1e-6) * (1 + b[:, None]) + a[:, None]),
+        ("GatedResidual", fnn.GatedResidual(), (x, g, y), lambda x, g, y: x + g[:, None] * y),
+        ("SiLU", fnn.SiLU(), (x,), F.silu),
+        ("GELU tanh", fnn.GELU("tanh"), (x,), lambda x: F.gelu(x, approximate="tanh")),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6), ids=[c[0] for c in _layer_cases()])
+def test_module_fast_paths_match_plain_pytorch_in_float64(case):
+    """Grad pass (native ops, no custom Function node) and tangent pass (the prevalidated fused op under
+    torch.func.jvp and forward_ad) of each layer against plain PyTorch on the same inputs."""
+    import torch.autograd.forward_ad as fwAD
+
+    _, layer, args, plain = _layer_cases()[case]
+    tangents = tuple(torch.randn_like(a) for a in args)
+    with flowkern.use_backend("torch"):
+        leaves = [a.clone().requires_grad_() for a in args]
+        out = layer(*leaves)
+        assert out.grad_fn is not None and "FusedFunction" not in type(out.grad_fn).__name__
+        grads = torch.autograd.grad(out.square().sum(), leaves)
+        y_t = torch.func.jvp(layer, args, tangents)[1]
+        with fwAD.dual_level():
+            y_t2 = fwAD.unpack_dual(layer(*(fwAD.make_dual(a, t) for a, t in zip(args, tangents)))).tangent
+    ref_leaves = [a.clone().requires_grad_() for a in args]
+    ref = plain(*ref_leaves)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    for a, b in zip(grads, torch.autograd.grad(ref.square().sum(), ref_leaves)):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11)
+    ref_t = torch.func.jvp(plain, args, tangents)[1]
+    torch.testing.assert_close(y_t, ref_t, atol=1e-11, rtol=1e-11)
+    torch.testing.assert_close(y_t2, ref_t, atol=1e-11, rtol=1e-11)
+
+
+def test_modulate_eps_is_checked_at_construction():
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        fnn.Modulate("layer", eps=-1.0)

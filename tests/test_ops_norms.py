@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 import flowkern
 from flowkern import ops
-from flowkern.ops import torch_launch
+from flowkern.ops.norms import op as norms_op
+from flowkern.ops.norms import reference as norms_reference
 from ops_utils import DTYPES, assert_close, check_against_plain, check_explicit, gradcheck_torch, randn
 from conftest import TRITON_RUNS, backends_under_test
 
@@ -113,10 +114,8 @@ def test_gradcheck_float64(fn, args):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_fused_pass_under_jvp(backend, monkeypatch):
     """Under torch.func.jvp the tangent is served from the forward's kernel pass: one launch, not two."""
-    from flowkern import _fused
-
     calls = []
-    module = _fused.launcher(backend)
+    module = norms_op.BACKENDS[backend]
     real = module.norm_fwd
     monkeypatch.setattr(module, "norm_fwd", lambda *a, **k: calls.append(a[3] is not None) or real(*a, **k))
     x, w = torch.randn(4, 19), torch.randn(19)
@@ -141,10 +140,10 @@ def test_norm_shapes_hypothesis(rows, d, rms):
     assert_close(y_t, yt_ref, torch.float32, "tangent", scale_tol=3)
 
 
-def test_reference_matches_torch_launch():
+def test_reference_matches_backend_module():
     x = torch.randn(4, 10, dtype=torch.float64)
-    y, _, mean, rstd = torch_launch.norm_fwd(x, None, None, None, None, None, is_rms=False, one_plus=False, group=4,
-                                             eps=1e-5)
+    y, _, mean, rstd = norms_reference.norm_fwd(x, None, None, None, None, None, is_rms=False, one_plus=False,
+                                                group=4, eps=1e-5)
     torch.testing.assert_close(flowkern.ops.reference.layer_norm(x), y)
     torch.testing.assert_close(mean, x.mean(-1))
 
@@ -208,3 +207,21 @@ def test_wide_rows_leave_triton():
     if TRITON_RUNS:
         with flowkern.use_backend("triton"), pytest.raises(ValueError, match="up to 32768 features"):
             ops.layer_norm(x)
+
+
+@pytest.mark.parametrize("one_plus,group", [(False, 6), (True, 3), (True, 1)], ids=["shared", "per_sample", "per_row"])
+def test_reference_primal_path_matches_its_tangent_path(one_plus, group):
+    """Without a tangent the reference runs torch.native_layer_norm; with one, its own composite: same y, mean,
+    rstd (float64), and y against F.layer_norm·w + b."""
+    gen = torch.Generator().manual_seed(group)
+    x = torch.randn(6, 10, dtype=torch.float64, generator=gen)
+    w, b = (torch.randn(6 // group, 10, dtype=torch.float64, generator=gen) for _ in range(2))
+    kw = dict(is_rms=False, one_plus=one_plus, group=group, eps=1e-5)
+    y, y_t, mean, rstd = norms_reference.norm_fwd(x, w, b, None, None, None, **kw)
+    y2, _, mean2, rstd2 = norms_reference.norm_fwd(x, w, b, torch.zeros_like(x), None, None, **kw)
+    assert y_t is None
+    for a, e in ((y, y2), (mean, mean2), (rstd, rstd2)):
+        torch.testing.assert_close(a, e, atol=1e-13, rtol=1e-13)
+    w_rows, b_rows = w.repeat_interleave(group, 0), b.repeat_interleave(group, 0)
+    expected = F.layer_norm(x, (10,), eps=1e-5) * ((1 + w_rows) if one_plus else w_rows) + b_rows
+    torch.testing.assert_close(y, expected, atol=1e-13, rtol=1e-13)

@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import flowkern
 from flowkern import ops
 from ops_utils import DTYPES, check_against_plain, check_explicit, gradcheck_torch, randn
 from conftest import TRITON_RUNS, backends_under_test
@@ -95,3 +96,17 @@ def test_gated_residual_and_modulate_shapes_hypothesis(batch, tokens, d, per_sam
     own_err = (own.double() - ref_m[1]).abs().max().item()
     err = (out_m[1].double() - ref_m[1]).abs().max().item()
     assert err <= max(4 * own_err, 9e-5 * max(1.0, ref_m[1].abs().max().item())), f"modulate tangent: {err:.3g}"
+
+
+@pytest.mark.parametrize("gate_shape", [(3, 8), (8,), (3, 4, 8)], ids=["per_sample", "shared", "per_token"])
+def test_native_gated_residual_matches_the_reference_backend(gate_shape):
+    """The native form the modules use without a tangent: x + gate·y against the reference backend's rows maths."""
+    from flowkern.ops.residual import reference
+
+    gen = torch.Generator().manual_seed(len(gate_shape))
+    x, y = (torch.randn(3, 4, 8, dtype=torch.float64, generator=gen) for _ in range(2))
+    gate = torch.randn(gate_shape, dtype=torch.float64, generator=gen)
+    expected = x + (gate[:, None] if gate_shape == (3, 8) else gate) * y
+    torch.testing.assert_close(reference.native_gated_residual(x, gate, y), expected, atol=1e-14, rtol=1e-14)
+    with flowkern.use_backend("torch"):
+        torch.testing.assert_close(flowkern.ops.gated_residual(x, gate, y), expected, atol=1e-14, rtol=1e-14)

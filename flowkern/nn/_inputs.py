@@ -24,7 +24,7 @@ def check_time(name: str, value, batch: int, device: torch.device) -> torch.Tens
 
     Accepted: a float32/float64 tensor of shape [B], or a 0-d one or a Python number (broadcast over the batch;
     a number becomes float32). float16/bfloat16 and integer times are refused: time embeddings in low precision
-    have collapsed sCM and MeanFlow runs (KERNELS.md §5). Values are not range-checked (no host sync in forward).
+    have collapsed sCM and MeanFlow runs (docs/precision.md). Values are not range-checked (no host sync in forward).
     Forward-mode tangents and autograd graphs are kept (`expand` is differentiable in both modes).
     """
     if not isinstance(value, torch.Tensor):

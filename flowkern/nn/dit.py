@@ -61,7 +61,7 @@ class DiTBlock(torch.nn.Module):
 
 
 class DiT(torch.nn.Module):
-    """Diffusion transformer flow map: u(x, t, s [, y]) for images [B, C, H, W] (METHODS.md: Φ = x + (s − t)·u).
+    """Diffusion transformer flow map: u(x, t, s [, y]) for images [B, C, H, W] (docs/conventions.md: Φ = x + (s − t)·u).
 
         tokens = W_patch·patchify(x) + pos          conv-free patch embedding (unfold + `Linear`), fixed 2-D sin-cos
         c = TimeMLP(E(t, s)) + Emb(y)               E in float32 (`flowkern.ops.time_embedding`); y = num_classes is

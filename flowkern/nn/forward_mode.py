@@ -2,7 +2,7 @@
 dropout-safe.
 
 MeanFlow, sCM, AYF and Lagrangian/Eulerian flow maps take (u, du/dτ) along a direction — one JVP — and use it as a
-stop-gradient target, then differentiate u in a SEPARATE ordinary pass. Pattern (METHODS.md, KERNELS.md §5):
+stop-gradient target, then differentiate u in a SEPARATE ordinary pass. Pattern (docs/methods.md, docs/conventions.md):
 
     with torch.no_grad(): u, du = torch.func.jvp(model, primals, tangents)   # the fused kernels serve du
     loss(model(*primals), sg(target(u, du))).backward()                     # grad pass (through DDP if wrapped)
@@ -14,12 +14,16 @@ Three traps this function closes:
 * Dropout must draw the same masks in both passes: with preserve_rng_state=True (default) the CPU and CUDA RNG
   states are restored after the JVP pass, so the next forward of the model draws the same masks — provided nothing
   else draws random numbers in between (draw noise and times before the JVP call).
+* The pass runs on `torch.autograd.forward_ad` duals (a fused op's tangent is the same either way, and a dual pass
+  costs a fraction of `torch.func.jvp`'s host time per custom Function); `torch.func.jvp` serves calls made inside a
+  torch.func transform.
 * Times stay float32: nothing here casts the primals; the flowkern networks embed times in float32 whatever the
   autocast. A float16/bfloat16 tangent for a float32 time is refused (tangents must match their primals).
 """
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from flowkern._validate import check_bool
 
@@ -90,10 +94,37 @@ def jvp(model, primals, tangents, *, kwargs: dict | None = None, preserve_rng_st
     fn = unwrap_ddp(model)
     devices = sorted({p.device.index or 0 for p in primals if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices, enabled=preserve_rng_state), torch.no_grad():
-        out, out_t = torch.func.jvp(lambda *p: fn(*p, **kwargs), primals, tangents)
+        if _duals_available(primals, tangents):
+            out, out_t = _dual_jvp(fn, primals, tangents, kwargs)
+        else:
+            out, out_t = torch.func.jvp(lambda *p: fn(*p, **kwargs), primals, tangents)
     # detached: under torch.func.jvp a custom Function's output can report requires_grad (with no graph) when a
     # parameter requires grad; the results of this pass are constants of the loss either way
     return _detach(out), _detach(out_t)
+
+
+def _duals_available(primals, tangents) -> bool:
+    """Forward-AD duals can hold these tensors: none is a torch.func wrapper (a call inside a torch.func transform)."""
+    from torch._C._functorch import is_functorch_wrapped_tensor
+
+    return not any(is_functorch_wrapped_tensor(t) for t in (*primals, *tangents))
+
+
+def _dual_jvp(fn, primals, tangents, kwargs):
+    """(f(p), ∂f/∂p·ṗ) on forward-AD duals; an output without a tangent (independent of p) gets zeros."""
+    with fwAD.dual_level():
+        out = fn(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents)), **kwargs)
+        return _split_duals(out)
+
+
+def _split_duals(tree):
+    if isinstance(tree, torch.Tensor):
+        primal, tangent = fwAD.unpack_dual(tree)
+        return primal, (torch.zeros_like(primal) if tangent is None else tangent)
+    if isinstance(tree, (tuple, list)):
+        pairs = [_split_duals(t) for t in tree]
+        return type(tree)(p for p, _ in pairs), type(tree)(t for _, t in pairs)
+    raise TypeError(f"model outputs must be tensors or tuples of tensors, got {type(tree).__name__}")
 
 
 def _detach(tree):

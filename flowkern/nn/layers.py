@@ -10,9 +10,18 @@ from __future__ import annotations
 
 import torch
 
+import torch.nn.functional as F
+
 from flowkern import ops
-from flowkern._validate import check_int
+from flowkern._validate import check_finite_scalar, check_int
 from flowkern.nn._cast import autocast_dtype, cast
+from flowkern.nn._plain import inputs_ok, per_row_ok, runs_plain
+from flowkern.ops.activations.api import activation_prevalidated
+from flowkern.ops.linear.api import linear_prevalidated
+from flowkern.ops.norms.api import modulate_prevalidated
+from flowkern.ops.residual.api import gated_residual_prevalidated
+from flowkern.ops.norms.reference import native_modulate
+from flowkern.ops.residual.reference import native_gated_residual
 
 
 class Linear(torch.nn.Linear):
@@ -32,6 +41,10 @@ class Linear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = autocast_dtype(x)
         if dtype is None:
+            if inputs_ok(x, self.weight, self.bias, features=self.in_features):
+                if runs_plain(x, self.weight, self.bias):
+                    return F.linear(x, self.weight, self.bias)
+                return linear_prevalidated(x, self.weight, self.bias)
             return ops.linear(x, self.weight, self.bias)
         return ops.linear(cast(x, dtype), cast(self.weight, dtype), cast(self.bias, dtype))
 
@@ -45,7 +58,10 @@ class LayerNorm(torch.nn.LayerNorm):
                          elementwise_affine=elementwise_affine, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.layer_norm(x, cast(self.weight, x.dtype), cast(self.bias, x.dtype), self.eps)
+        weight, bias = cast(self.weight, x.dtype), cast(self.bias, x.dtype)
+        if inputs_ok(x, weight, bias, features=self.normalized_shape[0]) and runs_plain(x, weight, bias):
+            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+        return ops.layer_norm(x, weight, bias, self.eps)
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -59,13 +75,18 @@ class RMSNorm(torch.nn.RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
-        return ops.rms_norm(x, cast(self.weight, x.dtype), eps)
+        weight = cast(self.weight, x.dtype)
+        if inputs_ok(x, weight, features=self.normalized_shape[0]) and runs_plain(x, weight):
+            return F.rms_norm(x, self.normalized_shape, weight, eps)
+        return ops.rms_norm(x, weight, eps)
 
 
 class SiLU(torch.nn.Module):
     """`flowkern.ops.silu` as a module."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if inputs_ok(x):
+            return F.silu(x) if runs_plain(x) else activation_prevalidated(x, "silu")
         return ops.silu(x)
 
 
@@ -79,6 +100,10 @@ class GELU(torch.nn.Module):
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if inputs_ok(x):
+            if runs_plain(x):
+                return F.gelu(x, approximate=self.approximate)
+            return activation_prevalidated(x, "gelu" if self.approximate == "none" else "gelu_tanh")
         return ops.gelu(x, self.approximate)
 
 
@@ -91,10 +116,18 @@ class Modulate(torch.nn.Module):
         super().__init__()
         if norm not in ("layer", "rms"):
             raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
+        eps = check_finite_scalar("eps", eps)
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
         self.norm, self.eps = norm, eps
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return ops.modulate(x, cast(shift, x.dtype), cast(scale, x.dtype), norm=self.norm, eps=self.eps)
+        shift, scale = cast(shift, x.dtype), cast(scale, x.dtype)
+        if inputs_ok(x, shift, scale) and shift.shape == scale.shape and per_row_ok(shift, x, shared_ok=False):
+            if runs_plain(x, shift, scale):
+                return native_modulate(x, shift, scale, is_rms=self.norm == "rms", eps=self.eps)
+            return modulate_prevalidated(x, shift, scale, is_rms=self.norm == "rms", eps=self.eps)
+        return ops.modulate(x, shift, scale, norm=self.norm, eps=self.eps)
 
     def extra_repr(self) -> str:
         return f"norm={self.norm!r}, eps={self.eps}"
@@ -104,7 +137,12 @@ class GatedResidual(torch.nn.Module):
     """adaLN-zero residual x + gate·y (`flowkern.ops.gated_residual`); gate and y cast to x's dtype."""
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return ops.gated_residual(x, cast(gate, x.dtype), cast(y, x.dtype))
+        gate, y = cast(gate, x.dtype), cast(y, x.dtype)
+        if inputs_ok(x, gate, y) and y.shape == x.shape and per_row_ok(gate, x, shared_ok=True):
+            if runs_plain(x, gate, y):
+                return native_gated_residual(x, gate, y)
+            return gated_residual_prevalidated(x, gate, y)
+        return ops.gated_residual(x, gate, y)
 
 
 class AdaLNModulation(torch.nn.Module):

@@ -31,7 +31,7 @@ class MLPBlock(torch.nn.Module):
 
 
 class MLPFlowMap(torch.nn.Module):
-    """A flow map u(x, t, s) for vector data, built only from `flowkern.ops` (Φ = x + (s − t)·u, METHODS.md).
+    """A flow map u(x, t, s) for vector data, built only from `flowkern.ops` (Φ = x + (s − t)·u, docs/conventions.md).
 
         c = MLP(E(t, s))                           E: sinusoidal, float32 (`flowkern.ops.time_embedding`)
         h = W_in·x;  h ← MLPBlock(h, c) × depth    adaLN-zero residual blocks (LayerNorm fused with the modulation)

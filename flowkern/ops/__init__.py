@@ -4,6 +4,10 @@ Every op has a drop-in form that works under `torch.func.jvp`, `torch.autograd.f
 (the forward-mode tangent comes from the same fused pass as the output) and an explicit `*_jvp` form taking and
 returning (primal, tangent) pairs; the tangent output of a `*_jvp` form is stop-gradient. Tangents of parameters
 (γ, β, shift, scale, gate, W, b) are supported. `flowkern.ops.reference` holds the pure-PyTorch versions.
+
+One package per op family (norms, activations, residual, time_embedding, linear), each laid out alike: api.py (the
+public functions), op.py (the `FusedOp`), reference.py (the PyTorch backend), triton_launch.py (the Triton host
+launcher). Shared row layout: flowkern/ops/_rows.py; shared launch helpers: flowkern/ops/_launch.py.
 """
 from flowkern.ops.activations import gelu, gelu_jvp, silu, silu_jvp
 from flowkern.ops.linear import linear, linear_jvp

@@ -69,3 +69,18 @@ def select_row_backend(op: str, x: torch.Tensor, n_cols: int) -> str:
     if n_cols > MAX_TRITON_FEATURES:
         reason = f"the Triton row kernels take up to {MAX_TRITON_FEATURES} features, got {n_cols}"
     return select_backend(op, x.device, x.dtype, triton_reason=reason)
+
+
+def grouped(t: torch.Tensor, group: int, acc: torch.dtype) -> torch.Tensor:
+    """[rows, D] -> [n_groups, group, D] in the accumulation dtype (PyTorch backends)."""
+    return t.to(acc).view(-1, group, t.shape[-1])
+
+
+def per_group(p: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor | None:
+    """[n_groups, D] -> [n_groups, 1, D] in the accumulation dtype (broadcasts over the rows of a group)."""
+    return None if p is None else p.to(acc)[:, None, :]
+
+
+def flat_rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[..., D] -> [rows, D] of `dtype`."""
+    return t.reshape(-1, t.shape[-1]).to(dtype)

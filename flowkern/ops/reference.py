@@ -1,6 +1,6 @@
 """Pure-PyTorch versions of every fused op, same signatures: the CPU fallback and a baseline for benchmarks.
 
-Each runs the public op on the PyTorch backend (flowkern/ops/torch_launch.py), so it differentiates, takes
+Each runs the public op on the PyTorch backend (flowkern/ops/<family>/reference.py), so it differentiates, takes
 forward-mode tangents and accepts float64.
 """
 from __future__ import annotations

@@ -7,50 +7,12 @@ and ordinary backward, with the forward-mode tangent from the same kernel pass a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 from flowkern._validate import check_finite_scalar
-from flowkern._fused import FusedOp, apply_dual, apply_explicit, launcher, primal, zeros_if_none
-from flowkern.ops._rows import as_rows, check_tangent, param_group, row_layout, select_row_backend
+from flowkern._fused import apply_dual, apply_explicit, primal
+from flowkern.ops._rows import check_tangent, param_group, row_layout, select_row_backend
+from flowkern.ops.norms.op import NormOp
 
 NORMS = ("layer", "rms")
-
-
-@dataclass(frozen=True)
-class NormOp(FusedOp):
-    """y = x̂·w + b over the last dim; inputs (x, w, b), w = γ or adaLN scale (ONE_PLUS: w_eff = 1 + scale)."""
-
-    name: str
-    backend: str
-    is_rms: bool
-    one_plus: bool
-    eps: float
-    group: int  # rows of x per row of w and b (flowkern/ops/_rows.py); w and b share one layout
-    n_inputs: ClassVar[int] = 3
-
-    def forward(self, inputs, tangents):
-        x, w, b = inputs
-        d = x.shape[-1]
-        x_t = w_t = b_t = None
-        if tangents is not None:
-            x_t, w_t, b_t = tangents
-            x_t = zeros_if_none(x_t, x)
-        y, y_t, mean, rstd = launcher(self.backend).norm_fwd(
-            as_rows(x, d), as_rows(w, d), as_rows(b, d), as_rows(x_t, d), as_rows(w_t, d), as_rows(b_t, d),
-            is_rms=self.is_rms, one_plus=self.one_plus, group=self.group, eps=self.eps)
-        return y.view(x.shape), (None if y_t is None else y_t.view(x.shape)), (mean, rstd)
-
-    def backward(self, inputs, aux, dy, needs):
-        x, w, b = inputs
-        mean, rstd = aux
-        d = x.shape[-1]
-        dx, dw, db = launcher(self.backend).norm_bwd(
-            as_rows(x, d), as_rows(w, d), as_rows(dy, d), mean, rstd, is_rms=self.is_rms, one_plus=self.one_plus,
-            group=self.group, need_dx=needs[0], need_dw=needs[1], need_db=needs[2])
-        dw = None if dw is None else dw.reshape(w.shape).to(w.dtype)
-        db = None if db is None else db.reshape(b.shape).to(b.dtype)
-        return (None if dx is None else dx.view(x.shape)), dw, db
 
 
 def _norm_op(op: str, x, w, b, eps, *, is_rms: bool, one_plus: bool, w_name: str, b_name: str,
@@ -126,7 +88,7 @@ def _modulate_op(op, x, shift, scale, norm, eps):
 def modulate(x, shift, scale, *, norm="layer", eps=1e-6):
     """adaLN modulation fused with a parameter-free norm: z = norm(x)·(1 + scale) + shift.
 
-    ż = x̂̇·(1 + scale) + x̂·ṡcale + ṡhift with x̂̇ = P(ẋ) (KERNELS.md §2).
+    ż = x̂̇·(1 + scale) + x̂·ṡcale + ṡhift with x̂̇ = P(ẋ) (docs/layers.md).
     x: [B, ..., D]; shift, scale: [B, D] (per sample, broadcast over the tokens) or the shape of x. norm: 'layer'
     (DiT: LayerNorm without affine) or 'rms'. Differentiable w.r.t. x, shift, scale.
 
@@ -151,3 +113,13 @@ def _check_tangents(*entries) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got None")
     for name, t, ref_name, ref in entries:
         check_tangent(name, t, ref_name, ref)
+
+
+def modulate_prevalidated(x, shift, scale, *, is_rms: bool, eps: float):
+    """`modulate` for a caller that guarantees what `modulate` validates (`flowkern.nn.Modulate`: shift and scale
+    of one shape, [B, D] or x's, x's dtype and device; eps a number >= 0): dispatch only."""
+    d = x.shape[-1]
+    rows = x.numel() // d
+    group = 1 if shift.shape == x.shape else rows // x.shape[0]
+    op = NormOp("flowkern.ops.modulate", select_row_backend("flowkern.ops.modulate", x, d), is_rms, True, eps, group)
+    return apply_dual(op, x, scale, shift)

@@ -3,69 +3,15 @@
 y = xWᵀ + b and ẏ = ẋWᵀ (+ xẆᵀ + ḃ when the parameters carry tangents, e.g. `torch.func.jvp` with respect to
 them). The primal and tangent rows are stacked, [x; ẋ] [2M, K], and go through one GEMM (cuBLAS through
 torch.matmul: W is read once for both), with the bias added to the primal rows only. Both backends run this same
-code: a GEMM gains nothing from a hand-written Triton kernel here.
+code (flowkern/ops/linear/reference.py): a GEMM gains nothing from a hand-written Triton kernel here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
-import torch
-
 from flowkern._dispatch import select_backend
 from flowkern._validate import check_like, check_tensor
-from flowkern._fused import FusedOp, apply_dual, apply_explicit, primal
+from flowkern._fused import apply_dual, apply_explicit, primal
 from flowkern.ops._rows import check_tangent
-
-
-def linear_fwd(x2, weight, bias, x_t2, weight_t, bias_t, *, tangent: bool):
-    """(y, ẏ) of [M, K] rows (ẏ None unless `tangent`); x_t2 None means ẋ = 0 (only the parameters move)."""
-    if x_t2 is None:
-        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-        if not tangent:
-            return y, None
-        y_t = x2 @ weight_t.t() if weight_t is not None else torch.zeros_like(y)
-    else:
-        m = x2.shape[0]
-        out = torch.cat([x2, x_t2]) @ weight.t()  # [2M, N]: one GEMM, one read of W
-        y, y_t = out[:m], out[m:]
-        if bias is not None:
-            y.add_(bias)  # the primal rows only
-        if weight_t is not None:
-            y_t.addmm_(x2, weight_t.t())
-    if bias_t is not None:
-        y_t.add_(bias_t)
-    return y, y_t
-
-
-@dataclass(frozen=True)
-class LinearOp(FusedOp):
-    """y = xWᵀ + b over the last dim; inputs (x, weight, bias)."""
-
-    name: str
-    backend: str
-    n_inputs: ClassVar[int] = 3
-
-    def forward(self, inputs, tangents):
-        x, weight, bias = inputs
-        k, n = weight.shape[1], weight.shape[0]
-        x_t = w_t = b_t = None
-        if tangents is not None:
-            x_t, w_t, b_t = tangents
-        y, y_t = linear_fwd(x.reshape(-1, k), weight, bias, None if x_t is None else x_t.reshape(-1, k), w_t, b_t,
-                            tangent=tangents is not None)
-        shape = (*x.shape[:-1], n)
-        return y.view(shape), (None if y_t is None else y_t.view(shape)), ()
-
-    def backward(self, inputs, aux, dy, needs):
-        x, weight, bias = inputs
-        k, n = weight.shape[1], weight.shape[0]
-        dy2 = dy.reshape(-1, n)
-        dx = (dy2 @ weight).view(x.shape) if needs[0] else None
-        dw = dy2.t() @ x.reshape(-1, k) if needs[1] else None
-        db = dy2.sum(0, dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32).to(bias.dtype) \
-            if needs[2] else None
-        return dx, dw, db
+from flowkern.ops.linear.op import LinearOp
 
 
 def _op(name, x, weight, bias) -> LinearOp:
@@ -105,3 +51,10 @@ def linear_jvp(x, x_t, weight, bias=None, *, weight_t=None, bias_t=None):
                                    ("bias_t", bias_t, "bias", bias)):
         check_tangent(name, t, ref_name, ref)
     return apply_explicit(op, (x, weight, bias), (x_t, weight_t, bias_t))
+
+
+def linear_prevalidated(x, weight, bias):
+    """`linear` for a caller that guarantees what `linear` validates (`flowkern.nn.Linear`: x [..., K] of the
+    parameters' dtype and device): dispatch only."""
+    return apply_dual(LinearOp("flowkern.ops.linear", select_backend("flowkern.ops.linear", x.device, x.dtype)),
+                      x, weight, bias)

@@ -1,41 +1,10 @@
 """Gated residual `x + gate·y` (adaLN-zero), forward and tangent in one pass."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 from flowkern._validate import check_like
-from flowkern._fused import FusedOp, apply_dual, apply_explicit, launcher, primal, zeros_if_none
-from flowkern.ops._rows import as_rows, check_tangent, param_group, row_layout, select_row_backend
-
-
-@dataclass(frozen=True)
-class GatedResidualOp(FusedOp):
-    """out = x + g⊙y; inputs (x, g, y), g as a row parameter (flowkern/ops/_rows.py)."""
-
-    name: str
-    backend: str
-    group: int
-    n_inputs: ClassVar[int] = 3
-
-    def forward(self, inputs, tangents):
-        x, g, y = inputs
-        d = x.shape[-1]
-        x_t = g_t = y_t = None
-        if tangents is not None:
-            x_t, g_t, y_t = (zeros_if_none(t, p) for t, p in zip(tangents, inputs))
-        out, out_t = launcher(self.backend).gated_residual_fwd(
-            as_rows(x, d), as_rows(g, d), as_rows(y, d), as_rows(x_t, d), as_rows(g_t, d), as_rows(y_t, d),
-            group=self.group)
-        return out.view(x.shape), (None if out_t is None else out_t.view(x.shape)), ()
-
-    def backward(self, inputs, aux, dout, needs):
-        x, g, y = inputs
-        d = x.shape[-1]
-        dy, dg = launcher(self.backend).gated_residual_bwd(
-            as_rows(g, d), as_rows(y, d), as_rows(dout, d), group=self.group, need_dy=needs[2], need_dg=needs[1])
-        dg = None if dg is None else dg.reshape(g.shape).to(g.dtype)
-        return dout, dg, (None if dy is None else dy.view(y.shape))
+from flowkern._fused import apply_dual, apply_explicit, primal
+from flowkern.ops._rows import check_tangent, param_group, row_layout, select_row_backend
+from flowkern.ops.residual.op import GatedResidualOp
 
 
 def _op(name, x, gate, y) -> GatedResidualOp:
@@ -56,6 +25,17 @@ def gated_residual(x, gate, y):
         >>> x = flowkern.ops.gated_residual(x, gate_msa, attn_out)      # x [B, N, D], gate [B, D]
     """
     op = _op("flowkern.ops.gated_residual", primal(x), primal(gate), primal(y))
+    return apply_dual(op, x, gate, y)
+
+
+def gated_residual_prevalidated(x, gate, y):
+    """`gated_residual` for a caller that guarantees what it validates (`flowkern.nn.GatedResidual`: y of x's
+    shape, gate [B, D], [D] or x's shape, one dtype and device): dispatch only."""
+    d = x.shape[-1]
+    rows = x.numel() // d
+    group = 1 if gate.shape == x.shape else (rows if gate.shape == (d,) else rows // x.shape[0])
+    op = GatedResidualOp("flowkern.ops.gated_residual", select_row_backend("flowkern.ops.gated_residual", x, d),
+                         group)
     return apply_dual(op, x, gate, y)
 
 

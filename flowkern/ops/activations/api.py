@@ -1,36 +1,12 @@
 """GELU (exact and tanh) and SiLU with a fused forward-mode rule: y = f(x), ẏ = f'(x)·ẋ in one pass."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 from flowkern._dispatch import select_backend
 from flowkern._validate import check_like, check_tensor
-from flowkern._fused import FusedOp, apply_dual, apply_explicit, launcher, primal
+from flowkern._fused import apply_dual, apply_explicit, primal
+from flowkern.ops.activations.op import ActivationOp
 
 APPROXIMATIONS = ("none", "tanh")
-
-
-@dataclass(frozen=True)
-class ActivationOp(FusedOp):
-    """y = f(x) elementwise, f in 'silu', 'gelu' (exact), 'gelu_tanh'."""
-
-    name: str
-    backend: str
-    kind: str
-    n_inputs: ClassVar[int] = 1
-
-    def forward(self, inputs, tangents):
-        (x,) = inputs
-        x_t = None if tangents is None else tangents[0]  # not None when tangents is: x is the only input
-        y, y_t = launcher(self.backend).activation(x.contiguous(), None if x_t is None else x_t.contiguous(),
-                                                   kind=self.kind)
-        return y, y_t, ()
-
-    def backward(self, inputs, aux, dy, needs):
-        (x,) = inputs
-        _, dx = launcher(self.backend).activation(x.contiguous(), dy.contiguous(), kind=self.kind, write_y=False)
-        return (dx,)
 
 
 def _op(name, x, kind) -> ActivationOp:
@@ -70,3 +46,10 @@ def silu_jvp(x, x_t):
     op = _op("flowkern.ops.silu_jvp", x, "silu")
     check_like("x_t", x_t, "x", x)
     return apply_explicit(op, (x,), (x_t,))
+
+
+def activation_prevalidated(x, kind: str):
+    """`silu` (kind 'silu') or `gelu` (kind 'gelu' exact, 'gelu_tanh') for a caller that guarantees x is a tensor
+    (the flowkern modules): dispatch only."""
+    name = "flowkern.ops.silu" if kind == "silu" else "flowkern.ops.gelu"
+    return apply_dual(ActivationOp(name, select_backend(name, x.device, x.dtype), kind), x)

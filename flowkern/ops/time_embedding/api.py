@@ -1,51 +1,12 @@
 """Sinusoidal embedding of a time pair (t, s) or (t, t − s), always in float32, with its tangent in one pass."""
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 
 from flowkern._dispatch import select_backend
 from flowkern._validate import check_finite_scalar, check_int, check_like, check_tensor
-from flowkern._fused import FusedOp, apply_dual, apply_explicit, launcher, primal, zeros_if_none
-
-
-@dataclass(frozen=True)
-class TimeEmbeddingOp(FusedOp):
-    """E(t, s) [B, 2·dim]; inputs (t, s) as [B] tensors of the compute dtype (float32, or float64 on torch)."""
-
-    name: str
-    backend: str
-    dim: int
-    delta: bool
-    max_period: float
-    time_scale: float
-    n_inputs: ClassVar[int] = 2
-
-    def freqs(self, like: torch.Tensor) -> torch.Tensor:
-        """f_k = time_scale·max_period^(−k/half), k < half: the one table every backend uses."""
-        half = self.dim // 2
-        k = torch.arange(half, dtype=torch.float64, device=like.device)
-        return (self.time_scale * torch.exp(-math.log(self.max_period) * k / half)).to(like.dtype)
-
-    def forward(self, inputs, tangents):
-        t, s = inputs
-        t_t = s_t = None
-        if tangents is not None:
-            t_t, s_t = (zeros_if_none(x_t, x) for x_t, x in zip(tangents, inputs))
-        with torch.autocast(t.device.type, enabled=False):
-            e, e_t = launcher(self.backend).time_embedding_fwd(t, s, t_t, s_t, self.freqs(t), dim=self.dim,
-                                                               delta=self.delta)
-        return e, e_t, ()
-
-    def backward(self, inputs, aux, de, needs):
-        t, s = inputs
-        with torch.autocast(t.device.type, enabled=False):
-            dt, ds = launcher(self.backend).time_embedding_bwd(t, s, self.freqs(t), de.contiguous(), dim=self.dim,
-                                                               delta=self.delta)
-        return dt, ds
+from flowkern._fused import apply_dual, apply_explicit, primal
+from flowkern.ops.time_embedding.op import TimeEmbeddingOp
 
 
 def _compute_dtype(t: torch.Tensor, s: torch.Tensor) -> torch.dtype:

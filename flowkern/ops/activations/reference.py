@@ -1,0 +1,39 @@
+"""PyTorch backend of the activations family: y = f(x) and f'(x)·v elementwise, in the accumulation dtype.
+
+Same signature as `flowkern.ops.activations.triton_launch` (formulas in kernels/activations.py). Without a
+tangent, an input already in its accumulation dtype goes through the native `F.silu` / `F.gelu` (one op for
+autograd to differentiate).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from flowkern._precision import accumulation_dtype
+
+_NATIVE = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def _act_and_grad(x, kind: str):
+    if kind == "silu":
+        sig = torch.sigmoid(x)
+        return x * sig, sig * (1 + x * (1 - sig))
+    if kind == "gelu":
+        cdf = 0.5 * (1 + torch.erf(x * math.sqrt(0.5)))
+        return x * cdf, cdf + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    c = math.sqrt(2 / math.pi)
+    th = torch.tanh(c * (x + 0.044715 * x ** 3))
+    return 0.5 * x * (1 + th), 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * c * (1 + 0.134145 * x * x)
+
+
+def activation(x, v, *, kind: str, write_y: bool = True):
+    """(f(x) if write_y else None, f'(x)·v if v is not None else None)."""
+    acc = accumulation_dtype(x.dtype)
+    if v is None and x.dtype == acc:
+        return (_NATIVE[kind](x) if write_y else None), None
+    f, df = _act_and_grad(x.to(acc), kind)
+    y = f.to(x.dtype) if write_y else None
+    yv = (df * v.to(acc)).to(v.dtype) if v is not None else None
+    return y, yv
