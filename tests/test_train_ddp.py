@@ -68,17 +68,22 @@ def _mean_worker(rank: int, world: int, port: int, out_path: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from flowkern.methods.ctm import _mean_over_ranks
+        from flowkern.train.loop import _mean_gradients_over_ranks
 
-        grads = [torch.full((2, 3), float(rank + 1)), torch.arange(4.0) * (rank + 1)]
-        torch.save(_mean_over_ranks(grads), f"{out_path}.{rank}")
+        params = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4)),
+                  torch.nn.Parameter(torch.zeros(1))]
+        params[0].grad = torch.full((2, 3), float(rank + 1))
+        params[1].grad = torch.arange(4.0) * (rank + 1)          # params[2] has no gradient: left alone
+        _mean_gradients_over_ranks(params)
+        torch.save([params[0].grad, params[1].grad, params[2].grad], f"{out_path}.{rank}")
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_ctm_discriminator_gradients_are_averaged_over_ranks(tmp_path):
-    """CTM's discriminator steps inside the loss, outside DDP: its gradients are all-reduced explicitly."""
+def test_auxiliary_gradients_are_averaged_over_ranks(tmp_path):
+    """An auxiliary network (e.g. CTM's discriminator) is outside the DDP wrapper: the engine all-reduces its
+    gradients explicitly (the mean over ranks)."""
     mp.spawn(_mean_worker, args=(2, _free_port(), str(tmp_path / "g")), nprocs=2, join=True)
     for rank in range(2):
-        a, b = torch.load(tmp_path / f"g.{rank}")
-        assert torch.equal(a, torch.full((2, 3), 1.5)) and torch.equal(b, torch.arange(4.0) * 1.5)
+        a, b, c = torch.load(tmp_path / f"g.{rank}")
+        assert torch.equal(a, torch.full((2, 3), 1.5)) and torch.equal(b, torch.arange(4.0) * 1.5) and c is None
