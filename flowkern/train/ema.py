@@ -43,7 +43,8 @@ class EMA:
         return out
 
     def state_dict(self) -> dict:
-        return {"decays": self.decays, "updates": self.updates, "shadow": {str(d): [s.clone() for s in v] for d, v in self.shadow.items()}}
+        return {"decays": self.decays, "updates": self.updates,
+                "shadow": {str(d): [s.clone() for s in v] for d, v in self.shadow.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         decays = tuple(float(d) for d in state["decays"])

@@ -133,7 +133,8 @@ class Trainer:
             if not params:
                 raise ValueError(f"auxiliary network {name!r} has no trainable parameters")
             self.param_groups[name] = params
-            self.optimizers[name] = torch.optim.Adam(params, lr=aux.lr, betas=tuple(getattr(aux, "betas", (0.9, 0.999))),
+            betas = tuple(getattr(aux, "betas", (0.9, 0.999)))
+            self.optimizers[name] = torch.optim.Adam(params, lr=aux.lr, betas=betas,
                                                      weight_decay=getattr(aux, "weight_decay", 0.0))
             self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(self.optimizers[name],
                                                                       lambda s: lr_factor(s, config))
