@@ -1,15 +1,18 @@
-"""Few-step quality table (issue 6's bars): train the flow-matching teacher, then each distilled / consistency method,
-on the checkerboard and 8 Gaussians (CPU-sized), and print SW₂ / histogram KL to held-out data at 1/2/4/8 steps
-beside the teacher's 1-step and 100-step Euler values.
+"""Few-step quality table: train the flow-matching teacher, then each distilled / consistency method, on the
+checkerboard and 8 Gaussians (CPU-sized), and print SW₂ / histogram KL to held-out data at 1/2/4/8 steps beside the
+teacher's 1-step and 100-step Euler values; write the table, the command and the notes on the recipes to
+docs/results.md.
 
     python benchmarks/quality_table.py [--data checkerboard 8gaussians] [--methods pd cd ct ctm] [--jobs 2]
                                        [--out runs/quality] [--samples 10000] [--scale 1.0] [--seeds 1]
+                                       [--results docs/results.md]
 
-Every run goes through `flowkern train` with the recipe below (RECIPES: steps and options per method; --scale
-multiplies the steps), one CPU thread each; the datasets run as parallel lanes (--jobs). An existing run
-directory (OUT/<method>-<data>/quality.json) is reused, not retrained. Bars per method at 1 step: "far better than
-1 Euler step of its teacher" (here SW₂ at most a quarter of the teacher's 1-step SW₂) and "within 1.5× of the
-teacher's 100-step SW₂". The markdown table goes to stdout and OUT/table.md; the exit status is 1 if a bar fails.
+Every run is `flowkern train <method> --data D --seed k` with the method's shipped recipe
+(flowkern/train/recipes/<method>.toml and the method's constructor defaults; --scale multiplies the recipe's steps),
+one CPU thread each; the datasets run as parallel lanes (--jobs). An existing run directory
+(OUT/<method>-<data>/quality.json) is reused, not retrained. Bars per method at 1 step: "far better than 1 Euler step
+of its teacher" (here SW₂ at most a quarter of the teacher's 1-step SW₂) and "within 1.5× of the teacher's 100-step
+SW₂". The markdown table goes to stdout, OUT/table.md and the results page; the exit status is 1 if a bar fails.
 
 --seeds K trains each method K times (`flowkern train --seed 0..K-1`, directories <method>-<data> for seed 0 and
 <method>-<data>-seed<k> after it; one teacher, seed 0), reports the median over seeds of each SW₂ / KL, judges the
@@ -31,21 +34,57 @@ from flowkern.methods import get_method
 FAR_BETTER = 0.25    # SW2@1 ≤ this × teacher's 1-step Euler SW2
 WITHIN = 1.5         # SW2@1 ≤ this × teacher's 100-step Euler SW2
 STEPS = (1, 2, 4, 8)
-COMMON = ["--batch", "256", "--lr", "2e-3", "--lr-decay", "cosine", "--threads", "1", "--no-progress", "--no-nll"]
-# method: (training steps, extra `flowkern train` options)
-RECIPES = {
-    "fm": (8000, []),
-    # seven rounds of ~1140 steps, 64 → 1 student steps (the first teacher takes 128 Euler steps), the LR annealed to
-    # 0 within each round from 5e-4 (2e-3 restarts knock each new student off its teacher: 1-step SW2 on 8 Gaussians
-    # 0.088 / 0.097 over two seeds at 2e-3, 0.069 at 5e-4); a short EMA, so the 1-step student is not averaged with
-    # the 2-step one of the round before
-    "pd": (8000, ["--lr-decay", "none", "--eval-ema", "0.99", "--lr", "5e-4"]),
-    "cd": (9000, []),
-    # ECT's schedule in 6 stages (Δσ/σ halving each; ECT's 8 diverged in one run of six) with minibatch-OT pairing
-    # of data and noise (the sampler re-noises with the same coupling); see the README for the recipes it beat
-    "ct": (15000, ["--ct-schedule", "ect", "--ct-ect-stages", "6", "--ct-coupling", "ot"]),
-    "ctm": (6000, []),     # the CLI's --ctm-dsm-weight 0.1 (1.0: 1-step SW2 on 8 Gaussians 0.113 → 0.077 at 0.1)
-}
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+NOTES = """## What the table shows
+
+The teacher (fm, seed 0) and then `pd`, `cd`, `ct`, `ctm` (one row per method; with `--seeds 3` the median over seeds
+0, 1 and 2) on the checkerboard and 8 Gaussians: SW2 / histogram KL to 10 000 held-out points from 10 000 samples at
+1, 2, 4 and 8 sampling steps (the SW2 of two independent 10 000-point draws of the data is 0.054 for the checkerboard,
+0.034 for 8 Gaussians), and each seed's 1-step SW2. The bars, per model at 1 step: **far better than one Euler step
+of its teacher** (at most a quarter of it) and **within 1.5× of the teacher's 100-step SW2**. With `--seeds 3` the
+runs take about 2¼ hours on 2 cores (45 minutes with one seed), one CPU thread per run, the two datasets as parallel
+lanes.
+
+## The recipes
+
+A recipe is what `flowkern train <method> --data D` does with no other flag: the train-level settings in
+`flowkern/train/recipes/<method>.toml` (batch 256, lr 2e-3 with a cosine decay; fm 8000 steps, pd 8000 at lr 5e-4
+without decay and an eval EMA of 0.99, cd 9000, ct 15 000, ctm 6000) and the method-level settings as the method's
+constructor defaults; the network is `MLPFlowMap(2, hidden=128, depth=3)`.
+
+* **ct**: ECT's schedule in 6 stages (Δσ/σ halves each stage) with minibatch optimal-transport pairing of each batch's
+  data and noise, which straightens the paths the consistency function must jump along; its multistep sampler
+  re-noises with the same coupling (re-noised independently, an OT-trained model's 8-step samples are at SW2 0.50 on
+  8 Gaussians: the coupled process's intermediate marginals are not data + σ·ε).
+* **Why 6 stages, not ECT's 8**: with 8, one ct run of six diverged (the checkerboard with seed 1: in the 7th stage,
+  Δσ/σ ≈ (1 + 8·sigmoid(−σ))/128, its loss went from 0.15 to 1.3–3.3 at step 12 000 with gradient norms 20 → 55–76,
+  ending at SW2 0.353). Over seeds 0 / 1 / 2, 8 stages gave 0.105 / 0.353 / 0.106 on the checkerboard and 0.067 /
+  0.073 / 0.082 on 8 Gaussians; 6 stages give 0.101 / 0.097 / 0.106 and 0.061 / 0.060 / 0.065. Gradient norms grow
+  about 2× per ECT stage (clipped at 1): the shrinking Δσ is what a continuous-time stabiliser (sCM's tangent
+  normalisation) would address.
+* **What ct's recipe beat** (1-step SW2, bar 1.5× teacher@100): iCT's curriculum (N → 161) with OT pairing,
+  8 Gaussians over five runs 0.060–0.096 (three above the bar), checkerboard 0.117–0.130; iCT with independent
+  pairing 0.093 / 0.120 and 0.137; with independent pairing, 14 other recipes (curriculum end 40/160/1280, ECT,
+  lr 5e-4/1e-3/2e-3, batch 1024, width 256, dropout, l2, P_mean, 25 000 steps, constant LR with a long EMA) left
+  8 Gaussians between 0.089 and 0.18; with iCT + OT, lr 1e-3 or batch 512 did no better.
+* **pd**: lr 5e-4 instead of 2e-3 (a 2e-3 restart knocks each new student off its teacher: 8 Gaussians 0.088 / 0.097
+  over two seeds → 0.069 / 0.066), annealed to 0 within each of its seven rounds (64 → 1 student steps); a short
+  EMA, so the 1-step student is not averaged with the 2-step one of the round before. The student after the last
+  round is a 1-step model: its 2/4/8-step rows only show that it was not trained for them.
+* **ctm**: a DSM weight of 0.1 instead of 1.0 (0.113 → 0.077; 12 teacher Heun steps per target instead of 4 also gets
+  there, 0.085, at twice the cost).
+* **cd and ctm**: 40 Karras grid points, because the teacher's own 18-step Heun solve bounds CD (SW2 0.149 vs 0.100 at
+  40 steps on the checkerboard); CD's multistep samples get worse with more steps (its consistency function is least
+  accurate at σ ≈ 1–5).
+"""
+
+
+def recipe_steps(method: str) -> int:
+    """The training steps of the method's shipped recipe."""
+    from flowkern.train.run_config import recipe
+    from flowkern.train.run_options import TRAIN_OPTIONS
+
+    return recipe(method)["train"].get("steps", TRAIN_OPTIONS["steps"].default)
 
 
 def run(method: str, data: str, out: Path, samples: int, scale: float, seed: int = 0) -> dict:
@@ -54,10 +93,9 @@ def run(method: str, data: str, out: Path, samples: int, scale: float, seed: int
     name = f"{method}-{data}" + (f"-seed{seed}" if seed else "")
     run_dir = out / name
     if not (run_dir / "quality.json").is_file():
-        steps, extra = RECIPES[method]
         argv = [sys.executable, "-m", "flowkern", "train", method, "--data", data, "--out", str(run_dir),
-                "--steps", str(max(1, round(steps * scale))), "--samples", str(samples), "--seed", str(seed),
-                *COMMON, *extra]
+                "--steps", str(max(1, round(recipe_steps(method) * scale))), "--samples", str(samples),
+                "--seed", str(seed), "--threads", "1", "--no-progress", "--no-nll"]
         if getattr(get_method(method), "needs_teacher", False):
             argv += ["--teacher", str(out / f"fm-{data}" / "checkpoint.pt")]
         start = time.perf_counter()
@@ -102,15 +140,22 @@ def lane(data: str, methods: list[str], out: Path, samples: int, scale: float,
     return rows, failures
 
 
+def results_page(table: str, command: str) -> str:
+    """docs/results.md: the title, how the table was made, the table, then the notes on the recipes."""
+    return (f"# Few-step quality\n\nMade by `{command}` (CPU runs; each run is `flowkern train <method> --data D "
+            f"--seed k` with the method's shipped recipe).\n\n{table}\n\n{NOTES}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", nargs="+", default=["checkerboard", "8gaussians"])
-    p.add_argument("--methods", nargs="+", default=["pd", "cd", "ct", "ctm"], choices=[m for m in RECIPES if m != "fm"])
+    p.add_argument("--methods", nargs="+", default=["pd", "cd", "ct", "ctm"], choices=["pd", "cd", "ct", "ctm"])
     p.add_argument("--out", type=Path, default=Path("runs/quality"))
     p.add_argument("--samples", type=int, default=10000, help="samples and held-out points per evaluation")
     p.add_argument("--scale", type=float, default=1.0, help="multiplies every recipe's training steps")
     p.add_argument("--jobs", type=int, default=2, help="datasets trained in parallel (one CPU thread each)")
     p.add_argument("--seeds", type=int, default=1, help="runs per method (seeds 0..N-1); the table shows medians")
+    p.add_argument("--results", type=Path, default=RESULTS, help="the results page written (default docs/results.md)")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error(f"--seeds must be at least 1, got {args.seeds}")
@@ -123,6 +168,9 @@ def main(argv=None) -> int:
               "|---|---|---|" + "---|" * len(STEPS) + "---|"]
     table = "\n".join(header + [row for rows, _ in lanes for row in rows])
     (args.out / "table.md").write_text(table + "\n")
+    command = " ".join(["python3 benchmarks/quality_table.py", *(sys.argv[1:] if argv is None else argv)])
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(results_page(table, command))
     print(table)
     return 1 if any(failed for _, failed in lanes) else 0
 

@@ -1,7 +1,8 @@
 """`python -m flowkern` / `flowkern`: the command line.
 
     flowkern demo [--device cuda|cpu] [--seq N] [--heads H] [--head-dim D] [--dtype bf16|fp16|fp32]
-    flowkern train <method> [--data checkerboard] [--steps N] [--out DIR] ...   (see flowkern.train.cli)
+    flowkern train <method> [--config RUN.toml] [--data checkerboard] [--steps N] [--out DIR] ...
+                                                             (see flowkern.train.cli, docs/training.md)
     flowkern sample CHECKPOINT --out FILE.pt|FILE.png [--steps K]
     flowkern eval CHECKPOINT [--steps 1 2 4 8]
 
@@ -72,8 +73,15 @@ def _demo(args) -> int:
     return 0 if ok else 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one ``flowkern: error: ...`` line and exit status 2 (sub-command parsers inherit it)."""
+
+    def error(self, message):
+        self.exit(2, f"flowkern: error: {message}\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="flowkern", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="flowkern", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="check jvp_attention and compare it with torch.func.jvp over math SDPA")
     demo.add_argument("--device", choices=["cuda", "cpu"], default=None)
@@ -84,13 +92,13 @@ def main(argv=None) -> int:
     from flowkern.train import cli
 
     cli.add_parsers(sub)
-    args = parser.parse_args(argv)
-    if args.command in cli.COMMANDS:
-        try:
+    try:
+        args = parser.parse_args(cli.insert_method(list(sys.argv[1:] if argv is None else argv)))
+        if args.command in cli.COMMANDS:
             return cli.COMMANDS[args.command](args)
-        except cli.CLIError as err:
-            print(f"flowkern: error: {err}", file=sys.stderr)
-            return 2
+    except cli.CLIError as err:
+        print(f"flowkern: error: {err}", file=sys.stderr)
+        return 2
     if args.command == "demo":
         for name in ("seq", "heads", "head_dim"):
             value = getattr(args, name)

@@ -38,20 +38,39 @@ def test_single_seed_bars(tmp_path, quality_table, capsys):
     teacher(tmp_path, "moons")
     student(tmp_path, "pd-moons", "pd", 0.14)
     student(tmp_path, "cd-moons", "cd", 0.16)
-    code = quality_table.main(["--data", "moons", "--methods", "pd", "cd", "--out", str(tmp_path)])
+    code = quality_table.main(["--data", "moons", "--methods", "pd", "cd", "--out", str(tmp_path), "--results", str(tmp_path / "results.md")])
     table = capsys.readouterr().out
     assert code == 1                                      # cd misses the 1.5x bar
     pd_row, cd_row = (next(line for line in table.splitlines() if f"| {m} |" in line) for m in ("pd", "cd"))
     assert "0.140 / 1.40" in pd_row and "1.40× teacher@100 PASS" in pd_row and "0.140× Euler@1 PASS" in pd_row
     assert "1.60× teacher@100 FAIL" in cd_row
     assert "median" not in table and (tmp_path / "table.md").read_text() == table
+    page = (tmp_path / "results.md").read_text()
+    assert pd_row in page and "## The recipes" in page
+    assert "`python3 benchmarks/quality_table.py --data moons --methods pd cd --out" in page
+
+
+def test_runs_use_the_recipe_and_no_recipe_flags(tmp_path, quality_table, monkeypatch):
+    """Each run is `flowkern train <method> --data D --seed k` with the recipe's steps scaled, nothing else."""
+    calls = []
+
+    def fake_run(argv, **kw):
+        calls.append(argv)
+        return type("Done", (), {"returncode": 1})()
+
+    monkeypatch.setattr(quality_table.subprocess, "run", fake_run)
+    with pytest.raises(SystemExit):
+        quality_table.run("ct", "moons", tmp_path, 100, 0.5, seed=2)
+    argv = calls[0][3:]
+    assert argv == ["train", "ct", "--data", "moons", "--out", str(tmp_path / "ct-moons-seed2"), "--steps", "7500",
+                    "--samples", "100", "--seed", "2", "--threads", "1", "--no-progress", "--no-nll"]
 
 
 def test_seeds_take_the_median_and_list_every_seed(tmp_path, quality_table, capsys):
     teacher(tmp_path, "moons")
     for seed, one_step in enumerate((0.20, 0.12, 0.14)):      # one bad seed out of three: the median passes
         student(tmp_path, "ct-moons" + (f"-seed{seed}" if seed else ""), "ct", one_step)
-    assert quality_table.main(["--data", "moons", "--methods", "ct", "--seeds", "3", "--out", str(tmp_path)]) == 0
+    assert quality_table.main(["--data", "moons", "--methods", "ct", "--seeds", "3", "--out", str(tmp_path), "--results", str(tmp_path / "results.md")]) == 0
     table = capsys.readouterr().out
     row = next(line for line in table.splitlines() if "| ct |" in line)
     assert "median SW2 / KL @1" in table
@@ -66,4 +85,4 @@ def test_two_seeds_are_judged_on_the_worse(quality_table):
 
 def test_bad_seed_count(tmp_path, quality_table):
     with pytest.raises(SystemExit):
-        quality_table.main(["--seeds", "0", "--out", str(tmp_path)])
+        quality_table.main(["--seeds", "0", "--out", str(tmp_path), "--results", str(tmp_path / "results.md")])

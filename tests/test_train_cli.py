@@ -109,7 +109,8 @@ def test_nothing_overwritten(run_dir, tmp_path, capsys):
 
 
 def test_consistency_sigma_data_defaults_to_the_data_std(run_dir, tmp_path):
-    """--cd-sigma-data unset: EDM's σ_data is measured on the training data (≈2.03 for 8 Gaussians, not 0.5)."""
+    """σ_data unset: EDM's σ_data is measured on the training data (≈2.03 for 8 Gaussians, not 0.5); a run file's
+    [method] table may set it (a run value: no flag)."""
     from flowkern.data import get_dataset
     from flowkern.train.cli import restore
 
@@ -120,8 +121,9 @@ def test_consistency_sigma_data_defaults_to_the_data_std(run_dir, tmp_path):
     expected = get_dataset("8gaussians").data_std()
     assert method.sigma_data == pytest.approx(expected) and 1.9 < expected < 2.2
     out2 = tmp_path / "cd2"
+    (tmp_path / "run.toml").write_text("[method]\nsigma_data = 0.5\n")
     assert main(["train", "cd", "--data", "8gaussians", "--out", str(out2), "--teacher", str(run_dir / "checkpoint.pt"),
-                 "--cd-sigma-data", "0.5", *_with(TINY, "--steps", "2")]) == 0
+                 "--config", str(tmp_path / "run.toml"), *_with(TINY, "--steps", "2")]) == 0
     assert restore(torch.load(out2 / "checkpoint.pt", weights_only=False))[0].sigma_data == 0.5
 
 
@@ -133,8 +135,11 @@ def test_ctm_gan_from_the_command_line(run_dir, tmp_path):
     assert main(["train", "ctm", "--data", "8gaussians", "--out", str(out), "--teacher", str(run_dir / "checkpoint.pt"),
                  "--ctm-gan", "--ctm-num-scales", "6", *_with(TINY, "--steps", "2")]) == 0
     state = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert state["method_state"]["_extra_state"]["d_opt"]["state"]
     method, _ = restore(state)
+    if hasattr(method, "auxiliary_networks"):      # the engine owns the discriminator's optimiser
+        assert state["optimizers"]["discriminator"]["state"]
+    else:
+        assert state["method_state"]["_extra_state"]["d_opt"]["state"]
     assert method.gan and method.discriminator.net[0].in_features == 2
 
 
@@ -146,7 +151,7 @@ def test_dropout_is_part_of_the_architecture(tmp_path):
     assert main(["train", "ct", "--data", "8gaussians", "--out", str(out), "--dropout", "0.3",
                  *_with(TINY, "--steps", "2")]) == 0
     state = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert state["extra"]["arch"]["dropout"] == 0.3
+    assert state["arch"]["dropout"] == 0.3
     method, model = restore(state)
     x, t = torch.randn(64, 2), torch.full((64,), 0.5)
     method.model.train()

@@ -16,9 +16,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(batch: int, out_path: str):
-    """Train the deterministic Regression method; returns (losses, params) and saves them (rank 0)."""
-    from train_utils import Regression, one_thread, tiny_net
+def _run(batch: int, out_path: str, critic: bool = False):
+    """Train the deterministic Regression method (with `critic`: WithCritic, which has an auxiliary network);
+    returns (losses, params) and saves them (every rank)."""
+    from train_utils import Regression, WithCritic, one_thread, tiny_net
 
     import flowkern
     from flowkern.data import get_dataset
@@ -26,22 +27,23 @@ def _run(batch: int, out_path: str):
 
     with flowkern.use_backend("torch"), one_thread():
         config = TrainConfig(steps=STEPS, batch=batch, lr=1e-2, warmup=2, ema_decays=(0.9,), eval_ema=0.9)
-        trainer = Trainer(Regression(tiny_net()), get_dataset("8gaussians").sample, config, progress=False)
+        method = WithCritic(tiny_net()) if critic else Regression(tiny_net())
+        trainer = Trainer(method, get_dataset("8gaussians").sample, config, progress=False)
         losses = trainer.fit()
-    params = [p.detach().clone() for p in trainer.method.model.parameters()]
+    params = [p.detach().clone() for p in trainer.method.parameters()]
     torch.save({"losses": losses, "params": params, "world": trainer.world, "ddp": type(trainer.net).__name__},
                f"{out_path}.{trainer.rank}")
     return losses, params
 
 
-def _worker(rank: int, world: int, port: int, out_path: str):
+def _worker(rank: int, world: int, port: int, out_path: str, critic: bool = False):
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     try:
-        _run(BATCH, out_path)
+        _run(BATCH, out_path, critic)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -64,21 +66,41 @@ def test_ddp_matches_single_process_with_doubled_batch(tmp_path, monkeypatch):
     assert single_losses[-1] < 0.9 * single_losses[0]
 
 
+def test_ddp_auxiliary_network_matches_single_process(tmp_path, monkeypatch):
+    """An auxiliary network outside DDP: its gradients are averaged over the ranks, so both ranks hold the same
+    weights, equal to one process with the doubled batch."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    single_losses, single_params = _run(2 * BATCH, str(tmp_path / "single"), critic=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "ddp"), True), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"ddp.{r}") for r in range(2)]
+    torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(single_losses), rtol=1e-4, atol=1e-6)
+    assert len(single_params) == len(ranks[0]["params"]) > 2       # the model's and the critic's parameters
+    for a, b, c in zip(ranks[0]["params"], ranks[1]["params"], single_params):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
+
+
 def _mean_worker(rank: int, world: int, port: int, out_path: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from flowkern.methods.ctm import _mean_over_ranks
+        from flowkern.train.loop import _mean_gradients_over_ranks
 
-        grads = [torch.full((2, 3), float(rank + 1)), torch.arange(4.0) * (rank + 1)]
-        torch.save(_mean_over_ranks(grads), f"{out_path}.{rank}")
+        params = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4)),
+                  torch.nn.Parameter(torch.zeros(1))]
+        params[0].grad = torch.full((2, 3), float(rank + 1))
+        params[1].grad = torch.arange(4.0) * (rank + 1)          # params[2] has no gradient: left alone
+        _mean_gradients_over_ranks(params)
+        torch.save([params[0].grad, params[1].grad, params[2].grad], f"{out_path}.{rank}")
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_ctm_discriminator_gradients_are_averaged_over_ranks(tmp_path):
-    """CTM's discriminator steps inside the loss, outside DDP: its gradients are all-reduced explicitly."""
+def test_auxiliary_gradients_are_averaged_over_ranks(tmp_path):
+    """An auxiliary network (e.g. CTM's discriminator) is outside the DDP wrapper: the engine all-reduces its
+    gradients explicitly (the mean over ranks)."""
     mp.spawn(_mean_worker, args=(2, _free_port(), str(tmp_path / "g")), nprocs=2, join=True)
     for rank in range(2):
-        a, b = torch.load(tmp_path / f"g.{rank}")
-        assert torch.equal(a, torch.full((2, 3), 1.5)) and torch.equal(b, torch.arange(4.0) * 1.5)
+        a, b, c = torch.load(tmp_path / f"g.{rank}")
+        assert torch.equal(a, torch.full((2, 3), 1.5)) and torch.equal(b, torch.arange(4.0) * 1.5) and c is None

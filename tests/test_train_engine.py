@@ -190,3 +190,83 @@ def test_exact_resume(tmp_path, optimizer):
     for d in (0.9, 0.99):
         for s, q in zip(second.ema.shadow[d], straight.ema.shadow[d]):
             assert torch.equal(s, q)
+
+
+# -- auxiliary networks (a method's second network, e.g. a discriminator) -------------------------------------------
+def _critic_trainer(steps=4, **kw):
+    from train_utils import WithCritic
+
+    method = WithCritic(tiny_net(), nan_critic_at=kw.pop("nan_critic_at", ()))
+    return _trainer(method, steps=steps, batch=16, **kw)
+
+
+def test_auxiliary_gets_only_its_own_gradient():
+    """Each network's gradient is that of its own term alone (the model's term goes through the critic)."""
+    trainer = _critic_trainer(grad_clip=None, warmup=0)
+    method = trainer.method
+    gen = torch.Generator()
+    gen.set_state(trainer.data_generator.get_state())
+    x0 = get_dataset("8gaussians").sample(16, gen)
+    terms = method.terms(method.model, x0, 0)
+    critic = list(method.critic.parameters())
+    expected_critic = torch.autograd.grad(terms["critic"], critic, retain_graph=True)
+    expected_model = torch.autograd.grad(terms["model"], trainer.params)
+    record = trainer.train_step()
+    for p, g in zip(critic, expected_critic):
+        torch.testing.assert_close(p.grad, g)
+    for p, g in zip(trainer.params, expected_model):
+        torch.testing.assert_close(p.grad, g)
+    assert record["critic_loss"] == pytest.approx(terms["critic"].item())
+    assert all(id(p) not in {id(q) for q in critic} for p in trainer.params)
+
+
+def test_auxiliary_optimizer_is_adam_scheduled_and_clipped():
+    trainer = _critic_trainer(warmup=4, grad_clip=1e-3)
+    opt = trainer.optimizers["critic"]
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["betas"] == (0.5, 0.9)
+    lrs = []
+    for _ in range(3):
+        record = trainer.train_step()
+        lrs.append(opt.param_groups[0]["lr"])
+        norm = torch.sqrt(sum((p.grad ** 2).sum() for p in trainer.method.critic.parameters()))
+        assert norm.item() <= 1e-3 * (1 + 1e-5) and record["critic_grad_norm"] > 1e-3
+    assert lrs == pytest.approx([1e-2 * 0.5, 1e-2 * 0.75, 1e-2 * 1.0])   # the run's warm-up times its own lr
+
+
+def test_auxiliary_nan_skips_the_step():
+    trainer = _critic_trainer(steps=2, nan_critic_at=(2,), warmup=0)
+    trainer.fit()
+    critic = [p.detach().clone() for p in trainer.method.critic.parameters()]
+    model = [p.detach().clone() for p in trainer.params]
+    trainer.fit(3)
+    assert trainer.skipped == 1
+    assert all(torch.equal(p, q) for p, q in zip(trainer.method.critic.parameters(), critic))
+    assert all(torch.equal(p, q) for p, q in zip(trainer.params, model))
+    trainer.fit(4)
+    assert not all(torch.equal(p, q) for p, q in zip(trainer.method.critic.parameters(), critic))
+
+
+def test_auxiliary_optimizer_resumes_exactly(tmp_path):
+    straight = _critic_trainer(steps=6)
+    straight.fit()
+    first = _critic_trainer(steps=6)
+    first.fit(3)
+    first.save(tmp_path / "ck.pt")
+    state = torch.load(tmp_path / "ck.pt", weights_only=False)
+    assert set(state["optimizers"]) == {"model", "critic"} and state["optimizers"]["critic"]["state"]
+    assert set(state["schedulers"]) == {"model", "critic"}
+    second = _critic_trainer(steps=6)
+    second.load(tmp_path / "ck.pt")
+    second.fit()
+    assert second.losses == straight.losses
+    for p, q in zip(second.method.critic.parameters(), straight.method.critic.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_loss_terms_are_checked():
+    class Bad(Regression):
+        def loss(self, net, x0, step):
+            return {"critic": super().loss(net, x0, step)[0]}, {}
+
+    with pytest.raises(TypeError, match="'model' term"):
+        _trainer(Bad(tiny_net()), steps=1).train_step()

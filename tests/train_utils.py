@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 
@@ -50,3 +51,42 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@dataclasses.dataclass
+class Aux:
+    """The fields of `flowkern.methods.base.Auxiliary` the engine reads."""
+
+    module: torch.nn.Module
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+
+
+class WithCritic(Method):
+    """Regression plus an auxiliary network `critic` (a linear map on samples). The model's term goes through the
+    critic, the critic's term through the model: each network must get only its own term's gradient. Deterministic
+    (no RNG); `nan_critic_at`: steps whose critic term is NaN."""
+
+    name = "with_critic"
+
+    def __init__(self, model, *, critic_lr: float = 1e-2, nan_critic_at=()):
+        super().__init__(model)
+        torch.manual_seed(3)
+        self.critic = torch.nn.Linear(2, 1)
+        self.critic_lr, self.nan_critic_at = critic_lr, set(nan_critic_at)
+
+    def auxiliary_networks(self):
+        return {"critic": Aux(self.critic, self.critic_lr, betas=(0.5, 0.9))}
+
+    def terms(self, net, x0, step):
+        half = torch.full((x0.shape[0],), 0.5)
+        y = net(x0, half, half)
+        model = (y - x0.flip(-1)).pow(2).mean() + self.critic(y).mean()
+        critic = (self.critic(x0) - 1).pow(2).mean() + self.critic(y).pow(2).mean()
+        if step in self.nan_critic_at:
+            critic = critic * float("nan")
+        return {"model": model, "critic": critic}
+
+    def loss(self, net, x0, step):
+        return self.terms(net, x0, step), {}

@@ -1,119 +1,66 @@
-"""`flowkern train | sample | eval`: the main job on the embedded data.
+"""`flowkern train | sample | eval`: the main job on the embedded data (docs/training.md).
 
-    flowkern train <method> [--data checkerboard] [--steps N] [--batch B] [--lr LR] [--out DIR] [--teacher PATH]
-                            [--seed S] [--resume] [method options]
+    flowkern train <method> [--config RUN.toml] [--data checkerboard] [--steps N] [--batch B] [--lr LR] [--out DIR]
+                            [--teacher PATH] [--seed S] [--resume] [--{method}-{parameter} VALUE ...]
+    flowkern train --config RUN.toml [options]        (the method named in the run file)
     flowkern sample CHECKPOINT --out FILE.pt|FILE.png [--steps K] [--n N] [--seed S]
     flowkern eval CHECKPOINT [--steps 1 2 4 8] [--samples N] [--nll]
 
-`train` writes DIR/checkpoint.pt, DIR/metrics.jsonl, DIR/samples.png, DIR/loss.png, DIR/quality.json and prints a
-table of few-step quality (SW₂ and histogram KL to held-out data at 1/2/4/8 steps; for fm also 100 Euler steps; for a
-distilled method also its teacher at 1 and 100 Euler steps). Bad input exits with status 2 and a message, before
-anything is written. Under `torchrun --nproc-per-node W`, --batch is per process.
+Every setting has a default from the method's recipe (flowkern/train/recipes/<method>.toml: `flowkern train ct
+--data 8gaussians` is the ct of docs/results.md), a run file may override it and the command line overrides both.
+The method's flags come from its constructor. `train` writes DIR/config.toml (the resolved run), DIR/checkpoint.pt,
+DIR/metrics.jsonl, DIR/samples.png, DIR/loss.png, DIR/quality.json and prints a table of few-step quality (SW₂ and
+histogram KL to held-out data at 1/2/4/8 steps; for fm also 100 Euler steps; for a distilled method also its teacher
+at 1 and 100 Euler steps). Bad input exits with status 2 and one ``flowkern: error: ...`` line, before anything is
+written. Under `torchrun --nproc-per-node W`, --batch is per process.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
-from argparse import Namespace
 from pathlib import Path
 
 import torch
 
-from flowkern.train import checkpoint
+from flowkern.train import checkpoint, method_options, run_config
 from flowkern.train.evaluate import STEPS, draw, format_table, ode_nll, score
+from flowkern.train.rebuild import build_method, network, restore
+from flowkern.train.rebuild import RUN_KEYS
+from flowkern.train.run_options import (
+    TRAIN_OPTIONS,
+    CLIError,
+    Run,
+    add_train_flags,
+    method_class,
+    method_from_run_file,
+    resolve,
+)
 
-DEFAULTS = {"data": "checkerboard", "steps": 1500, "batch": 256, "lr": 2e-3, "hidden": 128, "depth": 3,
-            "time_dim": 64, "warmup": 100, "lr_decay": "none", "ema": (0.99, 0.999), "eval_ema": 0.999, "seed": 0,
-            "samples": 5000}
+__all__ = ["COMMANDS", "CLIError", "add_parsers", "insert_method", "restore"]
 
-
-class CLIError(Exception):
-    """Bad input: printed as ``flowkern: error: ...`` with exit status 2."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-
-
-def _positive_float(text: str) -> float:
-    value = _float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = _float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
+_positive_int = TRAIN_OPTIONS["steps"].parse
 
 
 # -- parsers ----------------------------------------------------------------------------------------------------------
-def _common_train_options(p: argparse.ArgumentParser) -> None:
-    from flowkern.data import DATASET_NAMES
-
-    d = DEFAULTS
-    p.add_argument("--data", choices=DATASET_NAMES, default=d["data"], help=f"dataset (default {d['data']})")
-    p.add_argument("--steps", type=_positive_int, default=d["steps"], help=f"total steps (default {d['steps']})")
-    p.add_argument("--batch", type=_positive_int, default=d["batch"], help="rows per process per step")
-    p.add_argument("--lr", type=_positive_float, default=d["lr"], help=f"peak learning rate (default {d['lr']})")
-    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<method>-<data>)")
-    p.add_argument("--teacher", type=Path, default=None, help="flow-matching checkpoint (pd, cd, ctm)")
-    p.add_argument("--seed", type=int, default=d["seed"])
-    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out up to --steps")
-    p.add_argument("--optimizer", choices=("adamw", "radam"), default="adamw")
-    p.add_argument("--warmup", type=int, default=d["warmup"], help="linear LR warm-up steps")
-    p.add_argument("--lr-decay", choices=("none", "cosine"), default=d["lr_decay"],
-                   help=f"after the warm-up: a constant LR or a cosine to 0 at the last step (default {d['lr_decay']})")
-    p.add_argument("--grad-clip", type=_positive_float, default=1.0)
-    p.add_argument("--ema", type=float, nargs="+", default=list(d["ema"]), help="EMA decays kept")
-    p.add_argument("--eval-ema", type=float, default=d["eval_ema"], help="the EMA decay used to sample")
-    p.add_argument("--hidden", type=_positive_int, default=d["hidden"], help="MLPFlowMap width")
-    p.add_argument("--depth", type=_positive_int, default=d["depth"], help="MLPFlowMap residual blocks")
-    p.add_argument("--dropout", type=_probability, default=0.0,
-                   help="MLPFlowMap dropout inside each block (iCT's regulariser; ct, cd and ctm replay the grad "
-                        "pass's masks in their target passes)")
-    p.add_argument("--samples", type=_positive_int, default=d["samples"], help="samples for the quality table")
-    p.add_argument("--log-every", type=_positive_int, default=25)
-    p.add_argument("--checkpoint-every", type=int, default=0)
-    p.add_argument("--threads", type=_positive_int, default=1,
-                   help="torch CPU threads (default 1: these small MLPs gain little from more, and spinning threads "
-                        "on a busy machine cost up to 10x)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--no-nll", action="store_true", help="skip the ODE NLL (fm on 2-D data)")
-
-
 def add_parsers(sub) -> None:
     """Add `train`, `sample` and `eval` to the `flowkern` sub-command parsers."""
-    from flowkern.methods import METHODS, get_method
+    from flowkern.methods import METHODS
 
     train = sub.add_parser("train", help="train a method on embedded data", description=__doc__.splitlines()[0])
     methods = train.add_subparsers(dest="method", required=True, metavar="method",
                                    help=f"one of: {', '.join(METHODS)}")
     for name in METHODS:
-        p = methods.add_parser(name)
-        _common_train_options(p)
         try:
-            cls = get_method(name)
-        except ImportError:
+            cls = method_class(name)
+        except CLIError:
             continue   # reported when the method is run
-        cls.add_options(p.add_argument_group(f"{name} options"))
+        p = methods.add_parser(name, help=(cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None)
+        p.add_argument("--config", type=Path, default=None, help="a run file (TOML: [train] and [method] tables)")
+        p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out up to --steps")
+        add_train_flags(p, run_config.recipe(name)["train"])
+        method_options.add_method_flags(p.add_argument_group(f"{name} options"), name,
+                                        method_options.method_options(cls))
 
     sample = sub.add_parser("sample", help="draw samples from a trained checkpoint")
     sample.add_argument("checkpoint", type=Path)
@@ -125,24 +72,37 @@ def add_parsers(sub) -> None:
     ev = sub.add_parser("eval", help="few-step quality of a trained checkpoint")
     ev.add_argument("checkpoint", type=Path)
     ev.add_argument("--steps", type=_positive_int, nargs="+", default=list(STEPS))
-    ev.add_argument("--samples", type=_positive_int, default=DEFAULTS["samples"])
+    ev.add_argument("--samples", type=_positive_int, default=5000)
     ev.add_argument("--nll", action="store_true", help="also the ODE NLL (methods with a velocity)")
 
 
-# -- building models and methods from checkpoints -------------------------------------------------------------------
-def _network(arch: dict) -> torch.nn.Module:
-    from flowkern.nn import MLPFlowMap
+def insert_method(argv: list[str]) -> list[str]:
+    """``train --config FILE ...`` without a method: the argv with the run file's method inserted after `train`."""
+    if len(argv) < 2 or argv[0] != "train" or not argv[1].startswith("-") or argv[1] in ("-h", "--help"):
+        return argv
+    path = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+    if path is None:
+        return argv
+    return [argv[0], method_from_run_file(path), *argv[1:]]
 
-    return MLPFlowMap(arch["dim"], hidden=arch["hidden"], depth=arch["depth"], time_dim=arch["time_dim"],
-                      dropout=arch.get("dropout", 0.0))
 
-
-def _method_class(name: str):
-    from flowkern.methods import get_method
-
+# -- the steps of `flowkern train` -------------------------------------------------------------------------------
+def _load(path: Path, method: str | None = None, keys=checkpoint.ENGINE_KEYS) -> dict:
     try:
-        return get_method(name)
-    except (ValueError, ImportError) as err:
+        return checkpoint.load(path, method=method, keys=keys)
+    except checkpoint.CheckpointError as err:
+        raise CLIError(str(err)) from None
+
+
+def _restore(state: dict):
+    try:
+        return restore(state)
+    except checkpoint.CheckpointError as err:
         raise CLIError(str(err)) from None
 
 
@@ -155,34 +115,110 @@ def _dataset(name: str):
         raise CLIError(str(err)) from None
 
 
-def _load(path: Path, method: str | None = None) -> dict:
+def _resume_state(run: Run) -> dict | None:
+    """The checkpoint to continue (--resume), None for a fresh run; refuses to overwrite a run."""
+    ckpt = run.out / "checkpoint.pt"
+    if not run.resume:
+        if ckpt.exists():
+            raise CLIError(f"{str(ckpt)!r} already exists; pass --resume to continue it or choose another --out")
+        return None
+    if not ckpt.is_file():
+        raise CLIError(f"--resume: {str(ckpt)!r} does not exist")
+    state = _load(ckpt, method=run.method, keys=RUN_KEYS)
+    if state["data"] != run.train["data"]:
+        raise CLIError(f"--resume: the checkpoint was trained on {state['data']!r}, not {run.train['data']!r}")
+    if state["step"] >= run.train["steps"]:
+        raise CLIError(f"--resume: the checkpoint is at step {state['step']}; pass --steps above it")
+    return state
+
+
+def _load_teacher(run: Run):
+    """(frozen EMA network, its architecture) of the --teacher flow-matching checkpoint, or None."""
+    needs = getattr(run.cls, "needs_teacher", False)
+    path = run.train["teacher"]
+    if path is None:
+        if needs:
+            raise CLIError(f"method {run.method!r} distils a teacher: pass --teacher PATH (a checkpoint of "
+                           f"'flowkern train fm')")
+        return None
+    if not needs:
+        raise CLIError(f"method {run.method!r} trains from data: --teacher is not used by {run.method!r}")
+    state = _load(Path(path), method="fm", keys=RUN_KEYS)
+    if state["data"] != run.train["data"]:
+        raise CLIError(f"--teacher was trained on {state['data']!r}, not {run.train['data']!r}")
+    return _restore(state)[1], state["arch"]
+
+
+def _train_config(run: Run):
+    from flowkern.train.config import TrainConfig
+
+    t = run.train
     try:
-        return checkpoint.load(path, method=method)
-    except checkpoint.CheckpointError as err:
+        return TrainConfig(steps=t["steps"], batch=t["batch"], lr=t["lr"], optimizer=t["optimizer"],
+                           warmup=t["warmup"], lr_decay=t["lr_decay"], grad_clip=t["grad_clip"],
+                           ema_decays=tuple(t["ema"]), eval_ema=t["eval_ema"], log_every=t["log_every"],
+                           checkpoint_every=t["checkpoint_every"], seed=t["seed"])
+    except (TypeError, ValueError) as err:
         raise CLIError(str(err)) from None
 
 
-def restore(state: dict):
-    """(method, eval_model) rebuilt from a training checkpoint; eval_model carries the eval EMA weights."""
-    from flowkern.train.config import TrainConfig
-    from flowkern.train.ema import EMA
-
-    cls = _method_class(state["method"])
-    extra = state["extra"]
-    teacher = _network(extra["teacher_arch"]) if extra.get("teacher_arch") else None
-    method = cls.from_options(_network(extra["arch"]), Namespace(**extra["options"]), teacher=teacher)
-    method.load_state_dict(state["method_state"])
-    config = TrainConfig.from_dict(state["config"])
-    ema = EMA(method.model, config.ema_decays)
-    ema.load_state_dict(state["ema"])
-    return method, ema.averaged(config.eval_ema)
+def _architecture(run: Run, dataset, teacher, state) -> dict:
+    """The network's constructor arguments: the checkpoint's on resume, the teacher's for a method that starts
+    from it, else the run's --hidden/--depth/--time-dim/--dropout."""
+    if state is not None:
+        return state["arch"]
+    if teacher is not None and getattr(run.cls, "init_from_teacher", False):
+        return dict(teacher[1])
+    t = run.train
+    return {"dim": dataset.dim, "hidden": t["hidden"], "depth": t["depth"], "time_dim": t["time_dim"],
+            "dropout": t["dropout"]}
 
 
-def _teacher(path: Path):
-    """The frozen EMA network of a flow-matching checkpoint, and its architecture."""
-    state = _load(path, method="fm")
-    _, model = restore(state)
-    return model, state["extra"]["arch"], state["extra"]["data"]
+def _build_network(run: Run, arch: dict, teacher) -> torch.nn.Module:
+    from flowkern import _rng
+
+    _rng.seed_all(run.train["seed"])   # the initial weights (and an auxiliary network's) follow --seed too
+    model = network(arch)
+    if teacher is not None and getattr(run.cls, "init_from_teacher", False):
+        model.load_state_dict(teacher[0].state_dict())
+    return model
+
+
+def _build_method(run: Run, model, dataset, teacher):
+    """(method, its keyword arguments): the run's method values over the constructor defaults, plus the run values
+    (sigma_data: the data's standard deviation, total_steps: --steps, data_dim: features per sample)."""
+    run_values = {"sigma_data": dataset.data_std(), "total_steps": run.train["steps"],
+                  "data_dim": math.prod(dataset.shape)}
+    try:
+        kwargs = method_options.resolve(run.cls, run.method_values, run_values)
+        method = build_method(run.cls, model, kwargs, None if teacher is None else teacher[0])
+    except (TypeError, ValueError) as err:
+        raise CLIError(f"{run.method}: {err}") from None
+    return method, kwargs
+
+
+def _report(run: Run, trainer, method, dataset, teacher, seconds: float) -> None:
+    """Rank 0: the quality table (printed and in quality.json), samples.png and loss.png."""
+    from flowkern.train.plots import plot_loss, plot_samples
+
+    out = run.out
+    print(f"trained {run.method} on {run.train['data']}: {trainer.config.steps} steps in {seconds:.1f} s "
+          f"({trainer.skipped} skipped); run directory {out}")
+    nll = run.train["nll"] and dataset.dim == 2
+    result, drawn, reference = _quality(method, trainer.eval_model(), dataset, run.train["samples"],
+                                        teacher=None if teacher is None else teacher[0], nll=nll)
+    plot_samples(drawn, reference[:4000], out / "samples.png", title=f"{run.method} on {run.train['data']}")
+    plot_loss(trainer.losses, out / "loss.png", title=f"{run.method} loss")
+    (out / "quality.json").write_text(json.dumps(
+        {"steps": trainer.step_count, "train_seconds": seconds, **{k: v for k, v in result.items() if k != "rows"},
+         "rows": {label: scores for label, scores in result["rows"]}}, indent=1))
+    _print_quality(result, (*STEPS, 100) if run.method == "fm" or teacher is not None else STEPS)
+
+
+def _resolved_train_table(run: Run) -> dict:
+    """The [train] table of the run's config.toml: the method, then every train-level setting."""
+    train = {"method": run.method, **run.train, "out": str(run.out)}
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in train.items()}
 
 
 # -- commands ---------------------------------------------------------------------------------------------------------
@@ -214,85 +250,31 @@ def _print_quality(result: dict, steps) -> None:
 
 
 def train(args) -> int:
-    from flowkern.train import distributed, rng
-    from flowkern.train.config import TrainConfig
+    """`flowkern train`: resolve the run, check it, build data, networks, method and trainer, fit, report."""
+    from flowkern.train import distributed
     from flowkern.train.loop import Trainer
-    from flowkern.train.plots import plot_loss, plot_samples
 
-    torch.set_num_threads(args.threads)
-    cls = _method_class(args.method)
-    dataset = _dataset(args.data)
-    out = args.out or Path("runs") / f"{args.method}-{args.data}"
-    ckpt = out / "checkpoint.pt"
-    state = None
-    if args.resume:
-        if not ckpt.is_file():
-            raise CLIError(f"--resume: {str(ckpt)!r} does not exist")
-        state = _load(ckpt, method=args.method)
-        if state["extra"]["data"] != args.data:
-            raise CLIError(f"--resume: the checkpoint was trained on {state['extra']['data']!r}, not {args.data!r}")
-        if state["step"] >= args.steps:
-            raise CLIError(f"--resume: the checkpoint is at step {state['step']}; pass --steps above it")
-    elif ckpt.exists():
-        raise CLIError(f"{str(ckpt)!r} already exists; pass --resume to continue it or choose another --out")
-    needs = getattr(cls, "needs_teacher", False)
-    if args.teacher is None and needs:
-        raise CLIError(f"method {args.method!r} distils a teacher: pass --teacher PATH (a checkpoint of "
-                       f"'flowkern train fm')")
-    if args.teacher is not None and args.method == "fm":
-        raise CLIError("flow matching trains from data: --teacher is not used by 'fm'")
-    try:
-        config = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, optimizer=args.optimizer,
-                             warmup=args.warmup, lr_decay=args.lr_decay, grad_clip=args.grad_clip,
-                             ema_decays=tuple(args.ema),
-                             eval_ema=args.eval_ema, log_every=args.log_every,
-                             checkpoint_every=args.checkpoint_every, seed=args.seed)
-    except (TypeError, ValueError) as err:
-        raise CLIError(str(err)) from None
-    teacher = teacher_arch = None
-    arch = {"dim": dataset.dim, "hidden": args.hidden, "depth": args.depth, "time_dim": DEFAULTS["time_dim"],
-            "dropout": args.dropout}
-    if args.teacher is not None:
-        teacher, teacher_arch, teacher_data = _teacher(args.teacher)
-        if teacher_data != args.data:
-            raise CLIError(f"--teacher was trained on {teacher_data!r}, not {args.data!r}")
-        if getattr(cls, "init_from_teacher", False):
-            arch = dict(teacher_arch)
-    if state is not None:
-        arch = state["extra"]["arch"]
-    rng.seed_all(args.seed)   # the initial weights (and a discriminator's) follow --seed too
-    model = _network(arch)
-    if teacher is not None and getattr(cls, "init_from_teacher", False):
-        model.load_state_dict(teacher.state_dict())
-    args.data_dim = math.prod(dataset.shape)   # for methods with a discriminator on samples (ctm --ctm-gan)
-    data_std = f"{args.method}_sigma_data"
-    if hasattr(args, data_std) and getattr(args, data_std) is None:   # EDM's σ_data, measured on the data
-        setattr(args, data_std, dataset.data_std())
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
-    try:
-        method = cls.from_options(model, Namespace(**options), teacher=teacher)
-    except (TypeError, ValueError) as err:
-        raise CLIError(f"{args.method}: {err}") from None
-    extra = {"arch": arch, "teacher_arch": teacher_arch, "data": args.data, "options": options}
-    trainer = Trainer(method, dataset.sample, config, out_dir=out, extra=extra, progress=not args.no_progress)
+    run = resolve(args)
+    torch.set_num_threads(run.train["threads"])
+    state = _resume_state(run)
+    teacher = _load_teacher(run)
+    dataset = _dataset(run.train["data"])
+    config = _train_config(run)
+    arch = _architecture(run, dataset, teacher, state)
+    method, kwargs = _build_method(run, _build_network(run, arch, teacher), dataset, teacher)
+    train_table = _resolved_train_table(run)
+    extra = {"method_kwargs": kwargs, "arch": arch, "teacher_arch": None if teacher is None else teacher[1],
+             "data": run.train["data"], "run": train_table}
+    trainer = Trainer(method, dataset.sample, config, out_dir=run.out, extra=extra, progress=run.train["progress"])
     if state is not None:
         trainer.load(state)
+    if trainer.rank == 0:
+        run_config.write(run.out / "config.toml", train_table, kwargs)
     start = time.perf_counter()
     trainer.fit()
     seconds = time.perf_counter() - start
     if trainer.rank == 0:
-        print(f"trained {args.method} on {args.data}: {config.steps} steps in {seconds:.1f} s "
-              f"({trainer.skipped} skipped); run directory {out}")
-        model = trainer.eval_model()
-        nll = not args.no_nll and dataset.dim == 2
-        result, drawn, reference = _quality(method, model, dataset, args.samples, teacher=teacher, nll=nll)
-        plot_samples(drawn, reference[:4000], out / "samples.png", title=f"{args.method} on {args.data}")
-        plot_loss(trainer.losses, out / "loss.png", title=f"{args.method} loss")
-        (out / "quality.json").write_text(json.dumps(
-            {"steps": trainer.step_count, "train_seconds": seconds,
-             **{k: v for k, v in result.items() if k != "rows"},
-             "rows": {label: scores for label, scores in result["rows"]}}, indent=1))
-        _print_quality(result, (*STEPS, 100) if args.method == "fm" or teacher is not None else STEPS)
+        _report(run, trainer, method, dataset, teacher, seconds)
     if distributed.is_distributed():
         torch.distributed.destroy_process_group()
     return 0
@@ -306,9 +288,9 @@ def sample(args) -> int:
         raise CLIError(f"{str(args.out)!r} already exists; choose another --out")
     if args.out.suffix not in (".pt", ".png"):
         raise CLIError(f"--out must end in .pt or .png, got {str(args.out)!r}")
-    state = _load(args.checkpoint)
-    method, model = restore(state)
-    dataset = _dataset(state["extra"]["data"])
+    state = _load(args.checkpoint, keys=RUN_KEYS)
+    method, model = _restore(state)
+    dataset = _dataset(state["data"])
     with torch.no_grad():
         x = method.sample(model, fixed_noise(dataset, args.n, args.seed), args.steps)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -321,9 +303,9 @@ def sample(args) -> int:
 
 
 def evaluate(args) -> int:
-    state = _load(args.checkpoint)
-    method, model = restore(state)
-    dataset = _dataset(state["extra"]["data"])
+    state = _load(args.checkpoint, keys=RUN_KEYS)
+    method, model = _restore(state)
+    dataset = _dataset(state["data"])
     reference = dataset.held_out(args.samples)
     steps = tuple(args.steps)
     result = {"rows": [(f"{method.name} (EMA)", score(draw(method.sample, model, dataset, steps, n=args.samples),
@@ -332,7 +314,7 @@ def evaluate(args) -> int:
         result["nll"] = ode_nll(method.velocity(model), reference)
         if dataset.has_density:
             result["data_nll"] = -dataset.log_prob(reference).mean().item()
-    print(f"{args.checkpoint}: {method.name} on {state['extra']['data']}, step {state['step']}")
+    print(f"{args.checkpoint}: {method.name} on {state['data']}, step {state['step']}")
     _print_quality(result, steps)
     return 0
 

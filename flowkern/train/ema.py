@@ -10,6 +10,8 @@ import copy
 import torch
 from torch import nn
 
+from flowkern._ema import ema_update_
+
 
 class EMA:
     def __init__(self, model: nn.Module, decays):
@@ -26,7 +28,7 @@ class EMA:
         warm = (1 + self.updates) / (10 + self.updates)
         params = [p.detach() for p in self.model.parameters()]
         for d, shadow in self.shadow.items():
-            torch._foreach_lerp_(shadow, params, 1.0 - min(d, warm))
+            ema_update_(shadow, params, min(d, warm))
 
     def averaged(self, decay: float | None) -> nn.Module:
         """A frozen eval-mode copy of the model with the EMA weights of `decay` (None: the current weights)."""
@@ -41,7 +43,8 @@ class EMA:
         return out
 
     def state_dict(self) -> dict:
-        return {"decays": self.decays, "updates": self.updates, "shadow": {str(d): [s.clone() for s in v] for d, v in self.shadow.items()}}
+        return {"decays": self.decays, "updates": self.updates,
+                "shadow": {str(d): [s.clone() for s in v] for d, v in self.shadow.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         decays = tuple(float(d) for d in state["decays"])
