@@ -6,6 +6,7 @@
 | FLOWKERN_NVTX     | 0, 1                      | 0       | NVTX ranges around public ops and training phases      |
 | FLOWKERN_AUTOTUNE | 0, 1                      | 1       | autotune Triton block sizes on a GPU (0: one config)   |
 | TRITON_INTERPRET  | 0, 1 (read by Triton)     | 0       | run Triton kernels in Triton's CPU interpreter         |
+| FLOWKERN_VERBOSE_BUILD | 0, 1                 | 0       | show the compiler output of the CUDA extension build   |
 
 The variables are read when flowkern is imported (an op call reads no environment). A script or a test that
 changes one later calls `reload()`; `flowkern.use_backend(name)` overrides FLOWKERN_BACKEND inside a ``with``
@@ -34,6 +35,7 @@ def reload() -> None:
     _env["nvtx"] = _flag("FLOWKERN_NVTX", "0")
     _env["autotune"] = _flag("FLOWKERN_AUTOTUNE", "1")
     _env["interpret"] = _flag("TRITON_INTERPRET", "0")
+    _env["verbose_build"] = _flag("FLOWKERN_VERBOSE_BUILD", "0")
 
 
 reload()
@@ -75,3 +77,8 @@ def autotune_enabled() -> bool:
 def triton_interpreting() -> bool:
     """True when Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1)."""
     return _env["interpret"]
+
+
+def verbose_build() -> bool:
+    """True when the CUDA extension build shows the compiler output (FLOWKERN_VERBOSE_BUILD=1)."""
+    return _env["verbose_build"]
