@@ -238,13 +238,3 @@ def kernel_module(name: str):
         mod = _KERNEL_MODULES[name] = importlib.import_module(f"flowkern.kernels.{name}")
     return mod
 
-
-def launcher(backend: str):
-    """The launcher module of a backend: flowkern/ops/{torch,triton}_launch.py (same signatures)."""
-    if backend == "triton":
-        from flowkern.ops import triton_launch
-
-        return triton_launch
-    from flowkern.ops import torch_launch
-
-    return torch_launch
