@@ -1,4 +1,9 @@
-"""Autograd plumbing shared by every fused op (attention, the layer ops, flow-map jumps).
+"""Autograd plumbing shared by every fused op (attention, the layer ops, flow-map jumps, the probe reduction).
+
+* `FastFunction`: a `torch.autograd.Function` whose `apply` skips PyTorch's per-call signature binding
+  (`inspect.signature(forward).bind`, about half of an `apply`'s host cost when `setup_context` is defined) unless
+  a torch.func transform is active, where PyTorch's own path (`custom_function_call`) is needed. flowkern's
+  Functions take positional arguments only and no defaults, so the binding changes nothing.
 
 * `call_unwrapped(fn, *args)`: run `fn` (a kernel launcher) on plain tensors. Inside torch.func transforms an
   autograd.Function's backward and jvp receive tensors wrapped by functorch, whose memory a Triton kernel cannot
@@ -16,9 +21,24 @@
 from __future__ import annotations
 
 import torch
+import torch._functorch.utils
 import torch.autograd.forward_ad as fwAD
 
 HIGHER_ORDER = "{op}: {what} is not supported (first-order derivatives only)"
+
+_functions_active = torch._C._are_functorch_transforms_active
+_unwrap_dead = torch._functorch.utils.unwrap_dead_wrappers
+
+
+class FastFunction(torch.autograd.Function):
+    """An autograd.Function whose `apply` binds no signature outside torch.func (see the module docstring)."""
+
+    @classmethod
+    def apply(cls, *args):
+        if _functions_active():
+            return super().apply(*args)
+        # torch._C._FunctionBase.apply, as torch.autograd.Function.apply calls it after binding the arguments
+        return super(torch.autograd.Function, cls).apply(*_unwrap_dead(args))
 
 
 def _requires_grad(t) -> bool:
@@ -37,7 +57,7 @@ def _requires_grad(t) -> bool:
     return t.requires_grad
 
 
-class _CallUnwrapped(torch.autograd.Function):
+class _CallUnwrapped(FastFunction):
     @staticmethod
     def forward(fn, op, *args):
         return fn(*args)
@@ -70,7 +90,7 @@ def call_unwrapped(fn, op: str, *args):
     return _CallUnwrapped.apply(fn, op, *args)
 
 
-class _GuardedTangent(torch.autograd.Function):
+class _GuardedTangent(FastFunction):
     @staticmethod
     def forward(tangent, message, *primals):
         return tangent.clone()

@@ -1,4 +1,4 @@
-"""Every environment variable flowkern reads, in one place.
+"""Every environment variable flowkern reads, in one place, read once.
 
 | variable          | values                    | default | effect                                                 |
 |-------------------|---------------------------|---------|--------------------------------------------------------|
@@ -6,9 +6,11 @@
 | FLOWKERN_NVTX     | 0, 1                      | 0       | NVTX ranges around public ops and training phases      |
 | FLOWKERN_AUTOTUNE | 0, 1                      | 1       | autotune Triton block sizes on a GPU (0: one config)   |
 | TRITON_INTERPRET  | 0, 1 (read by Triton)     | 0       | run Triton kernels in Triton's CPU interpreter         |
+| FLOWKERN_VERBOSE_BUILD | 0, 1                 | 0       | show the compiler output of the CUDA extension build   |
 
-Values are read on every call (cheap), so a test or a script can change them at run time.
-`flowkern.use_backend(name)` overrides FLOWKERN_BACKEND inside a ``with`` block.
+The variables are read when flowkern is imported (an op call reads no environment). A script or a test that
+changes one later calls `reload()`; `flowkern.use_backend(name)` overrides FLOWKERN_BACKEND inside a ``with``
+block at run time. An invalid FLOWKERN_BACKEND is reported by the first op that asks for a backend.
 """
 from __future__ import annotations
 
@@ -17,13 +19,26 @@ import os
 import threading
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
+_FALSE = ("", "0", "false", "no", "off")
 
 _local = threading.local()
+_env: dict = {}
 
 
-def _env_flag(name: str) -> bool:
-    value = os.environ.get(name, "0").strip().lower()
-    return value not in ("", "0", "false", "no", "off")
+def _flag(name: str, default: str) -> bool:
+    return os.environ.get(name, default).strip().lower() not in _FALSE
+
+
+def reload() -> None:
+    """Read the environment variables again (after a change of os.environ)."""
+    _env["backend"] = os.environ.get("FLOWKERN_BACKEND", "auto").strip().lower() or "auto"
+    _env["nvtx"] = _flag("FLOWKERN_NVTX", "0")
+    _env["autotune"] = _flag("FLOWKERN_AUTOTUNE", "1")
+    _env["interpret"] = _flag("TRITON_INTERPRET", "0")
+    _env["verbose_build"] = _flag("FLOWKERN_VERBOSE_BUILD", "0")
+
+
+reload()
 
 
 def requested_backend() -> str:
@@ -31,7 +46,7 @@ def requested_backend() -> str:
     override = getattr(_local, "backend", None)
     if override is not None:
         return override
-    value = os.environ.get("FLOWKERN_BACKEND", "auto").strip().lower() or "auto"
+    value = _env["backend"]
     if value not in BACKENDS:
         raise ValueError(f"FLOWKERN_BACKEND={value!r} is not one of {BACKENDS}")
     return value
@@ -51,14 +66,19 @@ def use_backend(name: str):
 
 
 def nvtx_enabled() -> bool:
-    return _env_flag("FLOWKERN_NVTX")
+    return _env["nvtx"]
 
 
 def autotune_enabled() -> bool:
-    """Read once, when the kernel modules are imported (Triton's autotuner is set up at import)."""
-    return os.environ.get("FLOWKERN_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+    """Used once, when the kernel modules are imported (Triton's autotuner is set up at import)."""
+    return _env["autotune"]
 
 
 def triton_interpreting() -> bool:
     """True when Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1)."""
-    return _env_flag("TRITON_INTERPRET")
+    return _env["interpret"]
+
+
+def verbose_build() -> bool:
+    """True when the CUDA extension build shows the compiler output (FLOWKERN_VERBOSE_BUILD=1)."""
+    return _env["verbose_build"]

@@ -20,6 +20,8 @@ import os
 
 import torch
 
+from flowkern._config import verbose_build
+
 CSRC_DIRS = (
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"),  # installed: shipped as flowkern/csrc
     os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc"),  # source tree
@@ -58,7 +60,7 @@ def load():
         from torch.utils.cpp_extension import load as _load
 
         _load(name="flowkern_cuda", sources=srcs, extra_cuda_cflags=["-O3", "-lineinfo"],
-              extra_cflags=["-O3"], is_python_module=False, verbose=os.environ.get("FLOWKERN_VERBOSE_BUILD") == "1")
+              extra_cflags=["-O3"], is_python_module=False, verbose=verbose_build())
     except Exception as exc:  # the compiler's own message is the actionable part
         raise CudaExtensionUnavailable(
             f"building the flowkern CUDA extension from {csrc_dir()} failed: {exc}. Set FLOWKERN_VERBOSE_BUILD=1 to "

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 
 from flowkern._config import nvtx_enabled
+
+_NO_RANGE = contextlib.nullcontext()
 
 
 def _push_pop():
@@ -19,11 +20,7 @@ def _push_pop():
 
 
 @contextlib.contextmanager
-def nvtx_range(name: str):
-    """``with nvtx_range("flowkern.attention"): ...`` marks a range when FLOWKERN_NVTX=1, else does nothing."""
-    if not nvtx_enabled():
-        yield
-        return
+def _range(name: str):
     push, pop = _push_pop()
     push(name)
     try:
@@ -32,15 +29,7 @@ def nvtx_range(name: str):
         pop()
 
 
-def nvtx_annotate(name: str):
-    """Decorator form of `nvtx_range`."""
-
-    def wrap(fn):
-        @functools.wraps(fn)
-        def inner(*args, **kwargs):
-            with nvtx_range(name):
-                return fn(*args, **kwargs)
-
-        return inner
-
-    return wrap
+def nvtx_range(name: str):
+    """``with nvtx_range("flowkern.attention"): ...`` marks a range when FLOWKERN_NVTX=1, else does nothing (a
+    shared null context: no per-call generator)."""
+    return _range(name) if nvtx_enabled() else _NO_RANGE

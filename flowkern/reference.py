@@ -1,6 +1,6 @@
 """Pure-PyTorch references with the public signatures: the ground truth for benchmarks and the CPU fallback.
 
-They run the same autograd.Function as the public ops on the PyTorch backend (`flowkern/attention/torch_launch.py`),
+They run the same autograd.Function as the public ops on the PyTorch backend (`flowkern/attention/reference.py`),
 so they differentiate, take forward-mode tangents, and keep O(N·D) memory like the kernels.
 """
 from __future__ import annotations

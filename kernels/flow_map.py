@@ -1,6 +1,6 @@
 """Flow-map jump, and its joint log-density update, in one elementwise pass.
 
-With the average-velocity parameterisation of a flow map (METHODS.md §0), one jump from time t to time s is
+With the average-velocity parameterisation of a flow map (docs/conventions.md), one jump from time t to time s is
 
     Φ(x, t, s) = x + (s − t)·u(x, t, s)
 

@@ -2,6 +2,7 @@
 
 * Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors: TRITON_INTERPRET=1 is set here, before
   any kernel module is imported (Triton reads it when a kernel is decorated).
+* `setenv` changes an environment variable flowkern reads and reloads `flowkern._config` (read once at import).
 * Every floating tensor made by `torch.empty`/`torch.empty_like` is filled with NaN, so an output element a kernel
   forgets to write fails the test instead of passing on leftover memory.
 """
@@ -39,6 +40,21 @@ def nan_poisoned_allocations(monkeypatch):
     monkeypatch.setattr(torch, "empty", _poisoned(torch.empty))
     monkeypatch.setattr(torch, "empty_like", _poisoned(torch.empty_like))
     yield
+
+
+@pytest.fixture
+def setenv(monkeypatch):
+    """setenv(name, value): change an environment variable flowkern reads, and `flowkern._config.reload()` it
+    (flowkern reads its environment once); the old values are restored and re-read after the test."""
+    from flowkern import _config
+
+    def set_and_reload(name: str, value: str) -> None:
+        monkeypatch.setenv(name, value)
+        _config.reload()
+
+    yield set_and_reload
+    monkeypatch.undo()
+    _config.reload()
 
 
 @pytest.fixture

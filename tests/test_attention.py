@@ -8,7 +8,7 @@ from attention_cases import (assert_close_to, make_inputs, reference_grads, refe
 from conftest import backends_under_test
 
 import flowkern
-from flowkern.attention.function import STOP_GRAD_MESSAGE
+from flowkern._fused import stop_grad_message
 
 BACKENDS = backends_under_test()
 
@@ -181,15 +181,15 @@ def test_backprop_through_the_tangent_raises(backend, device):
     out, out_t = _run(backend, *inputs)
     out.sum().backward()  # through out alone it works, and the tangent inputs get no gradient
     assert inputs[0].grad is not None and inputs[3].grad is None
-    assert "stop-gradient" in STOP_GRAD_MESSAGE
+    assert "stop-gradient" in stop_grad_message("flowkern.attention")
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_reference_walks_several_key_chunks(causal, monkeypatch):
     """The PyTorch reference's online softmax across chunks (the tests' other shapes fit in one chunk)."""
-    from flowkern.attention import torch_launch
+    from flowkern.attention import reference
 
-    monkeypatch.setattr(torch_launch, "KEY_CHUNK", 8)
+    monkeypatch.setattr(reference, "KEY_CHUNK", 8)
     inputs = make_inputs(1, 2, 1, 21, 30, 16, seed=21)
     mask = torch.rand(1, 2, 21, 30, generator=torch.Generator().manual_seed(3)) > 0.3
     out, out_t = _run("torch", *inputs, causal=causal, attn_mask=mask)

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flowkern
-from flowkern.attention import torch_launch, triton_launch
+from flowkern.attention import reference, triton_launch
 from flowkern.testing import math_attention
 
 BACKENDS = backends_under_test()
@@ -20,7 +20,7 @@ BACKENDS = backends_under_test()
 def fused_calls(monkeypatch):
     """Records (backend, with_tangent) for every forward kernel pass."""
     calls = []
-    for name, module in (("torch", torch_launch), ("triton", triton_launch)):
+    for name, module in (("torch", reference), ("triton", triton_launch)):
         original = module.attention_fwd
 
         def counting(*args, _original=original, _name=name, **kwargs):

@@ -91,17 +91,17 @@ def test_head_dim_over_256_runs_on_the_reference_and_is_refused_by_name_on_trito
         flowkern.jvp_attention(q, k, k, q, k, k)
 
 
-def test_auto_never_fails_for_lack_of_a_backend(monkeypatch):
-    monkeypatch.setenv("FLOWKERN_BACKEND", "auto")
+def test_auto_never_fails_for_lack_of_a_backend(setenv):
+    setenv("FLOWKERN_BACKEND", "auto")
     assert select_backend("op", torch.device("cpu"), torch.float64) == "torch"
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    setenv("TRITON_INTERPRET", "0")
     assert select_backend("op", torch.device("cpu"), torch.float32) == "torch"
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    setenv("TRITON_INTERPRET", "1")
     assert select_backend("op", torch.device("cpu"), torch.float32) == "triton"
 
 
-def test_unknown_backend_name_is_refused(monkeypatch):
-    monkeypatch.setenv("FLOWKERN_BACKEND", "tpu")
+def test_unknown_backend_name_is_refused(setenv):
+    setenv("FLOWKERN_BACKEND", "tpu")
     with pytest.raises(ValueError, match="FLOWKERN_BACKEND='tpu'"):
         flowkern.attention(Q, K, V)
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -109,17 +109,17 @@ def test_unknown_backend_name_is_refused(monkeypatch):
             pass
 
 
-def test_nvtx_ranges_are_pushed_only_when_enabled(monkeypatch):
+def test_nvtx_ranges_are_pushed_only_when_enabled(monkeypatch, setenv):
     import nvtx
 
     pushed = []
     monkeypatch.setattr(nvtx, "push_range", lambda name, **kw: pushed.append(name))
     monkeypatch.setattr(nvtx, "pop_range", lambda **kw: None)
-    monkeypatch.setenv("FLOWKERN_NVTX", "0")
+    setenv("FLOWKERN_NVTX", "0")
     with flowkern.use_backend("torch"):
         flowkern.attention(Q, K, V)
     assert pushed == []
-    monkeypatch.setenv("FLOWKERN_NVTX", "1")
+    setenv("FLOWKERN_NVTX", "1")
     with flowkern.use_backend("torch"):
         flowkern.attention(Q, K, V)
         flowkern.jvp_attention(Q, K, V, Q, K, V)

@@ -170,7 +170,7 @@ def test_gradient_wrt_parameters_regenerates_the_probes(backend):
     x = torch.randn(batch, dim, dtype=dtype, device=DEVICE)
     with use_backend(backend):
         divergence(lambda y: y @ a.T, x, seed=9).sum().backward()
-        from flowkern import _probes
+        from flowkern.divergence import probes as _probes
         z = _probes.generate(backend, 1, batch, dim, seed=9, stream=0, distribution="rademacher", dtype=dtype,
                              device=DEVICE)[0]
     torch.testing.assert_close(a.grad, z.T @ z, rtol=1e-5, atol=1e-5)
@@ -249,7 +249,8 @@ def test_cuda_backend_by_name_on_cpu_raises_clearly():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_extension_matches_triton(distribution, dtype):
     """Same Philox map: identical Rademacher probes, Gaussian probes to float32 rounding; same reductions."""
-    from flowkern import _cuda_ext, _probes
+    from flowkern import _cuda_ext
+    from flowkern.divergence import probes as _probes
 
     reason = _cuda_ext.cannot_serve(DEVICE, dtype)
     if reason is not None:
@@ -263,8 +264,8 @@ def test_cuda_extension_matches_triton(distribution, dtype):
     else:
         torch.testing.assert_close(p_cuda.float(), p_triton.float(), rtol=1e-5, atol=1e-5)
     jz = torch.randn(shape, device=DEVICE, dtype=dtype)
-    r_cuda = _probes._reduce_raw("cuda", jz, 5, 1, _probes.DISTRIBUTIONS[distribution])
-    r_triton = _probes._reduce_raw("triton", jz, 5, 1, _probes.DISTRIBUTIONS[distribution])
+    r_cuda = _probes.LAUNCHERS["cuda"].probe_reduce(jz, 5, 1, _probes.DISTRIBUTIONS[distribution])[0]
+    r_triton = _probes.LAUNCHERS["triton"].probe_reduce(jz, 5, 1, _probes.DISTRIBUTIONS[distribution])[0]
     torch.testing.assert_close(r_cuda, r_triton, rtol=1e-4, atol=1e-3)
     _, fn = _linear(7, dtype=torch.float32)
     x = torch.randn(64, 7, device=DEVICE)

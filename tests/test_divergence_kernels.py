@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import DEVICE, TRITON_RUNS
 
-from flowkern import _probes
+from flowkern.divergence import probes as _probes
 from flowkern.testing import hutchinson_probes_reference, philox4x32
 
 SHAPES = [(3, 2, 37), (5, 7, 2), (2, 3, 1), (1, 1, 2051)]  # [K, B, D]: odd sizes, D < 4, D not a multiple of 4
@@ -71,7 +71,8 @@ def test_reduction_kernel_matches_float64(shape, distribution, dtype):
     """est[k, b] = Σ_i z[k, b, i]·jz[k, b, i] with z regenerated in-kernel, against float64 on the same inputs."""
     jz = torch.randn(shape, dtype=torch.float64).to(dtype)
     seed = 77
-    got = _probes._reduce_raw("triton", jz.to(DEVICE), seed, 4, _probes.DISTRIBUTIONS[distribution]).cpu()
+    reduce = _probes.LAUNCHERS["triton"].probe_reduce
+    got = reduce(jz.to(DEVICE), seed, 4, _probes.DISTRIBUTIONS[distribution])[0].cpu()
     ref = (hutchinson_probes_reference(seed, 4, *shape, distribution) * jz.double()).sum(-1)
     assert got.dtype == torch.float32 and got.shape == shape[:2]
     scale = jz.double().abs().sum(-1).clamp_min(1)

@@ -7,9 +7,9 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from flowkern._dispatch import select_backend
-from flowkern._nvtx import nvtx_range
+from flowkern._fused import apply_dual, apply_explicit, primal
 from flowkern._validate import check_bool, check_finite_scalar, check_like, check_tensor
-from flowkern.attention.function import FusedAttention
+from flowkern.attention.op import AttentionOp
 from flowkern.attention.spec import MASK_ADDITIVE, MASK_BOOL, MASK_NONE, AttentionSpec
 
 MAX_TRITON_HEAD_DIM = 256
@@ -107,9 +107,7 @@ def jvp_attention(q, k, v, q_t, k_t, v_t, *, causal=False, attn_mask=None, scale
                 f"flowkern.jvp_attention: {name} carries a forward-mode AD tangent; the tangent of out_t would be a "
                 "second-order term, which is not supported. Under torch.func.jvp / forward_ad call "
                 "flowkern.attention(q, k, v) instead: it takes its tangents from the dual inputs.")
-    with nvtx_range("flowkern.jvp_attention"):
-        o, o_t, _ = FusedAttention.apply(q, k, v, q_t, k_t, v_t, attn_mask, spec, False)
-    return o, o_t
+    return apply_explicit(AttentionOp("flowkern.jvp_attention", spec), (q, k, v, attn_mask), (q_t, k_t, v_t, None))
 
 
 @torch.compiler.disable
@@ -126,13 +124,5 @@ def attention(q, k, v, *, causal=False, attn_mask=None, scale=None):
     has none, so tracing it could only give silently wrong tangents; eagerly, `torch.func.jvp(torch.compile(f))` and
     dual tensors through a compiled `f` get the fused tangent (tested).
     """
-    qp, q_t = fwAD.unpack_dual(q)
-    kp, k_t = fwAD.unpack_dual(k)
-    vp, v_t = fwAD.unpack_dual(v)
-    spec = _spec(qp, kp, vp, attn_mask, causal, scale, "flowkern.attention")
-    with nvtx_range("flowkern.attention"):
-        if q_t is None and k_t is None and v_t is None:
-            return FusedAttention.apply(q, k, v, None, None, None, attn_mask, spec, False)[0]
-        tangents = [t if t is not None else torch.zeros((), dtype=p.dtype, device=p.device).expand_as(p)
-                    for t, p in ((q_t, qp), (k_t, kp), (v_t, vp))]
-        return FusedAttention.apply(q, k, v, *tangents, attn_mask, spec, True)[0]
+    spec = _spec(primal(q), primal(k), primal(v), attn_mask, causal, scale, "flowkern.attention")
+    return apply_dual(AttentionOp("flowkern.attention", spec), q, k, v, attn_mask)

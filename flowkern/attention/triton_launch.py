@@ -5,16 +5,10 @@ import torch
 import triton
 
 from flowkern._config import triton_interpreting
+from flowkern._fused import kernel_module
 from flowkern.attention.spec import AttentionSpec, expand_mask
 
 LOG2E = 1.4426950408889634
-
-
-def _kernels():
-    # Imported on first use: importing Triton kernels decides interpreter vs compiled mode for the process.
-    from flowkern.kernels.attention import configs as attention_configs
-
-    return attention_configs
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
@@ -38,7 +32,7 @@ def _mask_args(attn_mask, spec: AttentionSpec, like: torch.Tensor):
 
 def attention_fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec: AttentionSpec):
     """O, Ȯ (None without tangents) and the natural-log LSE [B, Hq, Nq] float32, from one fused kernel pass."""
-    kern = _kernels()
+    kern = kernel_module("attention.configs")
     has_tangent = q_t is not None
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     o_t = torch.empty(q.shape, dtype=q.dtype, device=q.device) if has_tangent else None
@@ -65,7 +59,7 @@ def attention_fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec: AttentionSpec):
 
 def attention_bwd(q, k, v, o, lse, do, attn_mask, spec: AttentionSpec):
     """dQ, dK, dV of O (flash backward from the saved LSE)."""
-    kern = _kernels()
+    kern = kernel_module("attention.configs")
     block_d = _block_d(spec.head_dim)
     delta = torch.empty((spec.batch, spec.q_heads, spec.seq_q), dtype=torch.float32, device=q.device)
     kern.attention_bwd_delta[(triton.cdiv(spec.seq_q, kern.DELTA_BLOCK_M), spec.batch * spec.q_heads)](

@@ -10,16 +10,19 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from flowkern._dispatch import select_backend
+from flowkern._fused import apply_dual
 from flowkern._nvtx import nvtx_range
+from flowkern._precision import accumulation_dtype
 from flowkern._validate import check_bool, check_like, check_tensor, check_times
-from flowkern.flow_map.function import FlowMapJump, launch
+from flowkern.flow_map.op import LAUNCHERS, JumpOp
 
 LOGP_DTYPES = (torch.float32, torch.float64)
+JUMP = "flowkern.flow_map.jump"
 
 
 def _time_dtype(x: torch.Tensor) -> torch.dtype:
     """Times are float32 (even for float16/bfloat16 states), float64 for float64 states."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return accumulation_dtype(x.dtype)
 
 
 def _check_state(name: str, x) -> torch.Tensor:
@@ -69,9 +72,10 @@ def _jump(x, u, t, s, logp, div, backend: str, inplace: bool):
     """Validated inputs -> Φ (and ℓ'). `inplace` writes into x (and logp): callers check nothing needs autograd."""
     if inplace:
         xv = x.view(x.shape[0], -1)
-        launch(backend, xv, _rows(u), t, s, logp, div, xv, logp)
+        with nvtx_range(JUMP):
+            LAUNCHERS[backend].jump_fwd(xv, _rows(u), t, s, logp, div, out=(xv, logp))
         return x if logp is None else (x, logp)
-    y, logp_out = FlowMapJump.apply(_rows(x), _rows(u), t, s, logp, div, backend)
+    y, logp_out = apply_dual(JumpOp(JUMP, backend), _rows(x), _rows(u), t, s, logp, div)
     y = y.view(x.shape)
     return y if logp is None else (y, logp_out)
 
@@ -88,7 +92,7 @@ def jump(x, u, t, s, *, logp=None, div=None, inplace=False):
         t, s: times in [0, 1] (t = 0 data, t = 1 noise): Python numbers, 0-d tensors or [B] tensors. Cast to
             float32 (float64 for float64 x) whatever the dtype of x.
         logp, div: optional [B] float32/float64 tensors ℓ and D (both or neither): the joint update
-            ℓ' = ℓ + (s − t)·D of METHODS.md §0.
+            ℓ' = ℓ + (s − t)·D of docs/conventions.md.
         inplace: write Φ into x (and ℓ' into logp). For samplers: raises if an input requires grad or carries a
             forward-mode tangent; x must be viewable as [B, F] with unit feature stride.
     Returns:
@@ -103,7 +107,7 @@ def jump(x, u, t, s, *, logp=None, div=None, inplace=False):
         >>> x_next = flowkern.flow_map.jump(x, model(x, t, s), t, s)
         >>> x_next, logp_next = flowkern.flow_map.jump(x, u, t, s, logp=logp, div=d)
     """
-    op = "flowkern.flow_map.jump"
+    op = JUMP
     _check_state("x", x)
     check_like("u", u, "x", x)
     batch = x.shape[0]
@@ -129,5 +133,4 @@ def jump(x, u, t, s, *, logp=None, div=None, inplace=False):
             raise ValueError(f"{op}: inplace=True needs x viewable as [B, F] with unit feature stride (contiguous "
                              f"samples), got shape {tuple(x.shape)} with strides {x.stride()}")
     backend = _backend(op, x, logp)
-    with nvtx_range(op):
-        return _jump(x, u, t, s, logp, div, backend, inplace)
+    return _jump(x, u, t, s, logp, div, backend, inplace)

@@ -5,11 +5,8 @@ import triton.language as tl
 
 from flowkern.kernels.utils import LOG2E
 
-# MASK_KIND values (host side; the kernels compare with the literals)
-NO_MASK = 0
-BOOL_MASK = 1  # True keeps a score (the meaning of a boolean `attn_mask` in F.scaled_dot_product_attention)
-ADDITIVE_MASK = 2  # added to c·QKᵀ; −inf removes a score
-
+# MASK_KIND: `flowkern.attention.spec.MASK_NONE` (0), MASK_BOOL (1: True keeps a score, as a boolean `attn_mask` of
+# F.scaled_dot_product_attention), MASK_ADDITIVE (2: added to c·QKᵀ, −inf removes a score); compared as literals.
 
 @triton.jit
 def masked_scores_log2(qk, offs_m, offs_n, mask_base, stride_mask_m, stride_mask_n, seq_q, seq_k, scale_log2,

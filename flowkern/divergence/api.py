@@ -1,12 +1,14 @@
-"""`flowkern.divergence`: div fn(x) = tr(∂fn/∂x) per sample, by Hutchinson, Hutch++ or exactly, in forward mode."""
+"""`flowkern.divergence`: div fn(x) = tr(∂fn/∂x) per sample, by Hutchinson, Hutch++ or exactly, in forward mode
+(docs/estimators.md)."""
 from __future__ import annotations
 
 import torch
 
-from flowkern import _probes
 from flowkern._dispatch import select_backend
 from flowkern._nvtx import nvtx_range
+from flowkern._precision import accumulation_dtype
 from flowkern._validate import check_bool, check_int, check_tensor
+from flowkern.divergence import probes as _probes
 
 METHODS = ("hutchinson", "hutch++", "exact")
 BATCHING = ("auto", "vmap", "stack")
@@ -141,10 +143,6 @@ def divergence(fn, x, *args, method="hutchinson", probes=1, distribution="radema
     return (div, out) if return_output else div
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _hutchinson(fn, x, args, batch, dim, k, distribution, seed, backend, batching):
     z = _probes.generate(backend, k, batch, dim, seed=seed, stream=_STREAM_HUTCHINSON, distribution=distribution,
                          dtype=x.dtype, device=x.device)
@@ -157,7 +155,7 @@ def _hutchinson(fn, x, args, batch, dim, k, distribution, seed, backend, batchin
 
 
 def _exact(fn, x, args, batch, dim, chunk, batching):
-    total = torch.zeros(batch, dtype=_acc_dtype(x), device=x.device)
+    total = torch.zeros(batch, dtype=accumulation_dtype(x.dtype), device=x.device)
     out = None
     for start in range(0, dim, chunk):
         n = min(chunk, dim - start)
@@ -171,7 +169,7 @@ def _exact(fn, x, args, batch, dim, chunk, batching):
 
 
 def _hutchpp(fn, x, args, batch, dim, k, distribution, seed, backend, batching):
-    acc = _acc_dtype(x)
+    acc = accumulation_dtype(x.dtype)
     m = min(k // 3, dim)
     n_g = k - 2 * m
     sketch = _probes.generate(backend, m, batch, dim, seed=seed, stream=_STREAM_SKETCH, distribution=distribution,

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from flowkern._precision import accumulation_dtype
 from flowkern.attention.spec import MASK_ADDITIVE, MASK_BOOL, AttentionSpec, expand_mask
 
 KEY_CHUNK = 128
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _grouped(x: torch.Tensor, spec: AttentionSpec, dtype: torch.dtype) -> torch.Tensor:
@@ -47,7 +44,7 @@ def _scores(q, k_chunk, mask, start: int, stop: int, spec: AttentionSpec) -> tor
 def attention_fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec: AttentionSpec, *, chunk: int | None = None):
     """O, Ȯ (None without tangents) and the natural-log LSE [B, Hq, Nq] in the accumulation dtype."""
     chunk = chunk or KEY_CHUNK
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     has_tangent = q_t is not None
     mask = expand_mask(attn_mask, spec)
     qg = _grouped(q, spec, acc)
@@ -89,7 +86,7 @@ def attention_fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec: AttentionSpec, *, chu
 def attention_bwd(q, k, v, o, lse, do, attn_mask, spec: AttentionSpec, *, chunk: int | None = None):
     """dQ, dK, dV of O, recomputing P = exp(S − LSE) one key chunk at a time."""
     chunk = chunk or KEY_CHUNK
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     mask = expand_mask(attn_mask, spec)
     qg, dog = _grouped(q, spec, acc), _grouped(do, spec, acc)
     lse_g = lse.unflatten(1, (spec.kv_heads, spec.kv_group)).to(acc)
