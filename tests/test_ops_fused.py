@@ -67,7 +67,7 @@ def test_unserved_jvp_path(backend):
     """Tangents that reach the Function only through forward AD (not passed explicitly): jvp() runs one fused
     pass for them."""
     from flowkern._fused import FusedFunction
-    from flowkern.ops.norms import NormOp
+    from flowkern.ops.norms.op import NormOp
 
     x, v = torch.randn(3, 10), torch.randn(3, 10)
     ref = torch.func.jvp(lambda x: F.layer_norm(x.double(), (10,)), (x,), (v,))[1]
@@ -106,7 +106,7 @@ def test_noncontiguous_inputs(backend):
 
 def test_no_tangent_no_tangent_work():
     """Without forward AD the kernels run without their tangent half."""
-    from flowkern.ops import torch_launch
+    from flowkern.ops.activations import reference as torch_launch
 
     calls = []
     real = torch_launch.activation
@@ -152,9 +152,9 @@ def test_torch_backend_without_tangent_is_plain_autograd():
 def test_backward_partial_sums_over_chunks(programs, monkeypatch):
     """Few backward programs: each walks several rows of its group (the last chunk partial) and the host adds the
     partial parameter gradients."""
-    from flowkern.ops import triton_launch
+    from flowkern.ops import _launch
 
-    monkeypatch.setattr(triton_launch, "BWD_PROGRAMS", programs)
+    monkeypatch.setattr(_launch, "BWD_PROGRAMS", programs)
     gen = torch.Generator().manual_seed(programs)
     x, y = randn(2, 7, 13, gen=gen), randn(2, 7, 13, gen=gen)
     w, b, sh, sc, gate = (randn(*s, gen=gen) for s in ((13,), (13,), (2, 13), (2, 13), (2, 13)))

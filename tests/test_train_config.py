@@ -148,7 +148,7 @@ def test_precedence_recipe_file_command_line(tmp_path, capsys):
     ('[train]\nsteps = 0\n', "[train] steps: must be >= 1"),
     ('[train]\nspeed = 1\n', "unknown setting 'speed'"),
     ('[train]\nmethod = "fm"\n', "is a run of method 'fm', not 'ct'"),
-    ('[method]\nschedule = "x"\n', "ct: schedule must be one of"),
+    ('[method]\nschedule = "x"\n', "schedule: expected one of ict, ect"),
     ('[method]\nnope = 1\n', "unknown setting 'nope'"),
 ])
 def test_bad_run_files_exit_2_before_writing(tmp_path, capsys, text, message):

@@ -71,7 +71,7 @@ def test_flow_matching_sample_is_euler():
 def test_flow_matching_rejects_bad_options():
     with pytest.raises(ValueError, match="t_std"):
         FlowMatching(tiny_net(), t_std=0.0)
-    with pytest.raises(ValueError, match="teacher"):
+    with pytest.raises(TypeError, match="teacher"):
         FlowMatching(tiny_net(), teacher=tiny_net())
 
 

@@ -11,6 +11,7 @@ in `RUN_VALUES`: the caller supplies it from the run, e.g. the data's standard d
 from __future__ import annotations
 
 import inspect
+import re
 import typing
 from dataclasses import dataclass
 
@@ -37,15 +38,16 @@ class MethodParameter:
 
 
 def args_help(doc: str | None) -> dict[str, str]:
-    """{name: text} from the ``Args:`` block of a docstring (continuation lines joined with single spaces)."""
+    """{name: text} from the ``Args:`` block of a docstring: ``name: text`` (``a, b: text`` documents both),
+    continuation lines indented deeper and joined with single spaces."""
     lines = inspect.cleandoc(doc or "").splitlines()
     try:
         start = next(i for i, line in enumerate(lines) if line.strip() == "Args:") + 1
     except StopIteration:
         return {}
     out: dict[str, str] = {}
+    names: list[str] = []
     indent = None
-    name = None
     for line in lines[start:]:
         if not line.strip():
             continue
@@ -53,11 +55,16 @@ def args_help(doc: str | None) -> dict[str, str]:
         indent = depth if indent is None else indent
         if depth < indent:
             break
-        if depth == indent:
-            name, _, text = line.strip().partition(":")
-            out[name] = text.strip()
-        elif name is not None:
-            out[name] = f"{out[name]} {line.strip()}".strip()
+        match = re.match(r"\s*([\w\s,]+?):\s*(.*)", line) if depth == indent else None
+        if match:
+            names = [n.strip() for n in match.group(1).split(",")]
+            for n in names:
+                out[n] = match.group(2).strip()
+        elif names and depth > indent:
+            for n in names:
+                out[n] = f"{out[n]} {line.strip()}".strip()
+        else:
+            break
     return out
 
 

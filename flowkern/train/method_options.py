@@ -16,18 +16,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import re
 import types
 import typing
 from collections.abc import Callable
 
-try:
-    from flowkern.methods import RUN_VALUES
-except ImportError:   # registries without the constant name the same three
-    RUN_VALUES = ("sigma_data", "total_steps", "data_dim")
-
-NOT_HYPERPARAMETERS = ("model", "teacher")
-_NO_DEFAULT = inspect.Parameter.empty
+from flowkern.methods.parameters import REQUIRED as _NO_DEFAULT
+from flowkern.methods.parameters import method_parameters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,57 +93,20 @@ def _option(name: str, tp, default, help_text: str) -> Option:
     return Option(name, _scalar_parser(tp, name), "value", default, help=help_text)
 
 
-def docstring_args(cls) -> dict[str, str]:
-    """{parameter: help} from the ``Args:`` block of `cls`'s docstring (``a, b: text`` gives both the text)."""
-    doc = inspect.getdoc(cls) or ""
-    lines = doc.splitlines()
-    try:
-        start = next(i for i, line in enumerate(lines) if line.strip() == "Args:") + 1
-    except StopIteration:
-        return {}
-    out, names, indent = {}, [], None
-    for line in lines[start:]:
-        if not line.strip():
-            continue
-        depth = len(line) - len(line.lstrip())
-        if indent is None:
-            indent = depth
-        if depth < indent:
-            break
-        match = re.match(r"\s*([\w\s,]+?):\s+(.*)", line) if depth == indent else None
-        if match:
-            names = [n.strip() for n in match.group(1).split(",")]
-            for n in names:
-                out[n] = match.group(2).strip()
-        elif names and depth > indent:
-            for n in names:
-                out[n] += " " + line.strip()
-        else:
-            break
-    return out
-
-
-def _keyword_parameters(cls) -> list[inspect.Parameter]:
-    return [p for p in inspect.signature(cls.__init__).parameters.values()
-            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in ("self", *NOT_HYPERPARAMETERS)]
-
-
 def run_value_names(cls) -> list[str]:
-    """The run values (`RUN_VALUES`) the constructor of `cls` takes."""
-    return [p.name for p in _keyword_parameters(cls) if p.name in RUN_VALUES]
+    """The run values (`flowkern.methods.RUN_VALUES`) the constructor of `cls` takes."""
+    return [p.name for p in method_parameters(cls) if p.run_value]
 
 
 def method_options(cls) -> dict[str, Option]:
     """{name: Option} for every hyperparameter of the Method subclass `cls` (constructor order)."""
-    hints = typing.get_type_hints(cls.__init__)
-    helps = docstring_args(cls)
     out = {}
-    for p in _keyword_parameters(cls):
-        if p.name in RUN_VALUES:
+    for p in method_parameters(cls):
+        if p.run_value:
             continue
-        if p.name not in hints:
+        if p.annotation is inspect.Parameter.empty:
             raise TypeError(f"{cls.__name__}.__init__: parameter {p.name!r} has no type annotation")
-        out[p.name] = _option(p.name, hints[p.name], p.default, helps.get(p.name, ""))
+        out[p.name] = _option(p.name, p.annotation, p.default, p.help)
     return out
 
 
