@@ -111,17 +111,6 @@ def test_bench_sample_many_mlp(benchmark, device, mode):
         _run(benchmark, fn, device)
 
 
-@pytest.mark.parametrize("mode", ["batched", "separate"])
-def test_bench_time_pairs_dit(benchmark, mode):
-    """K time pairs through a DiT-S/2: needs a GPU and flowkern.nn (a later issue)."""
-    if not HAS_CUDA:
-        pytest.skip("needs a CUDA device")
-    nn = pytest.importorskip("flowkern.nn", reason="flowkern.nn (DiT) is not available yet")
-    if not hasattr(nn, "DiT"):
-        pytest.skip("flowkern.nn has no DiT yet")
-    pytest.skip("DiT-S/2 benchmark: wire up once flowkern.nn.DiT's constructor is fixed")
-
-
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (the jump kernel is memory-bound; CPU timings of the "
                                          "Triton interpreter mean nothing)")
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])

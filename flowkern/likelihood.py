@@ -1,6 +1,6 @@
 """`flowkern.likelihood`: exact-ODE and few-step (joint flow map) log-likelihoods, and bits per dimension.
 
-Convention (METHODS.md §0): t = 0 is data, t = 1 is noise, dx/dt = v(x, t). Along the flow
+Convention (docs/conventions.md): t = 0 is data, t = 1 is noise, dx/dt = v(x, t). Along the flow
 d/dt log p_t(x_t) = −div v(x_t, t), hence, integrating from the data point x₀ to x₁:
 
     log p₀(x₀) = log N(x₁; 0, I) + ∫₀¹ div v(x_t, t) dt.
@@ -20,9 +20,13 @@ import math
 import torch
 
 from flowkern._nvtx import nvtx_range
+from flowkern._precision import accumulation_dtype
 from flowkern._validate import check_finite_scalar, check_int, check_tensor
 from flowkern.divergence import METHODS as DIVERGENCE_METHODS
 from flowkern.divergence import divergence as _divergence
+from flowkern.flow_map.jump import _check_state, _time_dtype
+from flowkern.flow_map.sampling import (_check_max_batch, _check_model, _run_schedules, _zero_logp,
+                                        standard_normal_logp, uniform_schedule)
 
 SOLVERS = ("euler", "heun", "rk4", "dopri5")
 
@@ -39,16 +43,6 @@ _DP_A = (
 )
 _DP_B5 = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
 _DP_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
-
-
-def standard_normal_log_prob(x: torch.Tensor) -> torch.Tensor:
-    """log N(x; 0, I) per sample of x [B, ...], in float32 (float64 for float64 x)."""
-    flat = x.flatten(1).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    return -0.5 * (flat ** 2).sum(1) - 0.5 * flat.shape[1] * math.log(2 * math.pi)
-
-
-def _time_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _check_choice(name, value, choices):
@@ -98,7 +92,7 @@ def ode_log_likelihood(velocity, x0, *, steps=64, solver="rk4", divergence="exac
     if not isinstance(fresh_probes, bool):
         raise TypeError(f"fresh_probes must be a bool, got {type(fresh_probes).__name__}")
     batch = x0.shape[0]
-    tdt = _time_dtype(x0)
+    tdt = accumulation_dtype(x0.dtype)
 
     def rhs(x, t: float, step: int):
         tt = torch.full((batch,), t, dtype=tdt, device=x.device)
@@ -120,7 +114,7 @@ def ode_log_likelihood(velocity, x0, *, steps=64, solver="rk4", divergence="exac
             x1, integral = _dopri5(rhs, x0, ell, rtol, atol, max_steps)
         else:
             x1, integral = _fixed(rhs, x0, ell, steps, solver)
-        logp = standard_normal_log_prob(x1).to(tdt) + integral
+        logp = standard_normal_logp(x1) + integral
     return (logp, x1) if return_x1 else logp
 
 
@@ -184,51 +178,43 @@ def _error_norm(err, y0, y1, rtol, atol) -> float:
     return float(sq.mean(1).sqrt().max())
 
 
-def flow_map_log_likelihood(model, x0, steps=1, *, return_x1=False):
+def _data_to_noise_grid(steps, x0: torch.Tensor) -> torch.Tensor:
+    """`steps` (N, or a time grid 0 = t₀ < … < t_N = 1) -> the [N + 1] times, in the time dtype of x0."""
+    tdt = _time_dtype(x0)
+    if not isinstance(steps, (list, tuple)):
+        return uniform_schedule(check_int("steps", steps, minimum=1), device=x0.device, dtype=tdt).flip(0)
+    times = [check_finite_scalar(f"steps[{i}]", s) for i, s in enumerate(steps)]
+    if len(times) < 2 or times[0] != 0.0 or times[-1] != 1.0 or any(b <= a for a, b in itertools.pairwise(times)):
+        raise ValueError(f"steps as a time grid must increase strictly from 0 to 1, got {steps}")
+    return torch.tensor(times, dtype=tdt, device=x0.device)
+
+
+def flow_map_log_likelihood(model, x0, steps=1, *, max_batch=None, return_x1=False):
     """Few-step log p₀(x₀) of a joint flow map: no divergence, no ODE, `steps` model calls.
+
+    The jumps are those of `flowkern.flow_map.sample(..., likelihood=True)` run from data to noise: the joint
+    state (x, ℓ) starts at (x₀, 0) and jumps (x, ℓ) ← (x, ℓ) + (t_{n+1} − t_n)·(u, D) along the grid.
 
     Args:
         model: model(x, t, s) -> (u, D): u like x (average velocity, Φ(x, t, s) = x + (s − t)·u), D [B] or [B, 1]
             (average of −div v over [t, s]); t, s are [B] tensors (float32; float64 for float64 x0).
         x0: [B, ...] data points.
         steps: N ≥ 1 uniform jumps 0 → 1/N → … → 1, or a strictly increasing sequence of times from 0 to 1.
+        max_batch: most rows per model call (None: the whole batch).
     Returns:
-        log p₀(x₀) = log N(x₁; 0, I) − Σ_n (t_{n+1} − t_n)·D(x_{t_n}, t_n, t_{n+1}), [B]; and x₁ when `return_x1`.
+        log p₀(x₀) = log N(x₁; 0, I) − Σ_n (t_{n+1} − t_n)·D(x_{t_n}, t_n, t_{n+1}), [B] (float32; float64 for
+        float64 x0); and x₁ when `return_x1`.
     """
-    check_tensor("x0", x0)
-    if x0.dim() < 1 or x0.numel() == 0:
+    op = "flowkern.flow_map_log_likelihood"
+    _check_model(model)
+    _check_state("x0", x0)
+    if x0.numel() == 0:
         raise ValueError(f"x0 must be [B, ...] and non-empty, got {tuple(x0.shape)}")
-    if not callable(model):
-        raise TypeError(f"model must be callable model(x, t, s) -> (u, D), got {type(model).__name__}")
-    if isinstance(steps, (list, tuple)):
-        times = [check_finite_scalar("steps[i]", s) for s in steps]
-        if len(times) < 2 or times[0] != 0.0 or times[-1] != 1.0 or any(b <= a for a, b in itertools.pairwise(times)):
-            raise ValueError(f"steps as a time grid must increase strictly from 0 to 1, got {steps}")
-    else:
-        n = check_int("steps", steps, minimum=1)
-        times = [i / n for i in range(n + 1)]
-    batch = x0.shape[0]
-    tdt = _time_dtype(x0)
-    x = x0
-    total = torch.zeros(batch, dtype=tdt, device=x0.device)
-    with nvtx_range("flowkern.flow_map_log_likelihood"):
-        for t, s in itertools.pairwise(times):
-            tt = torch.full((batch,), t, dtype=tdt, device=x0.device)
-            ss = torch.full((batch,), s, dtype=tdt, device=x0.device)
-            out = model(x, tt, ss)
-            if not isinstance(out, (tuple, list)) or len(out) != 2:
-                raise TypeError("model must return a pair (u, D), the average velocity and the average of -div v")
-            u, d = out
-            if not isinstance(u, torch.Tensor) or u.shape != x.shape:
-                raise ValueError(f"model's u must have the shape of x, {tuple(x.shape)}, got "
-                                 f"{tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__}")
-            if not isinstance(d, torch.Tensor) or d.numel() != batch or d.shape[0] != batch:
-                raise ValueError(f"model's D must be [B] or [B, 1] with B = {batch}, got "
-                                 f"{tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__}")
-            x = x + (s - t) * u
-            total = total + (s - t) * d.reshape(batch).to(tdt)
-        logp = standard_normal_log_prob(x).to(tdt) - total
-    return (logp, x) if return_x1 else logp
+    grid = _data_to_noise_grid(steps, x0)
+    max_batch = _check_max_batch(max_batch)
+    x1, integral = _run_schedules(op, model, x0, [grid], _zero_logp(x0.shape[0], x0), max_batch)[0]
+    logp = standard_normal_logp(x1) - integral
+    return (logp, x1) if return_x1 else logp
 
 
 def dequantize(images, *, num_bins=256, low=-1.0, high=1.0, generator=None, dtype=torch.float32):

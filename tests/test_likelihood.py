@@ -42,7 +42,7 @@ def test_gaussian_ode_log_likelihood_is_exact(solver, steps, tol):
 
 
 def test_gaussian_divergence_integral_is_minus_dim_log_sigma():
-    """METHODS.md §0 check: data N(0, σ²I) gives x₁ = x₀/σ and ∫div v = −dim·log σ."""
+    """docs/conventions.md check: data N(0, σ²I) gives x₁ = x₀/σ and ∫div v = −dim·log σ."""
     sigma, dim = 0.25, 4
     x0 = sigma * torch.randn(3, dim, dtype=F64, device=DEVICE)
     logp, x1 = ode_log_likelihood(gaussian_velocity(torch.zeros(dim, dtype=F64, device=DEVICE), sigma), x0,
@@ -71,7 +71,7 @@ def test_gaussian_probes_are_unbiased_along_the_ode():
 
 
 def test_fresh_probes_per_step_cut_the_variance():
-    """KERNELS.md §3: a fixed probe per trajectory keeps the variance from averaging out over the steps."""
+    """docs/estimators.md: a fixed probe per trajectory keeps the variance from averaging out over the steps."""
     mu, sigma, x0 = _gaussian(batch=400)
     v = gaussian_velocity(mu, sigma)
     kw = {"steps": 8, "divergence": "hutchinson", "distribution": "gaussian", "seed": 5}
@@ -160,7 +160,7 @@ def test_bad_inputs_raise():
         ode_log_likelihood(v, x0, solver="dopri5", rtol=1e-12, atol=1e-12, max_steps=3)
     with pytest.raises(TypeError, match="pair"):
         flow_map_log_likelihood(lambda x, t, s: x, x0, 2)
-    with pytest.raises(ValueError, match="D must be"):
+    with pytest.raises(ValueError, match=r"model's D .* must have shape \[R\]"):
         flow_map_log_likelihood(lambda x, t, s: (x, x), x0, 2)
     with pytest.raises(ValueError, match="increase"):
         flow_map_log_likelihood(gaussian_joint_flow_map(mu, sigma), x0, [0.0, 0.5, 0.4, 1.0])
@@ -168,3 +168,37 @@ def test_bad_inputs_raise():
         dequantize(torch.rand(2, 3))
     with pytest.raises(ValueError, match="images must lie"):
         dequantize(torch.tensor([0, 256]))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_flow_map_log_likelihood_is_the_sampler_run_backwards_in_time(steps):
+    """The likelihood runs the sampler's jumps: reversing time (t' = 1 − t, u' = −u, D' = −D) turns it into
+    `sample(..., likelihood=True)` from x₀, bit for bit on dyadic grids (the jump's h = s − t only changes sign)."""
+    import flowkern.flow_map as fm
+
+    mu, sigma, x0 = _gaussian(dtype=torch.float32)
+    model = gaussian_joint_flow_map(mu, sigma)
+
+    def reversed_model(x, t, s):
+        u, d = model(x, 1 - t, 1 - s)
+        return -u, -d
+
+    with use_backend("torch"), torch.no_grad():
+        logp, x1 = flow_map_log_likelihood(model, x0, steps, return_x1=True)
+        x1_rev, integral = fm.sample(reversed_model, x0, steps=steps, likelihood=True, logp=torch.zeros(5))
+    assert torch.equal(x1, x1_rev)
+    assert torch.equal(logp, fm.standard_normal_logp(x1_rev) - integral)
+    torch.testing.assert_close(logp.double(), gaussian_log_prob(x0.double(), mu.double(), sigma), rtol=0, atol=1e-4)
+
+
+def test_flow_map_log_likelihood_chunks_to_max_batch():
+    mu, sigma, x0 = _gaussian()
+    rows = []
+
+    def model(x, t, s):
+        rows.append(x.shape[0])
+        return gaussian_joint_flow_map(mu, sigma)(x, t, s)
+
+    logp = flow_map_log_likelihood(model, x0, 2, max_batch=2)
+    assert rows == [2, 2, 1, 2, 2, 1]
+    torch.testing.assert_close(logp, gaussian_log_prob(x0, mu, sigma), rtol=0, atol=1e-10)

@@ -5,12 +5,15 @@
 * `sample(model, noise, *, steps=N | schedule=tensor, likelihood=False, ...)`: noise (t = 1) to data (t = 0).
 * `sample_many(model, noise, steps=(1, 2, 4, 8), ...)`: several step counts together, 8 model calls instead of 15.
 * `semigroup_target(model, x, t, r, s)`: (Φ(Φ(x, t, r), r, s), Φ(x, t, s)); r = None is the two-half-step target.
-* `GaussianFlowMap`: the exact flow map of Gaussian data (ground truth for tests).
+* `standard_normal_logp(x)`: log N(x; 0, I) per sample, the log-density at t = 1.
+* `GaussianFlowMap`: the exact flow map of Gaussian data (from `flowkern.testing`; ground truth for tests).
+
+Conventions and the model-callable contract: docs/conventions.md.
 """
 from flowkern.flow_map.jump import jump
 from flowkern.flow_map.sampling import (evaluate, sample, sample_many, semigroup_target, standard_normal_logp,
                                         uniform_schedule)
-from flowkern.flow_map.gaussian import GaussianFlowMap
+from flowkern.testing import GaussianFlowMap
 
 __all__ = ["GaussianFlowMap", "evaluate", "jump", "sample", "sample_many", "semigroup_target",
            "standard_normal_logp", "uniform_schedule"]

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from flowkern._nvtx import nvtx_range
+from flowkern._precision import accumulation_dtype
 from flowkern._validate import check_bool, check_int, check_tensor, check_time_values, check_times
 from flowkern.flow_map.jump import _backend, _check_logp, _check_state, _jump, _needs_autograd, _time_dtype
 
@@ -66,15 +67,30 @@ def _call_model(model, x, t, s, max_batch: int | None):
     return torch.cat(us), (None if ds[0] is None else torch.cat(ds))
 
 
-def _logp_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def standard_normal_logp(x: torch.Tensor) -> torch.Tensor:
-    """log N(x; 0, I) per sample, [B] in float32 (float64 for float64 x): the log-density at t = 1."""
-    acc = _logp_dtype(x)
-    flat = x.reshape(x.shape[0], -1).to(acc)
+    """log N(x; 0, I) = −‖x‖²/2 − (d/2)·log 2π per sample of x [B, ...] (d elements each): the log-density at
+    t = 1, [B] in float32 (float64 for float64 x)."""
+    flat = x.reshape(x.shape[0], -1).to(accumulation_dtype(x.dtype))
     return -0.5 * (flat * flat).sum(dim=1) - 0.5 * flat.shape[1] * math.log(2 * math.pi)
+
+
+def _zero_logp(rows: int, x: torch.Tensor) -> torch.Tensor:
+    """ℓ = 0 for `rows` rows: the log-densities then come out as Δℓ."""
+    return torch.zeros(rows, dtype=accumulation_dtype(x.dtype), device=x.device)
+
+
+def _require_joint(d, logp) -> None:
+    if d is None and logp is not None:
+        raise ValueError("logp was given but the model returned u alone: log-densities need a (u, D) model")
+
+
+def _step(x, u, t, s, logp, d, backend: str, inplace: bool):
+    """One fused jump -> (Φ, ℓ' or None): the state alone when logp is None, else the joint (state, ℓ) jump."""
+    if logp is None:
+        return _jump(x, u, t, s, None, None, backend, inplace), None
+    if d is None:
+        raise TypeError("likelihood=True needs a joint model returning a pair (u, D); the model returned u alone")
+    return _jump(x, u, t, s, logp, d.to(logp.dtype), backend, inplace)
 
 
 # ----------------------------------------------------------------------------------------------------- evaluate
@@ -92,7 +108,7 @@ def _check_pair_times(name: str, value, batch: int, x: torch.Tensor) -> torch.Te
 
 
 def evaluate(model: Callable, x, t, s, *, logp=None, max_batch=None, return_u=False):
-    """Φ(x, t_k, s_k) at K time pairs per sample, from ONE batched model call (KERNELS.md §4).
+    """Φ(x, t_k, s_k) at K time pairs per sample, from ONE batched model call (docs/conventions.md).
 
     Each sample is repeated K times along the batch (row b·K + k holds (x_b, t[b, k], s[b, k])), the model runs
     once on the B·K rows (in chunks of at most `max_batch` rows when given, to bound memory), and one fused jump
@@ -126,19 +142,14 @@ def evaluate(model: Callable, x, t, s, *, logp=None, max_batch=None, return_u=Fa
         xr = x.unsqueeze(1).expand(batch, k, *x.shape[1:]).reshape(batch * k, *x.shape[1:])
         tf, sf = t.reshape(batch * k), s.reshape(batch * k)
         u, d = _call_model(model, xr, tf, sf, max_batch)
-        if d is None and logp is not None:
-            raise ValueError("logp was given but the model returned u alone: log-densities need a (u, D) model")
+        _require_joint(d, logp)
         lp = None
         if d is not None:
-            lp = (torch.zeros(batch * k, dtype=_logp_dtype(x), device=x.device) if logp is None
-                  else logp.unsqueeze(1).expand(batch, k).reshape(batch * k))
-            d = d.to(lp.dtype)
-        backend = _backend(op, x, lp)
-        out = _jump(xr, u, tf, sf, lp, d, backend, inplace=False)
-        if d is None:
-            result = (out.view(batch, k, *x.shape[1:]),)
-        else:
-            result = (out[0].view(batch, k, *x.shape[1:]), out[1].view(batch, k))
+            lp = _zero_logp(batch * k, x) if logp is None else logp.unsqueeze(1).expand(batch, k).reshape(batch * k)
+        phi, lp = _step(xr, u, tf, sf, lp, d, _backend(op, x, lp), inplace=False)
+        result = (phi.view(batch, k, *x.shape[1:]),)
+        if lp is not None:
+            result = result + (lp.view(batch, k),)
         if return_u:
             result = result + (u.view(batch, k, *x.shape[1:]),)
         return result[0] if len(result) == 1 else result
@@ -198,25 +209,26 @@ def _sample_rounds(model, noise, schedules: list[torch.Tensor], logp0, max_batch
         x = state[:rows]
         with nvtx_range(f"flowkern.flow_map.sample.round{r + 1}"):
             u, d = _call_model(model, x, t, s, max_batch)
-            if lstate is None:
-                inplace = not _needs_autograd(state, u)
-                new = _jump(x, u, t, s, None, None, backend, inplace)
-                if not inplace:
-                    state = torch.cat([new, state[rows:]])
-            else:
-                if d is None:
-                    raise TypeError("likelihood=True needs a joint model returning (u, D); the model returned u")
-                d = d.to(lstate.dtype)
-                inplace = not _needs_autograd(state, u, lstate, d)
-                new, lnew = _jump(x, u, t, s, lstate[:rows], d, backend, inplace)
-                if not inplace:
-                    state = torch.cat([new, state[rows:]])
+            lrows = None if lstate is None else lstate[:rows]
+            inplace = not _needs_autograd(state, u, lstate, None if lstate is None else d)
+            new, lnew = _step(x, u, t, s, lrows, d, backend, inplace)
+            if not inplace:
+                state = torch.cat([new, state[rows:]])
+                if lstate is not None:
                     lstate = torch.cat([lnew, lstate[rows:]])
     results = [None] * len(schedules)
     for pos, k in enumerate(order):
         xk = state[pos * batch:(pos + 1) * batch]
         results[k] = xk if lstate is None else (xk, lstate[pos * batch:(pos + 1) * batch])
     return results
+
+
+def _run_schedules(op: str, model, x, schedules: list[torch.Tensor], logp, max_batch):
+    """The sampler loop for checked inputs: jumps x (and ℓ = logp, if given) along every schedule; see
+    `_sample_rounds`. The schedules may run either way in time (`flowkern.likelihood` runs data to noise)."""
+    backend = _backend(op, x, logp)
+    with nvtx_range(op):
+        return _sample_rounds(model, x, schedules, logp, max_batch, backend)
 
 
 def sample(model: Callable, noise, *, steps=None, schedule=None, likelihood=False, logp=None, max_batch=None):
@@ -247,16 +259,14 @@ def sample(model: Callable, noise, *, steps=None, schedule=None, likelihood=Fals
     schedule = _check_schedule("schedule", schedule, noise.shape[0], noise)
     logp0 = _initial_logp(likelihood, logp, noise)
     max_batch = _check_max_batch(max_batch)
-    backend = _backend(op, noise, logp0)
-    with nvtx_range(op):
-        return _sample_rounds(model, noise, [schedule], logp0, max_batch, backend)[0]
+    return _run_schedules(op, model, noise, [schedule], logp0, max_batch)[0]
 
 
 def sample_many(model: Callable, noise, steps=None, *, schedules=None, likelihood=False, logp=None,
                 max_batch=None):
     """Several samplers from the same noise at once: ``sample_many(model, noise, steps=(1, 2, 4, 8))``.
 
-    Round r advances, in ONE batched model call, every schedule that has a step r (KERNELS.md §4): schedules of
+    Round r advances, in ONE batched model call, every schedule that has a step r (docs/conventions.md): schedules of
     1, 2, 4 and 8 steps take 8 model calls instead of 1 + 2 + 4 + 8 = 15 (the same 15·B rows of work, in fewer,
     larger calls). Round 1 starts all schedules from the same noise at t = 1.
 
@@ -286,9 +296,7 @@ def sample_many(model: Callable, noise, steps=None, *, schedules=None, likelihoo
     schedules = [_check_schedule(f"schedules[{i}]", sch, noise.shape[0], noise) for i, sch in enumerate(schedules)]
     logp0 = _initial_logp(likelihood, logp, noise)
     max_batch = _check_max_batch(max_batch)
-    backend = _backend(op, noise, logp0)
-    with nvtx_range(op):
-        return _sample_rounds(model, noise, schedules, logp0, max_batch, backend)
+    return _run_schedules(op, model, noise, schedules, logp0, max_batch)
 
 
 # ----------------------------------------------------------------------------------------------------- semigroup
@@ -298,7 +306,7 @@ def semigroup_target(model: Callable, x, t, r=None, s=None, *, logp=None, max_ba
     """(Φ(Φ(x, t, r), r, s), Φ(x, t, s)): the two sides of the semigroup condition, in two model calls.
 
     The two calls that share the input x — u(x, t, r) and u(x, t, s) — run as ONE batched call of 2B rows; the
-    second half Φ(·, r, s) depends on the first and is a second call (KERNELS.md §4).
+    second half Φ(·, r, s) depends on the first and is a second call (docs/conventions.md).
 
     Special case, the two-half-step target of shortcut models and F2D2: r = None takes the midpoint
     r = (t + s)/2, so the first output is two half-steps of size (s − t)/2 (the shortcut target, with
@@ -331,21 +339,16 @@ def semigroup_target(model: Callable, x, t, r=None, s=None, *, logp=None, max_ba
         both_t = torch.cat([t, t])
         both_s = torch.cat([r, s])
         u, d = _call_model(model, both_x, both_t, both_s, max_batch)
-        if d is None and logp is not None:
-            raise ValueError("logp was given but the model returned u alone: log-densities need a (u, D) model")
-        if d is None:
-            backend = _backend(op, x, None)
-            first = _jump(both_x, u, both_t, both_s, None, None, backend, inplace=False)
-            x_r, direct = first[:batch], first[batch:]
-            u2, d2 = _call_model(model, x_r, r, s, max_batch)
-            return _jump(x_r, u2, r, s, None, None, backend, inplace=False), direct
-        lp = torch.zeros(batch, dtype=_logp_dtype(x), device=x.device) if logp is None else logp
+        _require_joint(d, logp)
+        lp = None if d is None else (_zero_logp(batch, x) if logp is None else logp)
         backend = _backend(op, x, lp)
-        both_lp = torch.cat([lp, lp])
-        first, first_lp = _jump(both_x, u, both_t, both_s, both_lp, d.to(lp.dtype), backend, inplace=False)
+        first, first_lp = _step(both_x, u, both_t, both_s, None if lp is None else torch.cat([lp, lp]), d, backend,
+                                inplace=False)
         x_r, direct = first[:batch], first[batch:]
         u2, d2 = _call_model(model, x_r, r, s, max_batch)
-        if d2 is None:
-            raise ValueError("model returned (u, D) for the first call and u alone for the second")
-        two = _jump(x_r, u2, r, s, first_lp[:batch], d2.to(lp.dtype), backend, inplace=False)
-        return two, (direct, first_lp[batch:])
+        if (d is None) != (d2 is None):
+            raise ValueError("model returned (u, D) for one of its two calls and u alone for the other")
+        two, two_lp = _step(x_r, u2, r, s, None if lp is None else first_lp[:batch], d2, backend, inplace=False)
+        if lp is None:
+            return two, direct
+        return (two, two_lp), (direct, first_lp[batch:])

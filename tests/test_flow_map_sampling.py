@@ -1,5 +1,5 @@
 """flowkern.flow_map.evaluate / sample / sample_many / semigroup_target on Gaussian data, where the flow map, the
-divergence and every log-density are known in closed form (METHODS.md §3)."""
+divergence and every log-density are known in closed form (flowkern.testing.GaussianFlowMap)."""
 from __future__ import annotations
 
 import math
@@ -324,7 +324,7 @@ def test_validation_errors():
         fm.sample(g, z, schedule=torch.tensor([1.5, 0.0]))
     with pytest.raises(ValueError, match=r"schedule must have shape \[N \+ 1\]"):
         fm.sample(g, z, schedule=torch.tensor([1.0]))
-    with pytest.raises(TypeError, match="likelihood=True needs a joint model"):
+    with pytest.raises(TypeError, match=r"likelihood=True needs a joint model returning a pair \(u, D\)"):
         fm.sample(g, z, steps=1, likelihood=True)
     with pytest.raises(ValueError, match="only used with likelihood=True"):
         fm.sample(g, z, steps=1, logp=torch.zeros(3))
