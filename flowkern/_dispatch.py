@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import warnings
 
@@ -18,7 +19,9 @@ from flowkern._config import requested_backend, triton_interpreting
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@functools.cache
 def triton_available() -> bool:
+    """Whether Triton is installed (looked up once per process)."""
     return importlib.util.find_spec("triton") is not None
 
 
@@ -47,6 +50,8 @@ def select_backend(op: str, device: torch.device, dtype: torch.dtype, *, support
     to the PyTorch reference with a one-time warning per op.
     """
     asked = requested_backend()
+    if asked == "auto" and device.type == "cpu" and not triton_interpreting():
+        return "torch"  # the common CPU case, decided without building the reasons below
     reasons: dict[str, str | None] = {"torch": None}
     if "triton" in supported:
         reasons["triton"] = triton_reason or _triton_can_serve(device, dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from flowkern._dispatch import select_backend
+from flowkern._precision import accumulation_dtype
 from flowkern._validate import check_finite_scalar, check_int, check_like, check_tensor
 from flowkern._fused import apply_dual, apply_explicit, primal
 from flowkern.ops.time_embedding.op import TimeEmbeddingOp
@@ -11,7 +12,7 @@ from flowkern.ops.time_embedding.op import TimeEmbeddingOp
 
 def _compute_dtype(t: torch.Tensor, s: torch.Tensor) -> torch.dtype:
     """float32, or float64 when a time is float64 (the PyTorch backend only)."""
-    return torch.float64 if torch.float64 in (t.dtype, s.dtype) else torch.float32
+    return accumulation_dtype(torch.promote_types(t.dtype, s.dtype))
 
 
 def _op(name, t, s, dim, mode, max_period, time_scale) -> TimeEmbeddingOp:
