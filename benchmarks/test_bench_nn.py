@@ -17,16 +17,12 @@ plain torch.nn twin timed interleaved in the same run; `extra_info["ratio"]` = f
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import flowkern
 import flowkern.nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from nn_reference import PlainDiT, sdpa_attention
 
 HAS_CUDA = torch.cuda.is_available()

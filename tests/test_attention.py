@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from attention_cases import (assert_close_to, make_inputs, reference_grads, reference_jvp, torch_own_error)
+from helpers import (assert_close_to, make_inputs, reference_grads, reference_jvp, torch_own_error)
 from conftest import backends_under_test
 
 import flowkern

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from attention_cases import assert_close_to, make_inputs, reference_jvp
+from helpers import assert_close_to, make_inputs, reference_jvp
 from conftest import backends_under_test
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

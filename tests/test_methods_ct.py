@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from methods_cases import (
+from helpers import (
     MU,
     assert_target_pass_replays_dropout,
     dropout_net,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from methods_cases import (
+from helpers import (
     MU,
     SD,
     ExactCTMNet,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from methods_cases import MU, SD, ExactConsistencyNet, GaussianTeacher, fast_cpu, ode_y, posterior_mean, tiny_net
+from helpers import MU, SD, ExactConsistencyNet, GaussianTeacher, fast_cpu, ode_y, posterior_mean, tiny_net
 
 import flowkern
 from flowkern.flow_map import GaussianFlowMap

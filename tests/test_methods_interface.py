@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from methods_cases import fast_cpu, gaussian_batch, tiny_net
+from helpers import fast_cpu, gaussian_batch, tiny_net
 
 from flowkern.methods import METHODS, RUN_VALUES, Auxiliary, get_method
 from flowkern.methods.parameters import args_help, method_parameters

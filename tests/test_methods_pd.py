@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from methods_cases import MU, SD, GaussianTeacher, fast_cpu, gaussian_batch, tiny_net, train
+from helpers import MU, SD, GaussianTeacher, fast_cpu, gaussian_batch, tiny_net, train
 
 import flowkern
 from flowkern.flow_map import GaussianFlowMap

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from nn_reference import PlainDiT, randomize
-from nn_utils import check_network_against_twin
+from helpers import check_network_against_twin
 
 import flowkern
 from flowkern.nn import DiT

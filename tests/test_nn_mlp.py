@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from nn_reference import PlainMLPFlowMap, randomize
-from nn_utils import assert_all_close, check_network_against_twin
+from helpers import assert_all_close, check_network_against_twin
 
 import flowkern
 from flowkern.nn import MLPFlowMap

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import flowkern
 from flowkern import ops
-from ops_utils import DTYPES, assert_close, check_against_plain, check_explicit, gradcheck_torch, randn
+from helpers import DTYPES, assert_close, check_against_plain, check_explicit, gradcheck_torch, randn
 from conftest import TRITON_RUNS, backends_under_test
 
 BACKENDS = backends_under_test()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import flowkern
 from flowkern import ops
-from ops_utils import assert_close, randn
+from helpers import assert_close, randn
 from conftest import TRITON_RUNS, backends_under_test
 
 BACKENDS = backends_under_test()

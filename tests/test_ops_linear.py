@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import flowkern
 from flowkern import ops
-from ops_utils import DTYPES, assert_close, check_against_plain, check_explicit, gradcheck_torch, randn
+from helpers import DTYPES, assert_close, check_against_plain, check_explicit, gradcheck_torch, randn
 from conftest import backends_under_test
 
 BACKENDS = backends_under_test()

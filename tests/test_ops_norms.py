@@ -11,7 +11,7 @@ import flowkern
 from flowkern import ops
 from flowkern.ops.norms import op as norms_op
 from flowkern.ops.norms import reference as norms_reference
-from ops_utils import DTYPES, assert_close, check_against_plain, check_explicit, gradcheck_torch, randn
+from helpers import DTYPES, assert_close, check_against_plain, check_explicit, gradcheck_torch, randn
 from conftest import TRITON_RUNS, backends_under_test
 
 BACKENDS = backends_under_test()

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import flowkern
 from flowkern import ops
-from ops_utils import DTYPES, check_against_plain, check_explicit, gradcheck_torch, randn
+from helpers import DTYPES, check_against_plain, check_explicit, gradcheck_torch, randn
 from conftest import TRITON_RUNS, backends_under_test
 
 BACKENDS = backends_under_test()
@@ -73,7 +73,7 @@ def test_bad_inputs(call, exc, match):
 def test_gated_residual_and_modulate_shapes_hypothesis(batch, tokens, d, per_sample):
     import flowkern
     import torch.nn.functional as F
-    from ops_utils import assert_close
+    from helpers import assert_close
 
     gen = torch.Generator().manual_seed(batch * 1000 + tokens * 50 + d)
     x, y, x_t, y_t = (randn(batch, tokens, d, gen=gen) for _ in range(4))

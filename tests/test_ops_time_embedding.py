@@ -8,7 +8,7 @@ import torch
 
 import flowkern
 from flowkern import ops
-from ops_utils import check_against_plain, check_explicit, gradcheck_torch, randn
+from helpers import check_against_plain, check_explicit, gradcheck_torch, randn
 from conftest import backends_under_test
 
 BACKENDS = backends_under_test()

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from train_utils import one_thread, torch_backend
+from helpers import one_thread, torch_backend
 
 from flowkern.__main__ import main
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 import torch
-from train_utils import one_thread, torch_backend
+from helpers import one_thread, torch_backend
 
 from flowkern.__main__ import main
 from flowkern.methods.base import Method

@@ -19,7 +19,7 @@ def _free_port() -> int:
 def _run(batch: int, out_path: str, critic: bool = False):
     """Train the deterministic Regression method (with `critic`: WithCritic, which has an auxiliary network);
     returns (losses, params) and saves them (every rank)."""
-    from train_utils import Regression, WithCritic, one_thread, tiny_net
+    from helpers import Regression, WithCritic, one_thread, engine_net
 
     import flowkern
     from flowkern.data import get_dataset
@@ -27,7 +27,7 @@ def _run(batch: int, out_path: str, critic: bool = False):
 
     with flowkern.use_backend("torch"), one_thread():
         config = TrainConfig(steps=STEPS, batch=batch, lr=1e-2, warmup=2, ema_decays=(0.9,), eval_ema=0.9)
-        method = WithCritic(tiny_net()) if critic else Regression(tiny_net())
+        method = WithCritic(engine_net()) if critic else Regression(engine_net())
         trainer = Trainer(method, get_dataset("8gaussians").sample, config, progress=False)
         losses = trainer.fit()
     params = [p.detach().clone() for p in trainer.method.parameters()]

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from train_utils import Regression, one_thread, tiny_net, torch_backend
+from helpers import Regression, one_thread, engine_net, torch_backend
 
 from flowkern.data import get_dataset
 from flowkern.methods import Method, get_method, method_names
@@ -35,7 +35,7 @@ def test_registry():
 
 
 def test_flow_matching_loss_falls():
-    trainer = _trainer(FlowMatching(tiny_net()), steps=60)
+    trainer = _trainer(FlowMatching(engine_net()), steps=60)
     losses = trainer.fit()
     assert len(losses) == 60 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-10:]) / 10 < 0.75 * sum(losses[:10]) / 10
@@ -44,7 +44,7 @@ def test_flow_matching_loss_falls():
 def test_flow_matching_targets():
     torch.manual_seed(0)
     x0 = torch.randn(4096, 2) * 2 + 1
-    xt, t, v = FlowMatching(tiny_net()).targets(x0)
+    xt, t, v = FlowMatching(engine_net()).targets(x0)
     assert xt.shape == x0.shape and v.shape == x0.shape and t.shape == (4096,)
     assert xt.dtype == v.dtype == t.dtype == torch.float32
     assert bool(((t > 0) & (t < 1)).all())
@@ -56,7 +56,7 @@ def test_flow_matching_targets():
 
 
 def test_flow_matching_sample_is_euler():
-    net = tiny_net(seed=3)
+    net = engine_net(seed=3)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -70,15 +70,15 @@ def test_flow_matching_sample_is_euler():
 
 def test_flow_matching_rejects_bad_options():
     with pytest.raises(ValueError, match="t_std"):
-        FlowMatching(tiny_net(), t_std=0.0)
+        FlowMatching(engine_net(), t_std=0.0)
     with pytest.raises(TypeError, match="teacher"):
-        FlowMatching(tiny_net(), teacher=tiny_net())
+        FlowMatching(engine_net(), teacher=engine_net())
 
 
 @pytest.mark.parametrize("kind", ["nan_loss", "inf_grad"])
 def test_nan_guard_skips_and_counts(kind):
     bad = {"nan_at": (3, 4)} if kind == "nan_loss" else {"inf_grad_at": (3, 4)}
-    trainer = _trainer(Regression(tiny_net(), **bad), steps=3, warmup=0)
+    trainer = _trainer(Regression(engine_net(), **bad), steps=3, warmup=0)
     trainer.fit()
     before = [p.detach().clone() for p in trainer.method.parameters()]
     ema_before = [s.clone() for s in trainer.ema.shadow[0.9]]
@@ -95,7 +95,7 @@ def test_nan_guard_skips_and_counts(kind):
 
 
 def test_warmup_and_clipping():
-    trainer = _trainer(Regression(tiny_net()), steps=3, warmup=4, lr=1e-3, grad_clip=1e-3)
+    trainer = _trainer(Regression(engine_net()), steps=3, warmup=4, lr=1e-3, grad_clip=1e-3)
     lrs = []
     for _ in range(3):
         record = trainer.train_step()
@@ -116,7 +116,7 @@ def test_cosine_decay_schedule():
     assert lr_factor(54, config) == pytest.approx(0.1 + 0.9 * 0.5)           # half way: the mid-point
     assert lr_factor(104, config) == pytest.approx(0.1)
     assert lr_factor(200, TrainConfig(steps=104, warmup=4)) == 1.0
-    trainer = _trainer(Regression(tiny_net()), steps=6, warmup=0, lr=1e-3, lr_decay="cosine")
+    trainer = _trainer(Regression(engine_net()), steps=6, warmup=0, lr=1e-3, lr_decay="cosine")
     lrs = [trainer.train_step()["lr"] for _ in range(6)]
     assert lrs == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * (k + 1) / 6)) for k in range(6)])
     with pytest.raises(ValueError, match="lr_decay"):
@@ -126,7 +126,7 @@ def test_cosine_decay_schedule():
 
 
 def test_ema_matches_closed_form():
-    net = tiny_net()
+    net = engine_net()
     ema = EMA(net, (0.5, 0.999))
     p0 = [p.detach().clone() for p in net.parameters()]
     with torch.no_grad():
@@ -149,9 +149,9 @@ def test_teacher_stays_frozen_in_eval_mode():
             Method.__init__(self, model, teacher=teacher)
             self.nan_at = self.inf_grad_at = set()
 
-    teacher = tiny_net(seed=1)
+    teacher = engine_net(seed=1)
     frozen = [p.clone() for p in teacher.parameters()]
-    trainer = _trainer(WithTeacher(tiny_net(), teacher), steps=2)
+    trainer = _trainer(WithTeacher(engine_net(), teacher), steps=2)
     trainer.fit()
     assert not trainer.method.teacher.training and trainer.method.model.training
     assert all(not p.requires_grad for p in teacher.parameters())
@@ -174,13 +174,13 @@ def test_config_validation():
 @pytest.mark.parametrize("optimizer", ["adamw", "radam"])
 def test_exact_resume(tmp_path, optimizer):
     """12 steps in one go == 6 steps, checkpoint, a fresh trainer (other RNG state) resumes for 6: bit for bit."""
-    straight = _trainer(FlowMatching(tiny_net()), steps=12, optimizer=optimizer)
+    straight = _trainer(FlowMatching(engine_net()), steps=12, optimizer=optimizer)
     straight.fit()
-    first = _trainer(FlowMatching(tiny_net()), steps=12, optimizer=optimizer)
+    first = _trainer(FlowMatching(engine_net()), steps=12, optimizer=optimizer)
     first.fit(6)
     first.save(tmp_path / "ck.pt")
     torch.manual_seed(999)                          # disturb every RNG before resuming
-    second = _trainer(FlowMatching(tiny_net(seed=5)), steps=12, optimizer=optimizer)
+    second = _trainer(FlowMatching(engine_net(seed=5)), steps=12, optimizer=optimizer)
     second.load(tmp_path / "ck.pt")
     assert second.step_count == 6
     second.fit()
@@ -194,9 +194,9 @@ def test_exact_resume(tmp_path, optimizer):
 
 # -- auxiliary networks (a method's second network, e.g. a discriminator) -------------------------------------------
 def _critic_trainer(steps=4, **kw):
-    from train_utils import WithCritic
+    from helpers import WithCritic
 
-    method = WithCritic(tiny_net(), nan_critic_at=kw.pop("nan_critic_at", ()))
+    method = WithCritic(engine_net(), nan_critic_at=kw.pop("nan_critic_at", ()))
     return _trainer(method, steps=steps, batch=16, **kw)
 
 
@@ -269,4 +269,4 @@ def test_loss_terms_are_checked():
             return {"critic": super().loss(net, x0, step)[0]}, {}
 
     with pytest.raises(TypeError, match="'model' term"):
-        _trainer(Bad(tiny_net()), steps=1).train_step()
+        _trainer(Bad(engine_net()), steps=1).train_step()
