@@ -204,3 +204,31 @@ def test_reference_walks_several_key_chunks(causal, monkeypatch):
     for name, got, want in zip("qkv", (q.grad, k.grad, v.grad),
                                reference_grads(*inputs[:3], grad_out, causal=causal, attn_mask=mask)):
         assert_close_to(got, want, torch.float32, what=f"d{name}")
+
+
+def test_plain_pass_on_the_pytorch_backend_is_stock_sdpa(monkeypatch):
+    """Without a mask, GQA or a possible tangent, the PyTorch backend hands the call to SDPA's native kernel (same
+    values and gradients as the float64 math reference); under forward AD the fused tangent path runs instead."""
+    import torch.autograd.forward_ad as fwAD
+
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q, k, v, q_t, k_t, v_t = (x.double().requires_grad_() for x in make_inputs(2, 2, 2, 7, 7, 8, seed=3))
+    with flowkern.use_backend("torch"):
+        out = flowkern.attention(q, k, v, causal=True)
+        assert calls == [1]
+        out.sum().backward()
+        with fwAD.dual_level():
+            flowkern.attention(fwAD.make_dual(q.detach(), q_t.detach()), k.detach(), v.detach(), causal=True)
+        assert calls == [1]
+        flowkern.attention(q, k[:, :1], v[:, :1])   # GQA: the fused path
+        assert calls == [1]
+    from flowkern.testing import math_attention
+
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    ref = math_attention(*leaves, causal=True)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip((q.grad, k.grad, v.grad), (x.grad for x in leaves)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -155,3 +155,61 @@ def test_module_fast_paths_match_plain_pytorch_in_float64(case):
 def test_modulate_eps_is_checked_at_construction():
     with pytest.raises(ValueError, match="eps must be >= 0"):
         fnn.Modulate("layer", eps=-1.0)
+
+
+def _plain_pass_seen(model, call):
+    """Whether the layers inside `model` ran in a plain network pass during `call()` (a forward hook records it)."""
+    from flowkern.nn._plain import in_plain_pass
+
+    seen = []
+    layer = next(m for m in model.modules() if isinstance(m, flowkern.nn.Linear))
+    handle = layer.register_forward_hook(lambda *_: seen.append(in_plain_pass()))
+    try:
+        call()
+    finally:
+        handle.remove()
+    return all(seen) and bool(seen)
+
+
+def test_a_network_pass_runs_plain_only_where_no_tangent_autocast_or_kernel_can_be_involved():
+    """One decision per network forward: plain native ops in an ordinary forward/grad pass on the PyTorch backend,
+    the fused path under forward AD, torch.func.jvp, autocast and a low-precision model."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    net = flowkern.nn.MLPFlowMap(2, hidden=16, depth=1, time_dim=8)
+    x, t = torch.randn(5, 2), torch.rand(5)
+    with flowkern.use_backend("torch"):
+        assert _plain_pass_seen(net, lambda: net(x, t, t).sum().backward())
+        assert not _plain_pass_seen(net, lambda: torch.func.jvp(lambda x: net(x, t, t), (x,), (x,)))
+        with fwAD.dual_level():
+            assert not _plain_pass_seen(net, lambda: net(fwAD.make_dual(x, x), t, t))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not _plain_pass_seen(net, lambda: net(x, t, t))
+    from flowkern.nn._plain import in_plain_pass
+    assert not in_plain_pass()   # restored after the pass
+
+
+def test_a_plain_network_pass_equals_the_fused_path_in_float64():
+    """Outputs and parameter gradients of the plain pass equal those of the op path (forced by a dual level)."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(1)
+    net = flowkern.nn.DiT(4, 2, patch=2, hidden=32, depth=2, heads=2).double()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x, t = torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
+
+    def grads(run):
+        net.zero_grad()
+        out = run()
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in net.parameters()]
+
+    with flowkern.use_backend("torch"):
+        plain = grads(lambda: net(x, t, 0.5 * t))
+        with fwAD.dual_level():   # an open level: every layer takes the op path
+            fused = grads(lambda: net(x, t, 0.5 * t))
+    torch.testing.assert_close(plain[0], fused[0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(plain[1], fused[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

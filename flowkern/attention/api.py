@@ -5,9 +5,11 @@ import math
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 
 from flowkern._dispatch import select_backend
 from flowkern._fused import apply_dual, apply_explicit, primal
+from flowkern._nvtx import nvtx_range
 from flowkern._validate import check_bool, check_finite_scalar, check_like, check_tensor
 from flowkern.attention.op import AttentionOp
 from flowkern.attention.spec import MASK_ADDITIVE, MASK_BOOL, MASK_NONE, AttentionSpec
@@ -125,4 +127,18 @@ def attention(q, k, v, *, causal=False, attn_mask=None, scale=None):
     dual tensors through a compiled `f` get the fused tangent (tested).
     """
     spec = _spec(primal(q), primal(k), primal(v), attn_mask, causal, scale, "flowkern.attention")
+    if _stock_sdpa_serves(spec, attn_mask, q.dtype):
+        # the PyTorch backend, no tangent possible, nothing SDPA reads differently: its native kernel and backward
+        with nvtx_range("flowkern.attention"):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=spec.causal, scale=spec.scale)
     return apply_dual(AttentionOp("flowkern.attention", spec), q, k, v, attn_mask)
+
+
+def _stock_sdpa_serves(spec: AttentionSpec, attn_mask, dtype: torch.dtype) -> bool:
+    """An ordinary forward or grad pass on the PyTorch backend that `F.scaled_dot_product_attention` computes with the
+    same meaning: no mask, one key/value head per query head, causal only on square scores (SDPA aligns causal masks
+    top-left), float32/float64, and no forward-mode tangent possible (no `forward_ad` level open, no torch.func
+    transform active)."""
+    return (spec.backend == "torch" and attn_mask is None and spec.q_heads == spec.kv_heads
+            and (not spec.causal or spec.seq_q == spec.seq_k) and dtype in (torch.float32, torch.float64)
+            and getattr(fwAD, "_current_level", 0) < 0 and not torch._C._are_functorch_transforms_active())

@@ -7,6 +7,7 @@ import torch
 from flowkern._validate import check_bool, check_finite_scalar, check_int
 from flowkern.attention import attention
 from flowkern.nn._inputs import check_labels, check_time, check_x
+from flowkern.nn._plain import network_pass
 from flowkern.nn.layers import GELU, AdaLNModulation, GatedResidual, Linear, Modulate, RMSNorm
 from flowkern.nn.patch import patchify, sincos_pos_embed_2d, unpatchify
 from flowkern.nn.time import TimePairEmbedding
@@ -143,20 +144,22 @@ class DiT(torch.nn.Module):
                         shape_doc=f"[B, in_ch, H, W] = [B, {self.in_ch}, {self.img_size[0]}, {self.img_size[1]}]")
         t = check_time("t", t, batch, x.device)
         s = check_time("s", s, batch, x.device)
-        h = self.patch_embed(patchify(x, self.patch))
-        h = h + self.pos_embed.to(h.dtype)
-        c = self.time(t, s)
         if y is not None and self.label_embed is None:
             raise ValueError("y (class labels) was given but the model has num_classes=0")
         if self.label_embed is not None:
             y = torch.full((batch,), self.num_classes, dtype=torch.long, device=x.device) if y is None else \
                 check_labels(y, batch, x.device, self.num_classes)
-            c = c + self.label_embed(y).to(c.dtype)
-        for block in self.blocks:
-            h = block(h, c)
-        shift, scale = self.final_ada(c)
-        h = self.out(self.final_norm(h, shift, scale))
-        return unpatchify(h, self.patch, self.out_ch, *self.img_size)
+        with network_pass(x, self.patch_embed.weight.dtype):
+            h = self.patch_embed(patchify(x, self.patch))
+            h = h + self.pos_embed.to(h.dtype)
+            c = self.time(t, s)
+            if self.label_embed is not None:
+                c = c + self.label_embed(y).to(c.dtype)
+            for block in self.blocks:
+                h = block(h, c)
+            shift, scale = self.final_ada(c)
+            h = self.out(self.final_norm(h, shift, scale))
+            return unpatchify(h, self.patch, self.out_ch, *self.img_size)
 
     def extra_repr(self) -> str:
         return (f"img_size={self.img_size}, in_ch={self.in_ch}, patch={self.patch}, tokens={self.num_tokens}, "

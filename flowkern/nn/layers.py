@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from flowkern import ops
 from flowkern._validate import check_finite_scalar, check_int
 from flowkern.nn._cast import autocast_dtype, cast
-from flowkern.nn._plain import inputs_ok, per_row_ok, runs_plain
+from flowkern.nn._plain import in_plain_pass, inputs_ok, per_row_ok, runs_plain
 from flowkern.ops.activations.api import activation_prevalidated
 from flowkern.ops.linear.api import linear_prevalidated
 from flowkern.ops.norms.api import modulate_prevalidated
@@ -39,6 +39,8 @@ class Linear(torch.nn.Linear):
                 torch.nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if in_plain_pass():
+            return F.linear(x, self.weight, self.bias)
         dtype = autocast_dtype(x)
         if dtype is None:
             if inputs_ok(x, self.weight, self.bias, features=self.in_features):
@@ -58,6 +60,8 @@ class LayerNorm(torch.nn.LayerNorm):
                          elementwise_affine=elementwise_affine, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if in_plain_pass():
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         weight, bias = cast(self.weight, x.dtype), cast(self.bias, x.dtype)
         if inputs_ok(x, weight, bias, features=self.normalized_shape[0]) and runs_plain(x, weight, bias):
             return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
@@ -85,6 +89,8 @@ class SiLU(torch.nn.Module):
     """`flowkern.ops.silu` as a module."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if in_plain_pass():
+            return F.silu(x)
         if inputs_ok(x):
             return F.silu(x) if runs_plain(x) else activation_prevalidated(x, "silu")
         return ops.silu(x)
@@ -100,6 +106,8 @@ class GELU(torch.nn.Module):
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if in_plain_pass():
+            return F.gelu(x, approximate=self.approximate)
         if inputs_ok(x):
             if runs_plain(x):
                 return F.gelu(x, approximate=self.approximate)
@@ -122,6 +130,8 @@ class Modulate(torch.nn.Module):
         self.norm, self.eps = norm, eps
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if in_plain_pass():
+            return native_modulate(x, shift, scale, is_rms=self.norm == "rms", eps=self.eps)
         shift, scale = cast(shift, x.dtype), cast(scale, x.dtype)
         if inputs_ok(x, shift, scale) and shift.shape == scale.shape and per_row_ok(shift, x, shared_ok=False):
             if runs_plain(x, shift, scale):
@@ -137,6 +147,8 @@ class GatedResidual(torch.nn.Module):
     """adaLN-zero residual x + gate·y (`flowkern.ops.gated_residual`); gate and y cast to x's dtype."""
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if in_plain_pass():
+            return native_gated_residual(x, gate, y)
         gate, y = cast(gate, x.dtype), cast(y, x.dtype)
         if inputs_ok(x, gate, y) and y.shape == x.shape and per_row_ok(gate, x, shared_ok=True):
             if runs_plain(x, gate, y):

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from flowkern._validate import check_bool, check_finite_scalar, check_int
 from flowkern.nn._inputs import check_time, check_x
+from flowkern.nn._plain import network_pass
 from flowkern.nn.layers import AdaLNModulation, GatedResidual, Linear, Modulate, SiLU
 from flowkern.nn.time import TimePairEmbedding
 
@@ -71,13 +72,14 @@ class MLPFlowMap(torch.nn.Module):
         batch = check_x(x, dtype=self.inp.weight.dtype, trailing=(self.dim,), shape_doc=f"[B, dim] = [B, {self.dim}]")
         t = check_time("t", t, batch, x.device)
         s = check_time("s", s, batch, x.device)
-        c = self.time(t, s)
-        h = self.inp(x)
-        for block in self.blocks:
-            h = block(h, c)
-        shift, scale = self.final_ada(c)
-        h = self.final_norm(h, shift, scale)
-        u = self.out(h)
-        if self.div is None:
-            return u
-        return u, self.div(h).squeeze(-1)
+        with network_pass(x, self.inp.weight.dtype):
+            c = self.time(t, s)
+            h = self.inp(x)
+            for block in self.blocks:
+                h = block(h, c)
+            shift, scale = self.final_ada(c)
+            h = self.final_norm(h, shift, scale)
+            u = self.out(h)
+            if self.div is None:
+                return u
+            return u, self.div(h).squeeze(-1)
