@@ -42,7 +42,7 @@ def probe_tile(seed, stream, sample, probe, counters, DIST: tl.constexpr):
     c0 = counters[None, :].to(tl.uint32) + sample[:, None].to(tl.uint32) * 0  # [ROWS, CB]
     c1 = sample[:, None].to(tl.uint32) + zero  # [ROWS, CB]
     c2 = probe[:, None].to(tl.uint32) + zero  # [ROWS, CB]
-    c3 = c0 * 0 + tl.to_tensor(stream).to(tl.uint32)  # [ROWS, CB] (to_tensor: stream may be specialised to 1)
+    c3 = (c0 * 0 + stream).to(tl.uint32)  # [ROWS, CB] (stream may be specialised to the constant 1)
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)  # each [ROWS, CB] uint32
     lane = tl.arange(0, 4)[None, None, :]  # [1, 1, 4]
     if DIST == 0:  # rademacher: sign from the top bit of this lane's word
