@@ -10,7 +10,7 @@ from flowkern.train.rebuild import restore
 
 def test_save_writes_format_2_atomically(tmp_path):
     path = checkpoint.save(tmp_path / "a" / "ck.pt", {k: 0 for k in checkpoint.ENGINE_KEYS})
-    assert torch.load(path, weights_only=False)["format"] == 2
+    assert torch.load(path, weights_only=True)["format"] == 2
     assert not (tmp_path / "a" / "ck.pt.tmp").exists()
     assert checkpoint.load(path)["step"] == 0
 
@@ -31,3 +31,37 @@ def test_older_and_foreign_checkpoints_are_named(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="written by method 'fm', not 'ct'"):
         checkpoint.save(tmp_path / "fm.pt", {**{k: 0 for k in checkpoint.ENGINE_KEYS}, "method": "fm"})
         checkpoint.load(tmp_path / "fm.pt", method="ct")
+
+
+class _Payload:
+    """An object whose unpickling runs code (it would create `marker`)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_carrying_code_is_refused_and_its_payload_never_runs(tmp_path):
+    marker = tmp_path / "payload-ran"
+    state = {k: 0 for k in checkpoint.ENGINE_KEYS}
+    state["format"] = 2
+    state["losses"] = [_Payload(marker)]
+    torch.save(state, tmp_path / "evil.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="could not be read"):
+        checkpoint.load(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_a_real_run_checkpoint_holds_only_plain_data(tmp_path):
+    """Everything a training checkpoint needs loads with weights_only=True (numpy's RNG state as a tensor too)."""
+    import flowkern
+    from flowkern.__main__ import main
+
+    out = tmp_path / "run"
+    with flowkern.use_backend("torch"):
+        assert main(["train", "fm", "--steps", "2", "--samples", "64", "--out", str(out), "--no-progress",
+                     "--no-nll"]) == 0
+    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert state["format"] == 2 and state["step"] == 2

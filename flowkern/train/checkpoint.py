@@ -48,7 +48,7 @@ def load(path, *, method: str | None = None, keys=ENGINE_KEYS) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{where} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
     except Exception as err:
         raise CheckpointError(f"{where} could not be read: {err}") from err
     if not isinstance(state, dict) or "format" not in state:
