@@ -27,6 +27,12 @@ import torch.autograd.forward_ad as fwAD
 HIGHER_ORDER = "{op}: {what} is not supported (first-order derivatives only)"
 
 _functions_active = torch._C._are_functorch_transforms_active
+
+
+def no_tangent_possible() -> bool:
+    """No `forward_ad.dual_level` is open and no torch.func transform is active: no tensor can carry a forward-mode
+    tangent, so per-tensor `unpack_dual` checks can be skipped (the plain-pass fast paths)."""
+    return getattr(fwAD, "_current_level", 0) < 0 and not _functions_active()
 _unwrap_dead = torch._functorch.utils.unwrap_dead_wrappers
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
+from flowkern._autograd import no_tangent_possible
 from flowkern._dispatch import select_backend
 from flowkern._fused import apply_dual, apply_explicit, primal
 from flowkern._nvtx import nvtx_range
@@ -141,4 +142,4 @@ def _stock_sdpa_serves(spec: AttentionSpec, attn_mask, dtype: torch.dtype) -> bo
     transform active)."""
     return (spec.backend == "torch" and attn_mask is None and spec.q_heads == spec.kv_heads
             and (not spec.causal or spec.seq_q == spec.seq_k) and dtype in (torch.float32, torch.float64)
-            and getattr(fwAD, "_current_level", 0) < 0 and not torch._C._are_functorch_transforms_active())
+            and no_tangent_possible())

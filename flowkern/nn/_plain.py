@@ -19,6 +19,7 @@ import threading
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from flowkern._autograd import no_tangent_possible
 from flowkern._dispatch import select_backend
 
 _PLAIN_DTYPES = (torch.float32, torch.float64)  # inputs already in their accumulation dtype
@@ -37,17 +38,11 @@ def inputs_ok(x, *params, features: int | None = None) -> bool:
     return True
 
 
-def _no_tangent_possible() -> bool:
-    """No `forward_ad.dual_level` is open and no torch.func transform is active: no tensor can carry a tangent,
-    and the per-tensor `unpack_dual` checks can be skipped."""
-    return getattr(fwAD, "_current_level", 0) < 0 and not torch._C._are_functorch_transforms_active()
-
-
 def runs_plain(x: torch.Tensor, *params) -> bool:
     """True when the layer may run as native PyTorch ops (see the module docstring); inputs already `inputs_ok`."""
     if x.dtype not in _PLAIN_DTYPES:
         return False
-    if not _no_tangent_possible():
+    if not no_tangent_possible():
         for t in (x, *params):
             if t is not None and fwAD.unpack_dual(t).tangent is not None:
                 return False
@@ -71,7 +66,7 @@ def in_plain_pass() -> bool:
 @contextlib.contextmanager
 def network_pass(x: torch.Tensor, params_dtype: torch.dtype):
     """The forward of a whole network on x (already validated by the network): see the module docstring."""
-    plain = (x.dtype in _PLAIN_DTYPES and x.dtype == params_dtype and _no_tangent_possible()
+    plain = (x.dtype in _PLAIN_DTYPES and x.dtype == params_dtype and no_tangent_possible()
              and not torch.is_autocast_enabled(x.device.type)
              and select_backend("flowkern.nn", x.device, x.dtype) == "torch")
     previous = getattr(_pass, "plain", False)
