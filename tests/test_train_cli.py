@@ -8,6 +8,7 @@ import torch
 from helpers import one_thread, torch_backend
 
 from flowkern.__main__ import main
+from flowkern.train import checkpoint
 
 TINY = ["--steps", "6", "--batch", "32", "--hidden", "16", "--depth", "1", "--samples", "300", "--no-nll",
         "--no-progress", "--warmup", "2", "--log-every", "2"]
@@ -90,7 +91,10 @@ def test_nothing_overwritten(run_dir, tmp_path, capsys):
     other.mkdir()
     state = torch.load(ckpt, weights_only=False)
     state["method"] = "ct"
-    torch.save(state, other / "checkpoint.pt")
+    torch.save(state, other / "checkpoint.pt")           # edited by hand: its checksum no longer matches
+    assert main(["train", "fm", "--data", "8gaussians", "--out", str(other), "--resume", *TINY]) == 2
+    assert "does not match its checksum" in capsys.readouterr().err
+    checkpoint.save(other / "checkpoint.pt", state)       # a valid checkpoint of another method
     foreign = (other / "checkpoint.pt").read_bytes()
     assert main(["train", "fm", "--data", "8gaussians", "--out", str(other), "--resume", *TINY]) == 2
     assert "written by method 'ct', not 'fm'" in capsys.readouterr().err

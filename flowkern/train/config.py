@@ -18,7 +18,11 @@ class TrainConfig:
     global gradient norm (None: no clipping, the norm is still measured for the NaN guard); ema_decays: the EMA
     copies kept (e.g. (0.999, 0.9999)); eval_ema: the decay whose weights sample/evaluate (None: the raw weights);
     bf16: autocast to bfloat16 on CUDA (None: on when training on CUDA; never on CPU); log_every: steps between
-    metrics-log lines; checkpoint_every: steps between checkpoints (0: only at the end); seed: seeds every RNG."""
+    metrics-log lines (the host reads the device's losses only then); checkpoint_every: steps between checkpoints
+    (0: none between); checkpoint_minutes: minutes between checkpoints (0: none by time); both only with an
+    out_dir, and always at the end; max_consecutive_skips: stop the run when this many consecutive steps were
+    skipped by the NaN/Inf guard (0: never; checked when a metrics line is written); ddp_timeout: seconds a DDP
+    collective waits for the other ranks before the run fails naming the silent rank; seed: seeds every RNG."""
 
     steps: int = 2000
     batch: int = 512
@@ -34,7 +38,10 @@ class TrainConfig:
     eval_ema: float | None = 0.99
     bf16: bool | None = None
     log_every: int = 10
-    checkpoint_every: int = 0
+    checkpoint_every: int = 500
+    checkpoint_minutes: float = 10.0
+    max_consecutive_skips: int = 20
+    ddp_timeout: float = 300.0
     seed: int = 0
 
     def __post_init__(self):
@@ -65,6 +72,11 @@ class TrainConfig:
             check_bool("bf16", self.bf16)
         check_int("log_every", self.log_every, minimum=1)
         check_int("checkpoint_every", self.checkpoint_every, minimum=0)
+        if check_finite_scalar("checkpoint_minutes", self.checkpoint_minutes) < 0:
+            raise ValueError(f"checkpoint_minutes must be >= 0, got {self.checkpoint_minutes}")
+        check_int("max_consecutive_skips", self.max_consecutive_skips, minimum=0)
+        if not check_finite_scalar("ddp_timeout", self.ddp_timeout) > 0:
+            raise ValueError(f"ddp_timeout must be > 0 seconds, got {self.ddp_timeout}")
         check_int("seed", self.seed, minimum=0)
 
     def to_dict(self) -> dict:

@@ -6,6 +6,15 @@ its own parameters only → gradient all-reduce (DDP) → clip → NaN/Inf guard
 an auxiliary: Adam with its own lr, betas and weight decay; every one on the run's warm-up / decay schedule) → EMA →
 method.on_step_end(step). Each phase runs inside an NVTX range (flowkern.train.data/loss/backward/optimizer/ema).
 
+The NaN/Inf guard decides on the device: the step's verdict is a tensor that the fused optimisers, the EMA and
+the skip counters take as it is, so a step costs no host synchronisation. The host reads the device only every
+`log_every` steps (the metrics line, the per-step losses since the last one, the skip counters): a run of
+`max_consecutive_skips` skipped steps then ends it (`TrainingDiverged`).
+
+`fit` saves a checkpoint every `checkpoint_every` steps and every `checkpoint_minutes` minutes (when it has an
+out_dir) and at the end. On SIGINT or SIGTERM it finishes the step in progress, saves and raises
+`TrainingInterrupted`; a second SIGINT stops at once.
+
 Under DDP (`torchrun`, see `distributed.setup`) the method's model is wrapped once and the wrapper is the `net`
 given to `method.loss` for the gradient pass, so its gradients are all-reduced in the backward pass; an auxiliary
 network not wrapped in DDP has its gradients averaged over the ranks explicitly. No-grad passes (teacher, EMA
@@ -26,7 +35,9 @@ from torch import nn
 from flowkern._nvtx import nvtx_range
 from flowkern.methods.base import Method
 from flowkern import _rng as rng
-from flowkern.train import checkpoint, distributed
+from flowkern.train import checkpoint, distributed, metrics_log
+from flowkern.train.signals import stop_requests
+from flowkern.train.stops import RankTimeout, TrainingDiverged, TrainingInterrupted
 from flowkern.train.config import TrainConfig, lr_factor
 from flowkern.train.ema import EMA
 
@@ -34,10 +45,46 @@ from flowkern.train.ema import EMA
 MODEL = "model"   # the key of the main network's loss term, optimiser and scheduler
 
 
-def _build_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+def _fused_kwargs(cls, device: torch.device) -> dict:
+    """Adam and AdamW run fused where torch has the kernel (CPU, CUDA): they then take the NaN/Inf guard's verdict as
+    a device tensor (`found_inf`) and skip the update on the device. RAdam has no fused kernel; on CUDA it keeps
+    its step counts on the device (capturable)."""
+    if cls in (torch.optim.Adam, torch.optim.AdamW) and device.type in ("cpu", "cuda"):
+        return {"fused": True}
+    return {"capturable": True} if device.type == "cuda" else {}
+
+
+def _build_optimizer(params, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     cls = {"adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[config.optimizer]
     kwargs = {"decoupled_weight_decay": True} if config.optimizer == "radam" else {}
-    return cls(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, **kwargs)
+    return cls(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, **kwargs,
+               **_fused_kwargs(cls, device))
+
+
+@torch.no_grad()
+def _guarded_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """optimizer.step() unless `skip` (a float tensor on the device, 1.0 = skip), decided on the device: a fused
+    optimizer skips its own kernel; any other steps and then takes back every parameter and state tensor where
+    `skip` is set (state created by this step goes back to zeros, its initial value)."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = skip
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        return
+    keep = skip.bool()
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    before = [p.detach().clone() for p in params]
+    states = [{k: v.clone() for k, v in optimizer.state[p].items() if isinstance(v, torch.Tensor)}
+              if p in optimizer.state else {} for p in params]
+    optimizer.step()
+    for p, old, state in zip(params, before, states):
+        p.copy_(torch.where(keep.to(p.device), old, p))
+        for k, v in optimizer.state[p].items():
+            if isinstance(v, torch.Tensor):
+                prev = state.get(k, torch.zeros_like(v))
+                v.copy_(torch.where(keep.to(v.device), prev, v))
 
 
 def _auxiliary_networks(method: Method) -> dict:
@@ -95,24 +142,29 @@ class Trainer:
         extra: metadata stored at the top level of every checkpoint (e.g. the network's constructor arguments,
             the dataset name; its keys must differ from the engine's).
         progress: show a tqdm bar (rank 0 only).
+        tensorboard: also write every logged scalar as TensorBoard events to out_dir/tensorboard (needs the
+            `tensorboard` package).
     """
 
     def __init__(self, method: Method, data, config: TrainConfig, *, out_dir=None, device=None, extra=None,
-                 progress: bool = True):
+                 progress: bool = True, tensorboard: bool = False):
         if not isinstance(method, Method):
             raise TypeError(f"method must be a flowkern.methods.Method, got {type(method).__name__}")
         if not callable(data):
             raise TypeError(f"data must be callable data(n, generator), got {type(data).__name__}")
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        if tensorboard:
+            metrics_log.require_tensorboard()
         self.extra = dict(extra or {})
-        clash = sorted(set(self.extra) & {"format", *checkpoint.ENGINE_KEYS, "losses"})
+        clash = sorted(set(self.extra) & {"format", "checksum", *checkpoint.ENGINE_KEYS, "losses"})
         if clash and clash != ["method_kwargs"]:
             raise ValueError(f"extra must not set the engine's checkpoint keys {clash}")
-        self.rank, self.world, self.device = distributed.setup(device)
+        self.rank, self.world, self.device = distributed.setup(device, timeout=config.ddp_timeout)
         self.config, self.data = config, data
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress and self.rank == 0
+        self.tensorboard = tensorboard
         rng.seed_all(config.seed + 1000 * self.rank)
         self.data_generator = torch.Generator().manual_seed(config.seed)   # the same stream on every rank
         self.method = method.to(self.device)
@@ -125,7 +177,7 @@ class Trainer:
         self.param_groups = {MODEL: [p for p in method.parameters() if p.requires_grad and id(p) not in aux_ids]}
         if not self.param_groups[MODEL]:
             raise ValueError("method has no trainable parameters")
-        self.optimizers = {MODEL: _build_optimizer(self.param_groups[MODEL], config)}
+        self.optimizers = {MODEL: _build_optimizer(self.param_groups[MODEL], config, self.device)}
         self.schedulers = {MODEL: torch.optim.lr_scheduler.LambdaLR(
             self.optimizers[MODEL], lambda s: lr_factor(s, config) * method.lr_scale(s))}
         for name, aux in self.auxiliaries.items():
@@ -135,15 +187,21 @@ class Trainer:
             self.param_groups[name] = params
             betas = tuple(getattr(aux, "betas", (0.9, 0.999)))
             self.optimizers[name] = torch.optim.Adam(params, lr=aux.lr, betas=betas,
-                                                     weight_decay=getattr(aux, "weight_decay", 0.0))
+                                                     weight_decay=getattr(aux, "weight_decay", 0.0),
+                                                     **_fused_kwargs(torch.optim.Adam, self.device))
             self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(self.optimizers[name],
                                                                       lambda s: lr_factor(s, config))
         self.ema = EMA(method.model, config.ema_decays)
         self.bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
         if self.bf16 and self.device.type != "cuda":
             raise ValueError("bf16 autocast is for CUDA training; set bf16=False (or None) on the CPU")
-        self.step_count, self.skipped = 0, 0
-        self.losses: list[float] = []
+        self.step_count = 0
+        zero = torch.zeros((), dtype=torch.int64, device=self.device)
+        # skip counters on the device: in total, the current run of consecutive skips, the longest run so far
+        self._skipped, self._skip_run, self._longest_skip_run = zero.clone(), zero.clone(), zero.clone()
+        self._losses: list[float] = []
+        self._pending: list[torch.Tensor] = []     # per-step losses not yet read back from the device
+        self.coordinator = distributed.Coordinator(self.rank, self.world)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -158,6 +216,19 @@ class Trainer:
     @property
     def scheduler(self):
         return self.schedulers[MODEL]
+
+    @property
+    def skipped(self) -> int:
+        """Steps skipped by the NaN/Inf guard so far (reads the device)."""
+        return int(self._skipped)
+
+    @property
+    def losses(self) -> list[float]:
+        """The model's loss of every step so far (NaN or Inf on a skipped one; reads the device)."""
+        if self._pending:
+            self._losses.extend(torch.stack(self._pending).tolist())
+            self._pending.clear()
+        return self._losses
 
     # -- one step ------------------------------------------------------------------------------------------------
     def _batch(self) -> torch.Tensor:
@@ -186,8 +257,9 @@ class Trainer:
             norms[name] = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return norms
 
-    def train_step(self) -> dict:
-        """One optimiser step of every network (or a skipped one); returns the step's log record."""
+    def _step(self) -> dict:
+        """One optimiser step of every network, or a skipped one, decided on the device; returns the step's record
+        with device tensors (read back by `_read`)."""
         step = self.step_count
         self.method.train()
         with nvtx_range("flowkern.train.data"):
@@ -197,38 +269,54 @@ class Trainer:
         terms = _loss_terms(self.method, losses, [MODEL, *self.auxiliaries])
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
+        self.coordinator.heartbeat(step)
         with nvtx_range("flowkern.train.backward"):
             norms = self._backward(terms)
         with nvtx_range("flowkern.train.optimizer"):
             means = {name: distributed.mean_over_ranks(loss.detach()) for name, loss in terms.items()}
             # gradients are all-reduced, so every rank takes the same decision; one bad term skips the whole step
-            finite = all(bool(torch.isfinite(means[n]) & torch.isfinite(norms[n])) for n in terms)
-            if finite:
-                for name in terms:
-                    self.optimizers[name].step()
-            else:
-                self.skipped += 1
-                for opt in self.optimizers.values():
-                    opt.zero_grad(set_to_none=True)
+            checks = [torch.isfinite(means[n]) & torch.isfinite(norms[n]).to(means[n].device) for n in terms]
+            applied = torch.stack(checks).all().to(self.device)
+            skip = (~applied).to(torch.float32)
+            for name in terms:
+                _guarded_step(self.optimizers[name], skip)
             for scheduler in self.schedulers.values():
                 scheduler.step()
-        if finite:
-            with nvtx_range("flowkern.train.ema"):
-                self.ema.update()
+        with nvtx_range("flowkern.train.ema"):
+            self.ema.update(applied)
+        missed = (~applied).to(torch.int64)
+        self._skipped += missed
+        self._skip_run.mul_(missed).add_(missed)
+        torch.maximum(self._longest_skip_run, self._skip_run, out=self._longest_skip_run)
         self.method.on_step_end(step)
         self.step_count += 1
-        record = {"step": self.step_count, "loss": means[MODEL].item(), "grad_norm": norms[MODEL].item(),
-                  "lr": self.optimizer.param_groups[0]["lr"], "skipped": self.skipped}
+        self._pending.append(means[MODEL].float())
+        record = {"step": self.step_count, "loss": means[MODEL], "grad_norm": norms[MODEL],
+                  "lr": self.optimizer.param_groups[0]["lr"], "skipped": self._skipped}
         for name in self.auxiliaries:
             if name in terms:
-                record.update({f"{name}_loss": means[name].item(), f"{name}_grad_norm": norms[name].item()})
-        record.update({k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in info.items()})
-        self.losses.append(record["loss"])
+                record.update({f"{name}_loss": means[name], f"{name}_grad_norm": norms[name]})
+        record.update(info)
+        return record
+
+    @staticmethod
+    def _read(record: dict) -> dict:
+        """The record with every tensor read back as a number."""
+        return {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
+
+    def train_step(self) -> dict:
+        """One optimiser step of every network (or a skipped one); returns the step's log record (numbers)."""
+        record = self._read(self._step())
+        self.losses   # read the step's loss back too
         return record
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def fit(self, steps: int | None = None) -> list[float]:
-        """Train until `steps` (default config.steps) steps are done in total; returns the per-step losses."""
+        """Train until `steps` (default config.steps) steps are done in total; returns the per-step losses.
+
+        TrainingInterrupted after SIGINT/SIGTERM (the step finished, the checkpoint saved when there is an
+        out_dir), TrainingDiverged after `max_consecutive_skips` skipped steps in a row (nothing saved: the last
+        checkpoint is kept), RankTimeout when a DDP rank stopped answering."""
         total = self.config.steps if steps is None else steps
         from tqdm.auto import tqdm
 
@@ -236,33 +324,82 @@ class Trainer:
                    desc=type(self.method).__name__)
         log = self._open_log()
         t0, s0 = time.perf_counter(), self.step_count
+        last_save = time.monotonic()
+        every, minutes = self.config.checkpoint_every, self.config.checkpoint_minutes
         try:
-            while self.step_count < total:
-                record = self.train_step()
-                rate = (self.step_count - s0) / max(time.perf_counter() - t0, 1e-9)
-                bar.update(1)
-                if self.step_count % self.config.log_every == 0 or self.step_count == total:
-                    record["steps_per_s"] = rate
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", steps_s=f"{rate:.1f}", skipped=self.skipped)
-                    if log is not None:
-                        log.write(json.dumps(record) + "\n")
-                        log.flush()
-                every = self.config.checkpoint_every
-                if every and self.step_count % every == 0 and self.step_count < total:
-                    self.save()
+            with stop_requests() as stop:
+                while self.step_count < total:
+                    record = self._guarded(self._step)
+                    bar.update(1)
+                    if self.step_count % self.config.log_every == 0 or self.step_count == total:
+                        record = self._read(record)
+                        record["steps_per_s"] = (self.step_count - s0) / max(time.perf_counter() - t0, 1e-9)
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", steps_s=f"{record['steps_per_s']:.1f}",
+                                        skipped=record["skipped"])
+                        if log is not None:
+                            log.write(record)
+                        self.losses   # read back the losses since the last line
+                        self._check_divergence()
+                    if stop.signum is not None:
+                        self.coordinator.request("stop", self.step_count)
+                    if minutes and self.out_dir is not None and time.monotonic() - last_save > 60 * minutes:
+                        self.coordinator.request("save", self.step_count)
+                        last_save = time.monotonic()
+                    due = self.coordinator.due(self.step_count)
+                    if "stop" in due:
+                        self._check_divergence()
+                        raise self._interrupted(stop.signum)
+                    timed = "save" in due
+                    if self.out_dir is not None and self.step_count < total and (
+                            timed or every and self.step_count % every == 0):
+                        self.save()
+                        last_save = time.monotonic()
         finally:
             bar.close()
             if log is not None:
                 log.close()
+        self._check_divergence()
         if self.out_dir is not None:
             self.save()
         return self.losses
 
+    def _guarded(self, fn):
+        """fn(), turning a collective that timed out under DDP into RankTimeout naming the silent rank(s)."""
+        try:
+            return fn()
+        except RuntimeError as err:
+            silent = self.coordinator.silent_ranks()
+            if not silent:
+                raise
+            who = ", ".join(f"rank {r} (last at step {s + 1})" for r, s in sorted(silent.items()))
+            raise RankTimeout(f"rank {self.rank}: {who} stopped answering; the collective of step "
+                              f"{self.step_count + 1} gave up after {self.config.ddp_timeout:g} s (ddp_timeout): "
+                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+
+    def _check_divergence(self) -> None:
+        limit = self.config.max_consecutive_skips
+        if limit and int(self._longest_skip_run) >= limit:
+            raise TrainingDiverged(
+                f"stopped at step {self.step_count}: {int(self._longest_skip_run)} consecutive steps skipped "
+                f"(non-finite loss or gradient; {self.skipped} skipped in all); the run has diverged: lower the "
+                f"learning rate or clip gradients harder" + (f"; the last checkpoint in {self.out_dir} is kept"
+                                                             if self.out_dir is not None else ""))
+
+    def _interrupted(self, signum) -> TrainingInterrupted:
+        import signal
+
+        signum = signum or signal.SIGTERM    # another rank received the signal
+        path = self.save() if self.out_dir is not None else None
+        where = f"; checkpoint saved to {path or self.out_dir / 'checkpoint.pt'}" if self.out_dir else \
+            " (no out_dir: nothing saved)"
+        return TrainingInterrupted(f"{signal.Signals(signum).name}: stopped after step {self.step_count}{where}",
+                                   signum, self.step_count, path)
+
     def _open_log(self):
+        """metrics.jsonl (and the TensorBoard events) of this run, cut back to the current step (rank 0 only)."""
         if self.out_dir is None or self.rank != 0:
             return None
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        return open(self.out_dir / "metrics.jsonl", "a")
+        return metrics_log.MetricsLog(self.out_dir, self.step_count, tensorboard=self.tensorboard)
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -273,11 +410,12 @@ class Trainer:
                 "method_state": self.method.state_dict(), "ema": self.ema.state_dict(),
                 "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                 "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
-                "step": self.step_count, "skipped": self.skipped, "losses": list(self.losses), "rng": states,
-                "config": self.config.to_dict()}
+                "step": self.step_count, "skipped": self.skipped, "skip_run": int(self._skip_run),
+                "losses": list(self.losses), "rng": states, "config": self.config.to_dict()}
 
     def save(self, path=None) -> Path | None:
-        """Write the checkpoint (rank 0; default out_dir/checkpoint.pt)."""
+        """Write the checkpoint (rank 0; default out_dir/checkpoint.pt). checkpoint.CheckpointWriteError if it cannot
+        be written (the previous checkpoint is kept)."""
         if path is None:
             if self.out_dir is None:
                 raise ValueError("path is required when the trainer has no out_dir")
@@ -296,16 +434,23 @@ class Trainer:
         if state.get("method") != self.method.name:
             raise checkpoint.CheckpointError(f"checkpoint was written by method {state.get('method')!r}, "
                                              f"not {self.method.name!r}")
-        self.method.load_state_dict(state["method_state"])
-        self.ema.load_state_dict(state["ema"])
+        try:
+            self.method.load_state_dict(state["method_state"])
+            self.ema.load_state_dict(state["ema"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise checkpoint.CheckpointError(f"checkpoint does not fit this run's networks: "
+                                             f"{str(err).strip().splitlines()[0]}") from None
         for group in ("optimizers", "schedulers"):
             missing = sorted(set(getattr(self, group)) - set(state[group]))
             if missing:
                 raise checkpoint.CheckpointError(f"checkpoint has no {group[:-1]} state for {missing}")
             for name, obj in getattr(self, group).items():
                 obj.load_state_dict(state[group][name])
-        self.step_count, self.skipped = state["step"], state["skipped"]
-        self.losses = list(state.get("losses", []))
+        self.step_count = state["step"]
+        self._skipped.fill_(int(state["skipped"]))
+        self._skip_run.fill_(int(state.get("skip_run", 0)))
+        self._longest_skip_run.copy_(self._skip_run)
+        self._losses, self._pending = list(state.get("losses", [])), []
         states = state["rng"]
         if len(states) == self.world:
             mine = states[self.rank]
