@@ -84,11 +84,12 @@ def main(argv=None) -> int:
     parser = _Parser(prog="flowkern", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="check jvp_attention and compare it with torch.func.jvp over math SDPA")
-    demo.add_argument("--device", choices=["cuda", "cpu"], default=None)
-    demo.add_argument("--seq", type=int, default=None, help="sequence length (default 4096 on CUDA, 1024 on CPU)")
-    demo.add_argument("--heads", type=int, default=8)
-    demo.add_argument("--head-dim", type=int, default=64)
-    demo.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    demo.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                      help="(default: cuda when available, else cpu)")
+    demo.add_argument("--seq", type=int, default=None, help="sequence length (default: 4096 on CUDA, 1024 on CPU)")
+    demo.add_argument("--heads", type=int, default=8, help="attention heads (default: 8)")
+    demo.add_argument("--head-dim", type=int, default=64, help="head dimension (default: 64)")
+    demo.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="(default: bf16 on CUDA, fp32 on CPU)")
     from flowkern.train import cli
 
     cli.add_parsers(sub)

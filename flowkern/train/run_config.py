@@ -94,7 +94,7 @@ def dumps(train: dict, method: dict) -> str:
 
 
 def write(path, train: dict, method: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dumps(train, method))
-    return path
+    """The run file at `path`, written atomically (flowkern.train.atomic.WriteError when it cannot be)."""
+    from flowkern.train.atomic import write_text_atomically
+
+    return write_text_atomically(path, dumps(train, method), what="run config")

@@ -45,6 +45,21 @@ def _choice(choices):
     return parse
 
 
+def device(text: str) -> str:
+    """"auto" (CUDA when available, else the CPU), "cpu", "cuda" or "cuda:N"; checked against this machine."""
+    import torch
+
+    if text == "auto" or text == "cpu":
+        return text
+    if text == "cuda" or text.startswith("cuda:") and text[5:].isdigit():
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA device is available on this machine")
+        if ":" in text and int(text[5:]) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+
+
 def _path_or_none(text: str):
     return None if text.lower() == "none" else text
 
@@ -82,30 +97,53 @@ def _train_options() -> dict[str, Option]:
                     "target passes)"),
         Option("samples", positive_int, "value", 5000, help="samples for the quality table"),
         Option("log_every", positive_int, "value", 25, help="steps between metrics.jsonl lines"),
-        Option("checkpoint_every", _number(int, 0), "value", 0, help="steps between checkpoints (0: at the end)"),
+        Option("checkpoint_every", _number(int, 0), "value", 500,
+               help="steps between checkpoints (0: none by step count; one is always written at the end and on "
+                    "SIGINT/SIGTERM)"),
+        Option("checkpoint_minutes", _number(float, 0), "value", 10.0,
+               help="minutes between checkpoints (0: none by time)"),
+        Option("max_consecutive_skips", _number(int, 0), "value", 20,
+               help="stop with exit status 1 after this many consecutive steps skipped for a non-finite loss or "
+                    "gradient (0: never)"),
+        Option("ddp_timeout", _number(float, 0, strict=True), "value", 300.0,
+               help="seconds a DDP collective waits for the other ranks before the run fails naming the silent "
+                    "one"),
+        Option("device", device, "value", "auto", help="auto (CUDA when available), cpu, cuda or cuda:N"),
         Option("threads", positive_int, "value", 1,
                help="torch CPU threads (these small MLPs gain little from more, and spinning threads on a busy "
                     "machine cost up to 10x)"),
-        Option("progress", bool, "bool", True, help="a progress bar"),
-        Option("nll", bool, "bool", True, help="the ODE NLL in the quality table (methods with a velocity, 2-D data)"),
+        Option("progress", bool, "bool", True, help="progress bars for training and evaluation"),
+        Option("eval", bool, "bool", True,
+               help="the quality table, samples.png, loss.png and quality.json after training"),
+        Option("nll", bool, "bool", True,
+               help="the ODE NLL in the quality table (methods with a velocity, 2-D data; --nll is an error "
+                    "elsewhere)"),
+        Option("tensorboard", bool, "bool", False,
+               help="also write every logged scalar as TensorBoard events to <out>/tensorboard (needs the "
+                    "tensorboard package)"),
     ]
     return {o.name: o for o in table}
 
 
 TRAIN_OPTIONS = _train_options()
+# the settings a resumed run may change (the rest is the run's and stays as stored)
+RESUMABLE = ("steps", "out", "samples", "log_every", "checkpoint_every", "checkpoint_minutes",
+             "max_consecutive_skips", "ddp_timeout", "device", "threads", "progress", "eval", "nll", "tensorboard")
 
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_train_flags(parser, recipe: dict) -> None:
-    """The `TRAIN_OPTIONS` flags (absent from the namespace unless given); help shows the recipe's defaults."""
+def add_train_flags(parser, recipe: dict, *, teacher: bool = True) -> None:
+    """The `TRAIN_OPTIONS` flags (absent from the namespace unless given); help shows the recipe's defaults.
+    `teacher` False: --teacher is accepted (and refused with a message when used) but not listed."""
     for o in TRAIN_OPTIONS.values():
         default = recipe.get(o.name, o.default)
         shown = "none" if default is None else " ".join(map(str, default)) if isinstance(default, (list, tuple)) \
             else default
-        kw = dict(dest=o.name, default=argparse.SUPPRESS, help=f"{o.help} (default: {shown})".lstrip())
+        text = f"{o.help} (default: {shown})".lstrip() if teacher or o.name != "teacher" else argparse.SUPPRESS
+        kw = dict(dest=o.name, default=argparse.SUPPRESS, help=text)
         if o.kind == "bool":
             parser.add_argument(flag(o.name), action=argparse.BooleanOptionalAction, **kw)
         elif o.kind == "tuple":
@@ -113,6 +151,11 @@ def add_train_flags(parser, recipe: dict) -> None:
         else:
             metavar = "{" + ",".join(o.choices) + "}" if o.choices else None
             parser.add_argument(flag(o.name), type=o.parse, metavar=metavar, **kw)
+
+
+def given(args: argparse.Namespace) -> dict:
+    """The train-level settings given on the command line (converted)."""
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items() if k in TRAIN_OPTIONS}
 
 
 @dataclasses.dataclass
@@ -125,6 +168,8 @@ class Run:
     train: dict
     method_values: dict
     resume: bool = False
+    explicit: dict = dataclasses.field(default_factory=dict)          # train settings of the run file and flags
+    explicit_method: dict = dataclasses.field(default_factory=dict)   # method settings of the run file and flags
 
     @property
     def out(self) -> Path:
@@ -182,14 +227,22 @@ def resolve(args: argparse.Namespace) -> Run:
     if getattr(args, "config", None) is not None:
         layers.append((f"config {str(args.config)!r}", read_run_file(args.config)))
     train = {k: o.default for k, o in TRAIN_OPTIONS.items()}
-    method_values = {}
-    for where, layer in layers:
+    method_values, explicit, explicit_method = {}, {}, {}
+    for i, (where, layer) in enumerate(layers):
         table = dict(layer["train"])
         named = table.pop("method", name)
         if named != name:
             raise CLIError(f"{where} is a run of method {named!r}, not {name!r}")
-        train.update(_convert(TRAIN_OPTIONS, table, f"{where} [train]"))
-        method_values.update(_convert(options, layer["method"], f"{where} [method]", passthrough=run_values))
-    train.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items() if k in TRAIN_OPTIONS})
+        values = _convert(TRAIN_OPTIONS, table, f"{where} [train]")
+        method = _convert(options, layer["method"], f"{where} [method]", passthrough=run_values)
+        train.update(values)
+        method_values.update(method)
+        if i > 0:
+            explicit.update(values)
+            explicit_method.update(method)
+    train.update(given(args))
+    explicit.update(given(args))
     method_values.update(method_options.given_flags(args, name))
-    return Run(name, cls, train, method_values, resume=bool(getattr(args, "resume", False)))
+    explicit_method.update(method_options.given_flags(args, name))
+    return Run(name, cls, train, method_values, resume=bool(getattr(args, "resume", False)), explicit=explicit,
+               explicit_method=explicit_method)
