@@ -255,7 +255,9 @@ def _architecture(run: Run, dataset, teacher, state) -> dict:
 
 def _check_size(arch: dict, run: Run, dev: torch.device | None) -> None:
     """CLIError when the network, its gradient, Adam state and EMA copies cannot fit in memory."""
-    with torch.device("meta"):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():     # shapes only: no memory is allocated
         params = sum(p.numel() for p in network(arch).parameters())
     copies = 4 + len(run.train["ema"]) + (2 if getattr(run.cls, "needs_teacher", False) else 0)
     need = params * 4 * copies

@@ -20,12 +20,17 @@ def fixed_noise(dataset, n: int, seed: int = 0, device=None) -> torch.Tensor:
 
 @torch.no_grad()
 def draw(sampler, model, dataset, steps, *, n: int = 10_000, seed: int = 0) -> dict[int, torch.Tensor]:
-    """{k: sampler(model, noise, k)} for each step count k in `steps`, from the same fixed noise (CPU tensors)."""
+    """{k: sampler(model, noise, k)} for each step count k in `steps`, from the same fixed noise (CPU tensors).
+    A stochastic sampler (multistep consistency sampling) draws its noise from the global RNG seeded by (seed, k),
+    forked, so the result is reproducible and the caller's RNG state is untouched."""
     device = next(model.parameters()).device
     noise = fixed_noise(dataset, check_int("n", n, minimum=1), seed, device)
     out = {}
     for k in steps:
-        out[check_int("steps", k, minimum=1)] = sampler(model, noise, k).float().cpu()
+        k = check_int("steps", k, minimum=1)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed * 100_003 + k)
+            out[k] = sampler(model, noise, k).float().cpu()
     return out
 
 
