@@ -100,6 +100,9 @@ def main(argv=None) -> int:
     except cli.CLIError as err:
         print(f"flowkern: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:     # a second Ctrl-C during training, or one outside it
+        print("flowkern: interrupted", file=sys.stderr)
+        return 130
     if args.command == "demo":
         for name in ("seq", "heads", "head_dim"):
             value = getattr(args, name)

@@ -32,6 +32,8 @@ def setup(device: torch.device | None = None, timeout: float = DEFAULT_TIMEOUT_S
             torch.cuda.set_device(device)
         else:
             device = torch.device("cpu")
+    elif device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     if env_world_size() > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
                                 timeout=datetime.timedelta(seconds=timeout))
