@@ -7,18 +7,11 @@ import json
 
 import pytest
 import torch
+from cli_helpers import TINY, fast_cli, with_flag  # noqa: F401  (fast_cli: autouse)
 from helpers import one_thread, torch_backend
 
 from flowkern.__main__ import main
 
-TINY = ["--steps", "4", "--batch", "32", "--hidden", "16", "--depth", "1", "--samples", "200", "--no-nll",
-        "--no-progress", "--warmup", "2", "--log-every", "2"]
-
-
-@pytest.fixture(autouse=True)
-def _fast():
-    with torch_backend(), one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +35,7 @@ def test_eval_prints_the_table_of_train(runs, capsys):
     """Teacher rows and the 100-step column as train printed them (the same numbers: same noise, same data)."""
     quality = json.loads((runs / "cd" / "quality.json").read_text())
     assert set(quality["rows"]) == {"cd (EMA)", "teacher fm (Euler)"}
-    assert main(["eval", str(runs / "cd" / "checkpoint.pt"), "--samples", "200", "--no-progress"]) == 0
+    assert main(["eval", str(runs / "cd" / "checkpoint.pt"), "--samples", "300", "--no-progress"]) == 0
     table = _table(capsys.readouterr().out)
     assert "SW2@100" in table[0] and table[3].startswith("teacher fm (Euler)")
     for line in table[2:]:
@@ -55,7 +48,7 @@ def test_eval_prints_the_table_of_train(runs, capsys):
 
 
 def test_eval_computes_the_nll_where_there_is_one(runs, capsys):
-    assert main(["eval", str(runs / "fm" / "checkpoint.pt"), "--samples", "100", "--steps", "1",
+    assert main(["eval", str(runs / "fm" / "checkpoint.pt"), "--samples", "20", "--steps", "1",
                  "--no-progress"]) == 0
     assert "NLL via the PF-ODE" in capsys.readouterr().out                    # on by default, as for train
     assert main(["eval", str(runs / "cd" / "checkpoint.pt"), "--nll", "--samples", "100"]) == 2

@@ -9,19 +9,12 @@ import signal
 
 import pytest
 import torch
+from cli_helpers import TINY, fast_cli, with_flag  # noqa: F401  (fast_cli: autouse)
 from helpers import one_thread, torch_backend
 
 from flowkern.__main__ import main
 from flowkern.train import checkpoint
 
-TINY = ["--steps", "6", "--batch", "32", "--hidden", "16", "--depth", "1", "--samples", "300", "--no-nll",
-        "--no-progress", "--warmup", "2", "--log-every", "2"]
-
-
-@pytest.fixture(autouse=True)
-def _fast():
-    with torch_backend(), one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +23,6 @@ def fm_run(tmp_path_factory):
     with torch_backend(), one_thread():
         assert main(["train", "fm", "--data", "8gaussians", "--out", str(out), *TINY]) == 0
     return out
-
-
-def _with(args, flag, value):
-    args = list(args)
-    args[args.index(flag) + 1] = value
-    return args
 
 
 def _steps(out):
@@ -85,7 +72,7 @@ def test_resume_continues_the_same_run(tmp_path, capsys):
     """ct started with non-default schedule and coupling comes back with them; a conflicting flag is an error, a
     changeable one is logged."""
     out = tmp_path / "ct"
-    args = ["train", "ct", "--data", "8gaussians", "--out", str(out), *_with(TINY, "--steps", "2")]
+    args = ["train", "ct", "--data", "8gaussians", "--out", str(out), *with_flag(TINY, "--steps", "2")]
     assert main([*args, "--ct-schedule", "ict", "--ct-coupling", "independent", "--lr", "0.003"]) == 0
     capsys.readouterr()
     for flag, value, message in [("--lr", "0.01", "--lr 0.01 conflicts with the run's 0.003"),
@@ -113,7 +100,7 @@ def test_divergence_ends_with_a_message_and_status_1(tmp_path, monkeypatch, caps
         real(self, net, x0, step)[0] * float("nan"), {}))
     out = tmp_path / "nan"
     assert main(["train", "fm", "--data", "8gaussians", "--out", str(out), "--max-consecutive-skips", "4",
-                 *_with(TINY, "--steps", "60")]) == 1
+                 *with_flag(TINY, "--steps", "60")]) == 1
     err = capsys.readouterr().err
     assert "flowkern: error: stopped at step 4: 4 consecutive steps skipped" in err
     assert not (out / "quality.json").exists()
@@ -177,22 +164,22 @@ def test_bad_input_is_refused_before_anything_is_written(fm_run, tmp_path, capsy
 
 
 def test_nonsense_gets_a_warning(fm_run, tmp_path, capsys):
-    assert main(["train", "fm", "--data", "8gaussians", *_with(TINY, "--samples", "20"), "--warmup", "1000",
+    assert main(["train", "fm", "--data", "8gaussians", *with_flag(TINY, "--samples", "20"), "--warmup", "1000",
                  "--out", str(tmp_path / "a"), "--no-eval"]) == 0
     err = capsys.readouterr().err
     assert "warning: --warmup 1000 >= --steps 6" in err
-    assert main(["train", "pd", "--data", "8gaussians", *_with(TINY, "--steps", "3"), "--no-eval", "--teacher",
+    assert main(["train", "pd", "--data", "8gaussians", *with_flag(TINY, "--steps", "3"), "--no-eval", "--teacher",
                  str(fm_run / "checkpoint.pt"), "--out", str(tmp_path / "pd")]) == 0
     err = capsys.readouterr().err
     assert "warning: pd: --steps 3 leaves less than 1 optimiser step(s) for each of its 7 halving rounds" in err
-    assert main(["train", "fm", "--data", "8gaussians", *_with(TINY, "--samples", "20"),
+    assert main(["train", "fm", "--data", "8gaussians", *with_flag(TINY, "--samples", "20"),
                  "--out", str(tmp_path / "b")]) == 0
     assert "warning: --samples 20" in capsys.readouterr().err
 
 
 def test_pd_records_the_architecture_it_trains(fm_run, tmp_path):
     out = tmp_path / "pd"
-    argv = ["train", "pd", "--data", "8gaussians", *_with(_with(TINY, "--steps", "2"), "--hidden", "16"),
+    argv = ["train", "pd", "--data", "8gaussians", *with_flag(with_flag(TINY, "--steps", "2"), "--hidden", "16"),
             "--no-eval", "--teacher", str(fm_run / "checkpoint.pt"), "--out", str(out)]
     argv.remove("--hidden")
     argv.remove("16")
