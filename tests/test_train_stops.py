@@ -181,3 +181,12 @@ def test_one_run_per_directory(tmp_path):
                 pass
     with RunLock(tmp_path):                                            # released at the end of the first
         pass
+
+
+def test_a_signal_in_the_last_step_still_reports_the_stop_after_the_final_save(tmp_path):
+    trainer = Trainer(Regression(engine_net()), _SignalAt(7, signal.SIGTERM), _config(), out_dir=tmp_path,
+                      progress=False)
+    with pytest.raises(TrainingInterrupted) as info:
+        trainer.fit()
+    assert info.value.step == 8 and checkpoint.load(tmp_path / "checkpoint.pt")["step"] == 8
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()

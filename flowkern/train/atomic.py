@@ -35,8 +35,10 @@ def write_atomically(path, write, *, what: str = "file") -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:
+    except BaseException as err:          # a Ctrl-C mid-write too: never leave the temporary file behind
         tmp.unlink(missing_ok=True)
+        if not isinstance(err, (OSError, RuntimeError)):
+            raise
         kept = f"; the previous {path.name} is kept" if path.exists() else ""
         raise WriteError(f"could not write the {what} {str(path)!r}: {_reason(err)}{kept}") from err
     return path

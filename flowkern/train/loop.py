@@ -354,13 +354,15 @@ class Trainer:
                             timed or every and self.step_count % every == 0):
                         self.save()
                         last_save = time.monotonic()
+                self._check_divergence()
+                if self.out_dir is not None:
+                    self.save()                  # a signal now waits for the final checkpoint
+                if stop.signum is not None:
+                    raise self._interrupted(stop.signum, saved=self.out_dir is not None)
         finally:
             bar.close()
             if log is not None:
                 log.close()
-        self._check_divergence()
-        if self.out_dir is not None:
-            self.save()
         return self.losses
 
     def _guarded(self, fn):
@@ -385,11 +387,11 @@ class Trainer:
                 f"learning rate or clip gradients harder" + (f"; the last checkpoint in {self.out_dir} is kept"
                                                              if self.out_dir is not None else ""))
 
-    def _interrupted(self, signum) -> TrainingInterrupted:
+    def _interrupted(self, signum, saved: bool = False) -> TrainingInterrupted:
         import signal
 
         signum = signum or signal.SIGTERM    # another rank received the signal
-        path = self.save() if self.out_dir is not None else None
+        path = self.out_dir / "checkpoint.pt" if saved else self.save() if self.out_dir is not None else None
         where = f"; checkpoint saved to {path or self.out_dir / 'checkpoint.pt'}" if self.out_dir else \
             " (no out_dir: nothing saved)"
         return TrainingInterrupted(f"{signal.Signals(signum).name}: stopped after step {self.step_count}{where}",

@@ -75,7 +75,7 @@ def plot_panels(rows: list[list[tuple[str, torch.Tensor]]], data: torch.Tensor, 
     rows = [list(r) for r in rows if r]
     rows[0] = rows[0] + [("data (held out)", data)]
     cols = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(2.5 * cols, 2.9 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.5 * cols, 3.2 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
         for c in range(cols):
             if c < len(row):
