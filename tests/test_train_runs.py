@@ -187,3 +187,27 @@ def test_pd_records_the_architecture_it_trains(fm_run, tmp_path):
     state = checkpoint.load(out / "checkpoint.pt")
     assert state["arch"]["hidden"] == 16 and state["run"]["hidden"] == 16 and state["run"]["depth"] == 1
     assert "hidden = 16" in (out / "config.toml").read_text()
+
+
+def test_a_full_disk_at_the_final_save_keeps_the_last_periodic_checkpoint(tmp_path, monkeypatch, capsys):
+    real = checkpoint._write
+    calls = []
+
+    def fills_up(state, file):
+        calls.append(state["step"])
+        if state["step"] == 6:
+            file.write(b"\0" * 1000)
+            raise OSError(28, "No space left on device")
+        real(state, file)
+
+    monkeypatch.setattr(checkpoint, "_write", fills_up)
+    out = tmp_path / "fm"
+    assert main(["train", "fm", "--data", "8gaussians", "--out", str(out), "--checkpoint-every", "2", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert f"flowkern: error: could not write the checkpoint '{out / 'checkpoint.pt'}': no space left on device; " \
+           "the previous checkpoint.pt is kept" in err
+    assert calls == [2, 4, 6] and checkpoint.load(out / "checkpoint.pt")["step"] == 4
+    assert not (out / "checkpoint.pt.tmp").exists()
+    monkeypatch.setattr(checkpoint, "_write", real)
+    assert main(["train", "fm", "--out", str(out), "--resume"]) == 0       # space freed: the run finishes
+    assert checkpoint.load(out / "checkpoint.pt")["step"] == 6

@@ -20,6 +20,7 @@ early (a signal, divergence, a silent DDP rank, a failed write) exits non-zero s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -369,18 +370,13 @@ def train(args) -> int:
     _check_size(arch, run, dev)
     method, kwargs = _build_method(run, _build_network(run, arch, teacher), dataset, teacher)
     _check_run(run, method, dataset)
-    rank = int(os.environ.get("RANK", "0"))
-    try:
-        lock = RunLock(run.out) if rank == 0 else None
-        if lock is not None:
-            lock.__enter__()
-    except RunDirError as err:
-        raise CLIError(str(err)) from None
-    try:
+    with contextlib.ExitStack() as held:
+        if int(os.environ.get("RANK", "0")) == 0:     # one run per directory (rank 0 speaks for a DDP job)
+            try:
+                held.enter_context(RunLock(run.out))
+            except RunDirError as err:
+                raise CLIError(str(err)) from None
         return _train(run, state, changes, teacher, dataset, config, dev, arch, method, kwargs)
-    finally:
-        if lock is not None:
-            lock.__exit__(None, None, None)
 
 
 def _train(run, state, changes, teacher, dataset, config, dev, arch, method, kwargs) -> int:
@@ -398,7 +394,23 @@ def _train(run, state, changes, teacher, dataset, config, dev, arch, method, kwa
         if state is not None:
             trainer.load(state)
     except (checkpoint.CheckpointError, ValueError) as err:
-        raise CLIError(f"--resume: {err}") from None
+        raise CLIError(f"{'--resume: ' if state is not None else ''}{err}") from None
+    try:
+        return _fit_and_report(run, trainer, state, changes, method, dataset, teacher, train_table, kwargs)
+    except TrainingInterrupted as stop:
+        if trainer.rank == 0:
+            print(f"flowkern: {stop}\nresume with: flowkern train {run.method} --out {run.out} --resume",
+                  file=sys.stderr)
+        return stop.exit_code
+    except (TrainingStopped, WriteError) as stop:
+        print(f"flowkern: error: {stop}", file=sys.stderr)
+        return getattr(stop, "exit_code", 1)
+    finally:
+        if distributed.is_distributed():
+            torch.distributed.destroy_process_group()
+
+
+def _fit_and_report(run, trainer, state, changes, method, dataset, teacher, train_table, kwargs) -> int:
     if trainer.rank == 0:
         if changes:
             print(f"resuming {run.out} at step {trainer.step_count}; changed: {'; '.join(changes)}")
@@ -406,32 +418,14 @@ def _train(run, state, changes, teacher, dataset, config, dev, arch, method, kwa
             print(f"resuming {run.out} at step {trainer.step_count} with its stored settings")
         run_config.write(run.out / "config.toml", train_table, kwargs)
     start = time.perf_counter()
-    try:
-        if trainer.step_count < config.steps:
-            trainer.fit()
-    except TrainingInterrupted as stop:
-        if trainer.rank == 0:
-            print(f"flowkern: {stop}\nresume with: flowkern train {run.method} --out {run.out} --resume",
-                  file=sys.stderr)
-        return stop.exit_code
-    except TrainingStopped as stop:
-        print(f"flowkern: error: {stop}", file=sys.stderr)
-        return stop.exit_code
-    except WriteError as err:
-        print(f"flowkern: error: {err}", file=sys.stderr)
-        return 1
+    if trainer.step_count < trainer.config.steps:
+        trainer.fit()
     seconds = time.perf_counter() - start
     if trainer.rank == 0:
         print(f"trained {run.method} on {run.train['data']}: {trainer.step_count} steps in {seconds:.1f} s "
               f"({trainer.skipped} skipped); run directory {run.out}")
         if run.train["eval"]:
-            try:
-                _report(run, trainer, method, dataset, teacher, seconds)
-            except WriteError as err:
-                print(f"flowkern: error: {err}", file=sys.stderr)
-                return 1
-    if distributed.is_distributed():
-        torch.distributed.destroy_process_group()
+            _report(run, trainer, method, dataset, teacher, seconds)
     return 0
 
 
