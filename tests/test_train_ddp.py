@@ -106,8 +106,10 @@ def test_auxiliary_gradients_are_averaged_over_ranks(tmp_path):
         assert torch.equal(a, torch.full((2, 3), 1.5)) and torch.equal(b, torch.arange(4.0) * 1.5) and c is None
 
 
-def _frozen_rank_worker(rank: int, world: int, port: int, out_path: str):
-    """Rank 1 stops answering (sleeps in its data loader) at step 3; every rank records how its run ended."""
+def _faulty_rank_worker(rank: int, world: int, port: int, out_path: str, fault: str):
+    """Rank 1 misbehaves while drawing the batch of step 3 — "freeze": it sleeps past the 2 s timeout; "sigterm": it
+    alone receives SIGTERM. Every rank records how its run ended."""
+    import signal
     import sys
     import time
 
@@ -125,75 +127,44 @@ def _frozen_rank_worker(rank: int, world: int, port: int, out_path: str):
         data = get_dataset("8gaussians").sample
         calls = [0]
 
-        def frozen(n, generator):
+        def faulty(n, generator):
             calls[0] += 1
             if rank == 1 and calls[0] == 3:
-                time.sleep(5)
+                time.sleep(5) if fault == "freeze" else os.kill(os.getpid(), signal.SIGTERM)
             return data(n, generator)
 
         with flowkern.use_backend("torch"), one_thread():
-            config = TrainConfig(steps=6, batch=8, warmup=0, ema_decays=(0.9,), eval_ema=0.9, ddp_timeout=2.0)
-            Trainer(Regression(engine_net()), frozen, config, progress=False).fit()
-    except Exception as err:   # noqa: BLE001 -- the outcome is the test's result
-        outcome = f"{type(err).__name__}: {err}"
-    with open(f"{out_path}.{rank}", "w") as f:
-        f.write(outcome)
-    os._exit(0)   # the group is broken: leave without waiting on it
-
-
-def test_a_frozen_rank_is_named_after_the_timeout(tmp_path, monkeypatch):
-    """ddp_timeout: a collective waits that long, then the run fails with a message naming the silent rank."""
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    mp.spawn(_frozen_rank_worker, args=(2, _free_port(), str(tmp_path / "r")), nprocs=2, join=True)
-    message = (tmp_path / "r.0").read_text()
-    assert message.startswith("RankTimeout: rank 0: rank 1 (last at step 2) stopped answering"), message
-    assert "gave up after 2 s (ddp_timeout)" in message
-
-
-def _signalled_rank_worker(rank: int, world: int, port: int, out_path: str):
-    """Rank 1 alone receives SIGTERM during step 3: every rank must stop after the same step, one checkpoint."""
-    import signal
-    import sys
-
-    sys.path.insert(0, os.path.dirname(__file__))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    outcome = "finished"
-    try:
-        from helpers import Regression, engine_net, one_thread
-
-        import flowkern
-        from flowkern.data import get_dataset
-        from flowkern.train import TrainConfig, Trainer
-
-        data = get_dataset("8gaussians").sample
-        calls = [0]
-
-        def signalled(n, generator):
-            calls[0] += 1
-            if rank == 1 and calls[0] == 3:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return data(n, generator)
-
-        with flowkern.use_backend("torch"), one_thread():
-            config = TrainConfig(steps=20, batch=8, warmup=0, ema_decays=(0.9,), eval_ema=0.9, ddp_timeout=30.0)
-            Trainer(Regression(engine_net()), signalled, config, out_dir=os.path.dirname(out_path),
+            config = TrainConfig(steps=20, batch=8, warmup=0, ema_decays=(0.9,), eval_ema=0.9,
+                                 ddp_timeout=2.0 if fault == "freeze" else 30.0)
+            Trainer(Regression(engine_net()), faulty, config, out_dir=os.path.dirname(out_path),
                     progress=False).fit()
     except Exception as err:   # noqa: BLE001 -- the outcome is the test's result
         outcome = f"{type(err).__name__}: {err}"
     with open(f"{out_path}.{rank}", "w") as f:
         f.write(outcome)
+    if fault == "freeze":
+        os._exit(0)   # the group is broken: leave without waiting on it
     torch.distributed.destroy_process_group()
+
+
+def _spawn_faulty(tmp_path, monkeypatch, fault: str) -> list[str]:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    mp.spawn(_faulty_rank_worker, args=(2, _free_port(), str(tmp_path / "r"), fault), nprocs=2, join=True)
+    return [(tmp_path / f"r.{r}").read_text() for r in range(2)]
+
+
+def test_a_frozen_rank_is_named_after_the_timeout(tmp_path, monkeypatch):
+    """ddp_timeout: a collective waits that long, then the run fails with a message naming the silent rank."""
+    message = _spawn_faulty(tmp_path, monkeypatch, "freeze")[0]
+    assert message.startswith("RankTimeout: rank 0: rank 1 (last at step 2) stopped answering"), message
+    assert "gave up after 2 s (ddp_timeout)" in message
 
 
 def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, monkeypatch):
     from flowkern.train import checkpoint
 
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    mp.spawn(_signalled_rank_worker, args=(2, _free_port(), str(tmp_path / "r")), nprocs=2, join=True)
-    outcomes = [(tmp_path / f"r.{r}").read_text() for r in range(2)]
+    outcomes = _spawn_faulty(tmp_path, monkeypatch, "sigterm")
     assert all(o.startswith("TrainingInterrupted: SIGTERM: stopped after step 5") for o in outcomes), outcomes
     state = checkpoint.load(tmp_path / "checkpoint.pt")
     assert state["step"] == 5 and len(state["rng"]) == 2
