@@ -25,7 +25,7 @@ import torch
 
 from flowkern.train import checkpoint, method_options, run_config
 from flowkern.train.evaluate import STEPS, draw, format_table, ode_nll, score
-from flowkern.train.rebuild import build_method, network, restore
+from flowkern.train.rebuild import architecture, build_method, network, restore
 from flowkern.train.rebuild import RUN_KEYS
 from flowkern.train.run_options import (
     TRAIN_OPTIONS,
@@ -164,14 +164,15 @@ def _train_config(run: Run):
 
 def _architecture(run: Run, dataset, teacher, state) -> dict:
     """The network's constructor arguments: the checkpoint's on resume, the teacher's for a method that starts
-    from it, else the run's --hidden/--depth/--time-dim/--dropout."""
+    from it, else the run's --arch with --hidden/--depth/--time-dim/--dropout."""
     if state is not None:
         return state["arch"]
     if teacher is not None and getattr(run.cls, "init_from_teacher", False):
         return dict(teacher[1])
-    t = run.train
-    return {"dim": dataset.dim, "hidden": t["hidden"], "depth": t["depth"], "time_dim": t["time_dim"],
-            "dropout": t["dropout"]}
+    try:
+        return architecture(run.train["arch"], run.train, dataset.shape, run.cls)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
 
 
 def _build_network(run: Run, arch: dict, teacher) -> torch.nn.Module:
