@@ -136,7 +136,7 @@ def test_bench_meanflow_step_dit_s2_gpu(benchmark):
     batch = make_batch(device, dtype, 32, 4, 32)
     runs = {name: _runner(step, plain if name == "plain PyTorch" else fk, batch) for name, step in WAYS.items()}
     results = _measure(device, runs, _gpu_times_ms)
-    _record(benchmark, fk, batch, results, config="DiT-S/2", batch=32, dtype="bfloat16",
+    _record(benchmark, fk, batch, results, config="DiT-S/2", rows=32, dtype="bfloat16",
             device_name=torch.cuda.get_device_name())
 
 
@@ -162,7 +162,7 @@ def test_bench_meanflow_step_dit_cpu(benchmark, case):
             runs = {name: _runner(step, plain if name == "plain PyTorch" else fk, batch)
                     for name, step in WAYS.items()}
             results = _measure(device, runs, _cpu_times_ms)
-            _record(benchmark, fk, batch, results, config=case, batch=batch_size, dtype="float32", threads=1)
+            _record(benchmark, fk, batch, results, config=case, rows=batch_size, dtype="float32", threads=1)
     finally:
         torch.set_num_threads(previous)
     print(f"\n{case}: " + "; ".join(f"{name}: {res['step_ms']:.1f} ms, {res['peak_MiB']:.1f} MiB"

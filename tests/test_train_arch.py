@@ -22,7 +22,7 @@ def test_dit_trains_on_digits_and_the_checkpoint_rebuilds_it(method, tmp_path, c
         assert main(["train", method, "--out", str(out), *TINY_DIT]) == 0
         state = torch.load(out / "checkpoint.pt", weights_only=True)
         assert state["arch"]["arch"] == "dit" and state["arch"]["img_size"] == 8 and state["arch"]["patch"] == 2
-        assert state["arch"]["time_scale"] == (1.0 if method == "meanflow" else 1000.0)
+        assert state["arch"]["time_scale"] == (10.0 if method == "meanflow" else 1000.0)
         assert main(["eval", str(out / "checkpoint.pt"), "--steps", "1", "2", "--samples", "32"]) == 0
         assert main(["sample", str(out / "checkpoint.pt"), "--out", str(tmp_path / "x.pt"), "--n", "5"]) == 0
     x = torch.load(tmp_path / "x.pt")

@@ -66,7 +66,8 @@ class MeanFlow(Method):
         t_mean: mean of the two logit-normal time draws (t = max, r = min).
         t_std: standard deviation of the logit-normal time draws (> 0).
         equal_fraction: fraction of the rows with r = t (flow-matching rows), in [0, 1].
-        weight_power: p of the adaptive weight 1/sg(‖Δ‖² + c)^p (>= 0; 0: plain squared error).
+        weight_power: p of the adaptive weight 1/sg(‖Δ‖² + c)^p (>= 0; 0: plain squared error, whose fixed point
+            is the exact flow map; the paper uses 1 on images).
         weight_eps: c of the adaptive weight (> 0).
         jvp: "one_pass": u and du/dt from one forward with grad (flowkern.jvp(grad=True)); "two_pass": a no-grad
             JVP pass, then a grad pass (same loss and gradients, one forward more).
@@ -80,10 +81,12 @@ class MeanFlow(Method):
     """
 
     name = "meanflow"
-    network_time_scale = 1.0  # times enter the network as they are (no ×1000 on the JVP path)
+    # the time-embedding scale of the network `flowkern train` builds: times enter as they are, in [0, 1], and the
+    # sinusoids are scaled by 10 instead of DiT's 1000 (which multiplies the ∂u/∂t part of the target by 1000)
+    network_time_scale = 10.0
 
     def __init__(self, model: nn.Module, *, t_mean: float = -0.4, t_std: float = 1.0, equal_fraction: float = 0.75,
-                 weight_power: float = 1.0, weight_eps: float = 1e-3, jvp: JVP_FORMS = "one_pass",
+                 weight_power: float = 0.0, weight_eps: float = 1e-3, jvp: JVP_FORMS = "one_pass",
                  num_classes: int = 0, cfg_scale: float = 1.0, cfg_kappa: float = 0.0,
                  cfg_t_min: float = 0.0, cfg_t_max: float = 1.0, label_dropout: float = 0.1):
         super().__init__(model)
