@@ -30,9 +30,12 @@ RECIPE = {
     "ctm": {"num_scales": 40, "max_teacher_steps": 4, "s_min_prob": 0.0, "target_decay": 0.99, "dsm_weight": 0.1,
             "distance": "l2", "gan": False, "gan_start": 0, "gan_lr": 2e-4, "p_mean": -1.2, "p_std": 1.2,
             "data_dim": None, **EDM},
+    "meanflow": {"t_mean": -0.4, "t_std": 1.0, "equal_fraction": 0.75, "weight_power": 0.0, "weight_eps": 1e-3,
+                 "jvp": "one_pass", "num_classes": 0, "cfg_scale": 1.0, "cfg_kappa": 0.0, "cfg_t_min": 0.0,
+                 "cfg_t_max": 1.0, "label_dropout": 0.1},
 }
 REQUIRED_RUN_VALUES = {"fm": set(), "pd": {"total_steps"}, "cd": {"sigma_data"}, "ct": {"sigma_data", "total_steps"},
-                       "ctm": {"sigma_data"}}
+                       "ctm": {"sigma_data"}, "meanflow": set()}
 RUN = {"sigma_data": 0.5, "total_steps": 100}
 ALLOWED_ANNOTATIONS = (int, float, bool, str, float | None, int | None, tuple[float, ...], tuple[int, ...])
 

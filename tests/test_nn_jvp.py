@@ -18,6 +18,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def spawn_ranks(rank_main, world: int, out_dir) -> None:
+    """torch.multiprocessing.spawn of rank_main(rank, world, port, out_dir) on a free port (retried: the port can be
+    taken between the probe and the bind)."""
+    for attempt in range(3):
+        try:
+            torch.multiprocessing.spawn(rank_main, args=(world, free_port(), str(out_dir)), nprocs=world, join=True)
+            return
+        except Exception as exc:
+            if "address already in use" not in str(exc).lower() or attempt == 2:
+                raise
+
+
 def _data(batch=4, dim=2):
     gen = torch.Generator().manual_seed(0)
     return ((torch.randn(batch, dim, generator=gen), torch.rand(batch, generator=gen), torch.rand(batch, generator=gen)),
@@ -76,13 +88,7 @@ def test_ddp_two_processes_match_one_process_on_the_doubled_batch(tmp_path):
     one process on the whole batch (the grad pass went through DDP: gradients were all-reduced), the replicas agree,
     and the JVP pass and the grad pass drew the same dropout masks."""
     world = 2
-    for attempt in range(3):  # the free port can be taken between the probe and the bind
-        try:
-            torch.multiprocessing.spawn(rank_main, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
-            break
-        except Exception as exc:
-            if "address already in use" not in str(exc).lower() or attempt == 2:
-                raise
+    spawn_ranks(rank_main, world, tmp_path)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     with flowkern.use_backend("torch"):
         single = flat_params(train(make_model()))

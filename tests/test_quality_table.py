@@ -86,3 +86,12 @@ def test_two_seeds_are_judged_on_the_worse(quality_table):
 def test_bad_seed_count(tmp_path, quality_table):
     with pytest.raises(SystemExit):
         quality_table.main(["--seeds", "0", "--out", str(tmp_path), "--results", str(tmp_path / "results.md")])
+
+
+def test_meanflow_is_also_judged_on_its_two_step_row(tmp_path, quality_table, capsys):
+    teacher(tmp_path, "moons")
+    write_run(tmp_path, "meanflow-moons", "meanflow (EMA)", {1: 0.14, 2: 0.16, 4: 0.2, 8: 0.2})
+    code = quality_table.main(["--data", "moons", "--methods", "meanflow", "--out", str(tmp_path),
+                               "--results", str(tmp_path / "results.md")])
+    row = next(line for line in capsys.readouterr().out.splitlines() if "| meanflow |" in line)
+    assert code == 1 and "1.40× teacher@100 PASS" in row and "2 steps 1.14× 1 step FAIL" in row

@@ -5,6 +5,7 @@
     cd   consistency distillation               flowkern.methods.consistency_distillation:ConsistencyDistillation
     ct   consistency training (iCT / ECT)       flowkern.methods.consistency_training:ConsistencyTraining
     ctm  consistency trajectory model           flowkern.methods.ctm:CTM
+    meanflow  MeanFlow (one-step, from data)    flowkern.methods.meanflow:MeanFlow
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ METHODS: dict[str, str] = {
     "cd": "flowkern.methods.consistency_distillation:ConsistencyDistillation",
     "ct": "flowkern.methods.consistency_training:ConsistencyTraining",
     "ctm": "flowkern.methods.ctm:CTM",
+    "meanflow": "flowkern.methods.meanflow:MeanFlow",
 }
 
 

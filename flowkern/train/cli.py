@@ -33,7 +33,7 @@ import torch
 from flowkern.train import checkpoint, method_options, run_config
 from flowkern.train.atomic import WriteError, write_atomically, write_text_atomically
 from flowkern.train.evaluate import STEPS, format_report, nll_unavailable, quality, report_json
-from flowkern.train.rebuild import RUN_KEYS, build_method, network, restore
+from flowkern.train.rebuild import RUN_KEYS, architecture, build_method, network, restore
 from flowkern.train.run_dir import RunDirError, RunLock, check_out_dir
 from flowkern.train.run_options import TRAIN_OPTIONS, CLIError, Run, add_train_flags, device, method_class
 from flowkern.train.run_options import method_from_run_file, resolve
@@ -232,26 +232,29 @@ def _train_config(run: Run):
         raise CLIError(str(err)) from None
 
 
-ARCH_KEYS = ("hidden", "depth", "time_dim", "dropout")
+ARCH_KEYS = {"arch": "mlp", "hidden": 0.0, "depth": 0.0, "time_dim": 0.0, "dropout": 0.0}  # key: absent-value
 
 
 def _architecture(run: Run, dataset, teacher, state) -> dict:
     """The network's constructor arguments: the checkpoint's on resume, the teacher's for a method that starts
     from it (an explicit different --hidden/... is an error, not silently ignored), else the run's
-    --hidden/--depth/--time-dim/--dropout."""
+    --arch with --hidden/--depth/--time-dim/--dropout."""
     if state is not None:
         return state["arch"]
     t = run.train
     if teacher is not None and getattr(run.cls, "init_from_teacher", False):
         arch = dict(teacher[1])
-        for key in ARCH_KEYS:
-            if key in run.explicit and run.explicit[key] != arch.get(key, 0.0):
+        for key, absent in ARCH_KEYS.items():
+            value = arch.get(key, absent)
+            if key in run.explicit and run.explicit[key] != value:
                 raise CLIError(f"--{key.replace('_', '-')} {run.explicit[key]}: {run.method} starts from the "
-                               f"teacher and takes its architecture ({key} {arch.get(key, 0.0)}); leave it out")
-            t[key] = arch.get(key, 0.0)     # the run records the architecture it trains
+                               f"teacher and takes its architecture ({key} {value}); leave it out")
+            t[key] = value     # the run records the architecture it trains
         return arch
-    return {"dim": dataset.dim, "hidden": t["hidden"], "depth": t["depth"], "time_dim": t["time_dim"],
-            "dropout": t["dropout"]}
+    try:
+        return architecture(t["arch"], t, dataset.shape, run.cls)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
 
 
 def _check_size(arch: dict, run: Run, dev: torch.device | None) -> None:

@@ -71,6 +71,7 @@ def _eval_ema(text: str):
 def _train_options() -> dict[str, Option]:
     from flowkern.data import DATASET_NAMES
     from flowkern.train.config import LR_DECAYS, OPTIMIZERS
+    from flowkern.train.rebuild import ARCHS
 
     positive_int, positive = _number(int, 1), _number(float, 0, strict=True)
     table = [
@@ -89,6 +90,8 @@ def _train_options() -> dict[str, Option]:
         Option("out", _path_or_none, "value", None, help="run directory (none: runs/<method>-<data>)"),
         Option("teacher", _path_or_none, "value", None,
                help="a checkpoint of 'flowkern train fm' (methods that distil a teacher)"),
+        Option("arch", _choice(ARCHS), "value", "mlp", ARCHS,
+               "the network: an MLPFlowMap, or a DiT (patch 2) on image data (digits)"),
         Option("hidden", positive_int, "value", 128, help="MLPFlowMap width"),
         Option("depth", positive_int, "value", 3, help="MLPFlowMap residual blocks"),
         Option("time_dim", positive_int, "value", 64, help="MLPFlowMap time-embedding width"),
