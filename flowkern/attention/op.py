@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from flowkern._fused import FusedOp, fold_vmapped
-from flowkern.attention import reference, tangent_backward, triton_launch
+from flowkern.attention import reference, tangent_backward, tangent_triton_launch, triton_launch
 from flowkern.attention.spec import AttentionSpec
 
 _LAUNCHERS = {"torch": reference, "triton": triton_launch}
-_TANGENT_BACKWARD = {"torch": tangent_backward, "triton": tangent_backward}
+_TANGENT_BACKWARD = {"torch": tangent_backward, "triton": tangent_triton_launch}
 
 
 def _zero_like(x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,8 @@ from flowkern._config import autotune_enabled, triton_interpreting
 from flowkern.kernels.attention.bwd import (attention_bwd_delta_kernel, attention_bwd_dkdv_kernel,
                                            attention_bwd_dq_kernel)
 from flowkern.kernels.attention.fwd import attention_fwd_kernel
+from flowkern.kernels.attention.tangent_bwd import (tangent_bwd_dkdv_kernel, tangent_bwd_dq_kernel,
+                                                   tangent_bwd_rows_kernel)
 
 _INTERPRETER = triton_interpreting()
 
@@ -86,3 +88,25 @@ attention_bwd_dq = triton.autotune(
 
 DELTA_BLOCK_M = 32 if _INTERPRETER else 128
 attention_bwd_delta = attention_bwd_delta_kernel
+
+# The tangent backward (kernels/attention/tangent_bwd.py) holds three (dQ pass) or four (dK/dV pass) float32
+# [tile, BLOCK_D] accumulators next to four input tiles: narrow tiles, 8 warps.
+_TANGENT_BWD_DKDV = {64: [(32, 32, 8), (16, 32, 8), (32, 64, 8), (64, 32, 8)],
+                     128: [(16, 32, 8), (32, 32, 8), (16, 16, 8)],
+                     256: [(16, 16, 8), (16, 32, 8)]}
+_TANGENT_BWD_DQ = {64: [(32, 32, 8), (64, 32, 8), (32, 16, 8), (64, 64, 8)],
+                   128: [(32, 16, 8), (16, 32, 8), (32, 32, 8)],
+                   256: [(16, 16, 8), (32, 16, 8)]}
+_TANGENT_KEY = _KEY + ["HAS_DO"]
+
+tangent_bwd_dkdv = triton.autotune(
+    configs=_configs(_TANGENT_BWD_DKDV), key=_TANGENT_KEY,
+    prune_configs_by={"early_config_prune": _pruner(_TANGENT_BWD_DKDV)},
+)(tangent_bwd_dkdv_kernel)
+
+tangent_bwd_dq = triton.autotune(
+    configs=_configs(_TANGENT_BWD_DQ), key=_TANGENT_KEY,
+    prune_configs_by={"early_config_prune": _pruner(_TANGENT_BWD_DQ)},
+)(tangent_bwd_dq_kernel)
+
+tangent_bwd_rows = tangent_bwd_rows_kernel  # block: DELTA_BLOCK_M
