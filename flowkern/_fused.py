@@ -3,7 +3,7 @@
 An op is a small frozen object (`FusedOp`) holding the static part of one call (backend, eps, flags, a seed, an
 attention spec: never tensors) with methods working on plain tensors:
     forward(inputs, tangents) -> (y, y_t, aux)   y_t from the SAME kernel pass as y (None when tangents is None);
-                                                 aux: tensors the backward needs (mean, rstd, LSE), stop-gradient.
+                                                 aux: tensors the backward needs (mean, rstd, LSE), not differentiated.
                                                  With `n_outputs` > 1, y and y_t are tuples (entries may be None).
     backward(inputs, aux, dy, needs) -> one gradient (or None) per input; dy is a tuple when `n_outputs` > 1, and
                                         aux ends with the primal outputs when `saves_outputs` (attention's O).
