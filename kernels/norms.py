@@ -57,6 +57,19 @@ def _row_weight(W, w_row, stride_w, cols, mask, HAS_W: tl.constexpr, ONE_PLUS: t
 
 
 @triton.jit
+def _saved_xhat(X, MEAN, RSTD, row, stride_x, cols, mask, IS_RMS: tl.constexpr):
+    """(x̂ [BLOCK_D], r) of one row from the μ and r the forward saved."""
+    x = load_row(X, row, stride_x, cols, mask)  # [BLOCK_D]
+    mean = tl.load(MEAN + row)
+    rstd = tl.load(RSTD + row)
+    if IS_RMS:
+        xhat = x * rstd
+    else:
+        xhat = tl.where(mask, x - mean, 0.0) * rstd
+    return xhat, rstd
+
+
+@triton.jit
 def norm_fwd_kernel(
     X, XT, W, B, WT, BT, Y, YT, MEAN, RSTD,
     stride_x, stride_xt, stride_w, stride_b, stride_wt, stride_bt, stride_y, stride_yt,
@@ -111,14 +124,8 @@ def norm_bwd_kernel(
     first = c * rows_per_prog
     for i in range(0, tl.minimum(rows_per_prog, group - first)):
         row = g * group + first + i
-        x = load_row(X, row, stride_x, cols, mask)  # [BLOCK_D]
         dy = load_row(DY, row, stride_dy, cols, mask)  # [BLOCK_D]
-        mean = tl.load(MEAN + row)
-        rstd = tl.load(RSTD + row)
-        if IS_RMS:
-            xhat = x * rstd
-        else:
-            xhat = tl.where(mask, x - mean, 0.0) * rstd  # [BLOCK_D]
+        xhat, rstd = _saved_xhat(X, MEAN, RSTD, row, stride_x, cols, mask, IS_RMS)
         if NEED_DX:
             store_row(DX, row, stride_dx, cols, mask, _project(dy * w, xhat, rstd, mask, n_cols, IS_RMS))
         dw_acc += dy * xhat
@@ -152,15 +159,9 @@ def norm_tangent_bwd_kernel(
     first = c * rows_per_prog
     for i in range(0, tl.minimum(rows_per_prog, group - first)):
         row = g * group + first + i
-        x = load_row(X, row, stride_x, cols, mask)  # [BLOCK_D]
         v = load_row(XT, row, stride_xt, cols, mask)  # [BLOCK_D]
         dyt = load_row(DYT, row, stride_dyt, cols, mask)  # [BLOCK_D]
-        mean = tl.load(MEAN + row)
-        rstd = tl.load(RSTD + row)
-        if IS_RMS:
-            xhat = x * rstd
-        else:
-            xhat = tl.where(mask, x - mean, 0.0) * rstd  # [BLOCK_D]
+        xhat, rstd = _saved_xhat(X, MEAN, RSTD, row, stride_x, cols, mask, IS_RMS)
         p_v = _project(v, xhat, rstd, mask, n_cols, IS_RMS)  # [BLOCK_D]
         if NEED_DX:
             a = dyt * w

@@ -209,6 +209,21 @@ def test_no_grad_jvp_saves_nothing_and_grad_mode_saves_the_tangent_backward(back
         assert len(grads) > len(list(net.parameters())) // 2 and all(torch.isfinite(g).all() for g in grads)
 
 
+def _check_parameter_gradients(backend, net, twin, args, dirs):
+    """∂/∂θ of ‖jvp(net, args, dirs)‖² for the float32 network on `backend` against its float64 twin."""
+
+    def loss(params, model, primals):
+        out_t = torch.func.jvp(lambda *a: torch.func.functional_call(model, params, a), primals,
+                               tuple(d.to(primals[0].dtype) for d in dirs))[1]
+        return (out_t * out_t).sum()
+
+    ref = torch.func.grad(loss)(dict(twin.named_parameters()), twin, tuple(a.double() for a in args))
+    with flowkern.use_backend(backend):
+        grads = torch.func.grad(loss)(dict(net.named_parameters()), net, args)
+    for name, g in ref.items():
+        assert_close(grads[name], g, torch.float32, f"gradient of {name}", scale_tol=10.0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_network_tangent_gradient_matches_the_twin(backend, monkeypatch):
     """∂/∂θ of a loss of ∂_sΦ through a whole MLPFlowMap against its plain twin (float64 torch.func)."""
@@ -221,18 +236,7 @@ def test_network_tangent_gradient_matches_the_twin(backend, monkeypatch):
     twin.load_state_dict({k: v.double() for k, v in net.state_dict().items()})
     gen = torch.Generator().manual_seed(9)
     x, t, s = randn(5, 3, gen=gen), torch.rand(5, generator=gen), torch.rand(5, generator=gen)
-    dirs = (torch.zeros(5, 3), torch.zeros(5), torch.ones(5))  # ∂/∂s
-
-    def loss(params, model, args):
-        out_t = torch.func.jvp(lambda *a: torch.func.functional_call(model, params, a), args,
-                               tuple(d.to(args[0].dtype) for d in dirs))[1]
-        return (out_t * out_t).sum()
-
-    ref = torch.func.grad(loss)(dict(twin.named_parameters()), twin, (x.double(), t.double(), s.double()))
-    with flowkern.use_backend(backend):
-        grads = torch.func.grad(loss)(dict(net.named_parameters()), net, (x, t, s))
-    for name, g in ref.items():
-        assert_close(grads[name], g, torch.float32, f"gradient of {name}", scale_tol=10.0)
+    _check_parameter_gradients(backend, net, twin, (x, t, s), (torch.zeros(5, 3), torch.zeros(5), torch.ones(5)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -247,18 +251,8 @@ def test_dit_tangent_gradient_matches_the_twin(backend, monkeypatch):
     twin.load_state_dict({k: v.double() for k, v in net.state_dict().items()})
     gen = torch.Generator().manual_seed(2)
     x, t, s = randn(2, 2, 4, 4, gen=gen), torch.rand(2, generator=gen), torch.rand(2, generator=gen)
-    dirs = (randn(2, 2, 4, 4, gen=gen), torch.ones(2), torch.zeros(2))
-
-    def loss(params, model, args):
-        out_t = torch.func.jvp(lambda *a: torch.func.functional_call(model, params, a), args,
-                               tuple(d.to(args[0].dtype) for d in dirs))[1]
-        return (out_t * out_t).sum()
-
-    ref = torch.func.grad(loss)(dict(twin.named_parameters()), twin, (x.double(), t.double(), s.double()))
-    with flowkern.use_backend(backend):
-        grads = torch.func.grad(loss)(dict(net.named_parameters()), net, (x, t, s))
-    for name, g in ref.items():
-        assert_close(grads[name], g, torch.float32, f"gradient of {name}", scale_tol=10.0)
+    _check_parameter_gradients(backend, net, twin, (x, t, s), (randn(2, 2, 4, 4, gen=gen), torch.ones(2),
+                                                                torch.zeros(2)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

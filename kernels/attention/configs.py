@@ -90,12 +90,13 @@ DELTA_BLOCK_M = 32 if _INTERPRETER else 128
 attention_bwd_delta = attention_bwd_delta_kernel
 
 # The tangent backward (kernels/attention/tangent_bwd.py) holds three (dQ pass) or four (dK/dV pass) float32
-# [tile, BLOCK_D] accumulators next to four input tiles: narrow tiles, 8 warps.
-_TANGENT_BWD_DKDV = {64: [(32, 32, 8), (16, 32, 8), (32, 64, 8), (64, 32, 8)],
-                     128: [(16, 32, 8), (32, 32, 8), (16, 16, 8)],
+# [tile, BLOCK_D] accumulators next to four input tiles: narrow tiles, 8 warps. Candidates from compiling for sm_90
+# (bf16, registers / spill stores per config in docs/attention.md): spill-free at head dims 64 and 128.
+_TANGENT_BWD_DKDV = {64: [(32, 64, 8), (32, 32, 8), (16, 32, 8)],
+                     128: [(32, 32, 8), (16, 32, 8), (32, 16, 8), (16, 16, 8)],
                      256: [(16, 16, 8), (16, 32, 8)]}
-_TANGENT_BWD_DQ = {64: [(32, 32, 8), (64, 32, 8), (32, 16, 8), (64, 64, 8)],
-                   128: [(32, 16, 8), (16, 32, 8), (32, 32, 8)],
+_TANGENT_BWD_DQ = {64: [(64, 32, 8), (32, 32, 8), (32, 64, 8), (16, 32, 8)],
+                   128: [(32, 16, 8), (16, 32, 8), (16, 16, 8)],
                    256: [(16, 16, 8), (32, 16, 8)]}
 _TANGENT_KEY = _KEY + ["HAS_DO"]
 
