@@ -87,6 +87,7 @@ class FusedOp:
         Default: autograd through the PyTorch reference's tangent, recomputed in the inputs' dtypes (an op with a
         closed form or a kernel for it overrides this)."""
         ref = self.on_torch()
+        needs = tuple(need and x is not None for x, need in zip(inputs, needs))  # an unsaved input is not read
         with torch.enable_grad():
             leaves = [x.detach().requires_grad_() if need else x for x, need in zip(inputs, needs)]
             y_t = _as_tuple(self, ref.tangent(leaves, tangents))

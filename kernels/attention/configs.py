@@ -91,13 +91,13 @@ attention_bwd_delta = attention_bwd_delta_kernel
 
 # The tangent backward (kernels/attention/tangent_bwd.py) holds three (dQ pass) or four (dK/dV pass) float32
 # [tile, BLOCK_D] accumulators next to four input tiles: narrow tiles, 8 warps. Candidates from compiling for sm_90
-# (bf16, registers / spill stores per config in docs/attention.md): spill-free at head dims 64 and 128
-# and for the dK/dV pass at 256.
+# (bf16, registers / spill stores per config in docs/attention.md): spill-free at head dims 64 and 128 with and
+# without the cotangent of O (HAS_DO), and for the dK/dV pass at 256.
 _TANGENT_BWD_DKDV = {64: [(32, 64, 8), (32, 32, 8), (16, 32, 8)],
-                     128: [(32, 32, 8), (16, 32, 8), (32, 16, 8), (16, 16, 8)],
+                     128: [(32, 16, 8), (16, 32, 8), (16, 16, 8)],
                      256: [(16, 16, 8)]}
-_TANGENT_BWD_DQ = {64: [(64, 32, 8), (32, 32, 8), (32, 64, 8), (16, 32, 8)],
-                   128: [(32, 16, 8), (16, 32, 8), (16, 16, 8)],
+_TANGENT_BWD_DQ = {64: [(32, 64, 8), (32, 32, 8), (16, 32, 8)],
+                   128: [(16, 32, 8), (16, 16, 8)],
                    256: [(16, 16, 8)]}  # the least-spilling (6 spill stores); every wider tile spills more
 _TANGENT_KEY = _KEY + ["HAS_DO"]
 
