@@ -2,7 +2,7 @@
 
 Every op has a drop-in form that works under `torch.func.jvp`, `torch.autograd.forward_ad` and ordinary backward
 (the forward-mode tangent comes from the same fused pass as the output) and an explicit `*_jvp` form taking and
-returning (primal, tangent) pairs; the tangent output of a `*_jvp` form is stop-gradient. Tangents of parameters
+returning (primal, tangent) pairs; both outputs of a `*_jvp` form are differentiable. Tangents of parameters
 (γ, β, shift, scale, gate, W, b) are supported. `flowkern.ops.reference` holds the pure-PyTorch versions.
 
 One package per op family (norms, activations, residual, time_embedding, linear), each laid out alike: api.py (the

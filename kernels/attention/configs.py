@@ -14,6 +14,8 @@ from flowkern._config import autotune_enabled, triton_interpreting
 from flowkern.kernels.attention.bwd import (attention_bwd_delta_kernel, attention_bwd_dkdv_kernel,
                                            attention_bwd_dq_kernel)
 from flowkern.kernels.attention.fwd import attention_fwd_kernel
+from flowkern.kernels.attention.tangent_bwd import (tangent_bwd_dkdv_kernel, tangent_bwd_dq_kernel,
+                                                   tangent_bwd_rows_kernel)
 
 _INTERPRETER = triton_interpreting()
 
@@ -86,3 +88,27 @@ attention_bwd_dq = triton.autotune(
 
 DELTA_BLOCK_M = 32 if _INTERPRETER else 128
 attention_bwd_delta = attention_bwd_delta_kernel
+
+# The tangent backward (kernels/attention/tangent_bwd.py) holds three (dQ pass) or four (dK/dV pass) float32
+# [tile, BLOCK_D] accumulators next to four input tiles: narrow tiles, 8 warps. Candidates from compiling for sm_90
+# (bf16, registers / spill stores per config in docs/attention.md): spill-free at head dims 64 and 128 with and
+# without the cotangent of O (HAS_DO), and for the dK/dV pass at 256.
+_TANGENT_BWD_DKDV = {64: [(32, 64, 8), (32, 32, 8), (16, 32, 8)],
+                     128: [(32, 16, 8), (16, 32, 8), (16, 16, 8)],
+                     256: [(16, 16, 8)]}
+_TANGENT_BWD_DQ = {64: [(32, 64, 8), (32, 32, 8), (16, 32, 8)],
+                   128: [(16, 32, 8), (16, 16, 8)],
+                   256: [(16, 16, 8)]}  # the least-spilling (6 spill stores); every wider tile spills more
+_TANGENT_KEY = _KEY + ["HAS_DO"]
+
+tangent_bwd_dkdv = triton.autotune(
+    configs=_configs(_TANGENT_BWD_DKDV), key=_TANGENT_KEY,
+    prune_configs_by={"early_config_prune": _pruner(_TANGENT_BWD_DKDV)},
+)(tangent_bwd_dkdv_kernel)
+
+tangent_bwd_dq = triton.autotune(
+    configs=_configs(_TANGENT_BWD_DQ), key=_TANGENT_KEY,
+    prune_configs_by={"early_config_prune": _pruner(_TANGENT_BWD_DQ)},
+)(tangent_bwd_dq_kernel)
+
+tangent_bwd_rows = tangent_bwd_rows_kernel  # block: DELTA_BLOCK_M

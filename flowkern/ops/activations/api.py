@@ -30,7 +30,7 @@ def gelu(x, approximate="none"):
 
 
 def gelu_jvp(x, x_t, approximate="none"):
-    """(gelu(x), gelu'(x)·x_t) from one pass. The tangent is stop-gradient."""
+    """(gelu(x), gelu'(x)·x_t) from one pass. The tangent is differentiable (reverse over forward)."""
     op = _op("flowkern.ops.gelu_jvp", x, _gelu_kind(approximate))
     check_like("x_t", x_t, "x", x)
     return apply_explicit(op, (x,), (x_t,))
@@ -42,7 +42,7 @@ def silu(x):
 
 
 def silu_jvp(x, x_t):
-    """(silu(x), silu'(x)·x_t) from one pass. The tangent is stop-gradient."""
+    """(silu(x), silu'(x)·x_t) from one pass. The tangent is differentiable (reverse over forward)."""
     op = _op("flowkern.ops.silu_jvp", x, "silu")
     check_like("x_t", x_t, "x", x)
     return apply_explicit(op, (x,), (x_t,))

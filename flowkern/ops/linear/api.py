@@ -43,7 +43,7 @@ def linear(x, weight, bias=None):
 
 
 def linear_jvp(x, x_t, weight, bias=None, *, weight_t=None, bias_t=None):
-    """(y, ẏ) of `linear` through one GEMM over [x; x_t]; weight_t, bias_t default to zero. ẏ is stop-gradient."""
+    """(y, ẏ) of `linear` through one GEMM over [x; x_t]; weight_t, bias_t default to zero. ẏ is differentiable (reverse over forward)."""
     op = _op("flowkern.ops.linear_jvp", x, weight, bias)
     if x_t is None:
         raise TypeError("x_t must be a torch.Tensor, got None")

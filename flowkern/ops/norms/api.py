@@ -49,7 +49,7 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
 
 
 def layer_norm_jvp(x, x_t, weight=None, bias=None, eps=1e-5, *, weight_t=None, bias_t=None):
-    """(y, ẏ) of `layer_norm` from one fused pass; tangents weight_t, bias_t default to zero. ẏ is stop-gradient."""
+    """(y, ẏ) of `layer_norm` from one fused pass; tangents weight_t, bias_t default to zero. ẏ is differentiable (reverse over forward)."""
     op = _norm_op("flowkern.ops.layer_norm_jvp", x, weight, bias, eps, is_rms=False, one_plus=False,
                   w_name="weight", b_name="bias", per_sample=False)
     _check_tangents(("x_t", x_t, "x", x), ("weight_t", weight_t, "weight", weight), ("bias_t", bias_t, "bias", bias))
@@ -68,7 +68,7 @@ def rms_norm(x, weight=None, eps=1e-6):
 
 
 def rms_norm_jvp(x, x_t, weight=None, eps=1e-6, *, weight_t=None):
-    """(y, ẏ) of `rms_norm` from one fused pass; weight_t defaults to zero. ẏ is stop-gradient."""
+    """(y, ẏ) of `rms_norm` from one fused pass; weight_t defaults to zero. ẏ is differentiable (reverse over forward)."""
     op = _norm_op("flowkern.ops.rms_norm_jvp", x, weight, None, eps, is_rms=True, one_plus=False, w_name="weight",
                   b_name="bias", per_sample=False)
     _check_tangents(("x_t", x_t, "x", x), ("weight_t", weight_t, "weight", weight))
@@ -101,7 +101,7 @@ def modulate(x, shift, scale, *, norm="layer", eps=1e-6):
 
 
 def modulate_jvp(x, shift, scale, x_t, shift_t=None, scale_t=None, *, norm="layer", eps=1e-6):
-    """(z, ż) of `modulate` from one fused pass; shift_t, scale_t default to zero. ż is stop-gradient."""
+    """(z, ż) of `modulate` from one fused pass; shift_t, scale_t default to zero. ż is differentiable (reverse over forward)."""
     op = _modulate_op("flowkern.ops.modulate_jvp", x, shift, scale, norm, eps)
     _check_tangents(("x_t", x_t, "x", x), ("shift_t", shift_t, "shift", shift), ("scale_t", scale_t, "scale", scale))
     return apply_explicit(op, (x, scale, shift), (x_t, scale_t, shift_t))

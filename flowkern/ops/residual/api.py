@@ -40,7 +40,7 @@ def gated_residual_prevalidated(x, gate, y):
 
 
 def gated_residual_jvp(x, gate, y, x_t, gate_t=None, y_t=None):
-    """(out, ȯut) of `gated_residual` from one fused pass; missing tangents are zero. ȯut is stop-gradient."""
+    """(out, ȯut) of `gated_residual` from one fused pass; missing tangents are zero. ȯut is differentiable (reverse over forward)."""
     op = _op("flowkern.ops.gated_residual_jvp", x, gate, y)
     if x_t is None:
         raise TypeError("x_t must be a torch.Tensor, got None")

@@ -59,7 +59,7 @@ def time_embedding(t, s, dim, *, mode="ts", max_period=10000.0, time_scale=1.0):
 
 
 def time_embedding_jvp(t, s, dim, t_t, s_t=None, *, mode="ts", max_period=10000.0, time_scale=1.0):
-    """(E, Ė) of `time_embedding` from one pass; s_t defaults to zero. Ė is stop-gradient."""
+    """(E, Ė) of `time_embedding` from one pass; s_t defaults to zero. Ė is differentiable (reverse over forward)."""
     op = _op("flowkern.ops.time_embedding_jvp", t, s, dim, mode, max_period, time_scale)
     check_like("t_t", t_t, "t", t)
     if s_t is not None:

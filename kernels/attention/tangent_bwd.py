@@ -1,0 +1,245 @@
+"""Flash-style backward of the attention tangent: gradients of (O, Ȯ) with respect to Q, K, V, Q̇, K̇, V̇ (reverse over
+forward), recomputing P and Ṡ per tile from the saved LSE, never storing an Nq×Nk matrix.
+
+Per (batch, query head), with c the scale, P = exp(S − LSE), Ṡ = c·(Q̇Kᵀ + QK̇ᵀ), μᵢ = Σⱼ PᵢⱼṠᵢⱼ and
+Ȯ = (P ⊙ (Ṡ − μ))V + PV̇; the cotangents are Ḡ of Ȯ and G of O (G absent when only Ȯ is differentiated: HAS_DO).
+Differentiating L = ⟨G, O⟩ + ⟨Ḡ, Ȯ⟩ through W = P⊙(Ṡ − μ) and P = softmax(S):
+    dV̇ = PᵀḠ,   dV = PᵀG + WᵀḠ,   dW = ḠVᵀ
+    dṠ = P ⊙ (dW − δ̄),  δ̄ᵢ = Σⱼ PᵢⱼdWᵢⱼ = Ḡᵢ·Oᵢ                   (softmax-like rows: W is P times centred Ṡ)
+    dP = (Ṡ − μ)⊙dW − δ̄·Ṡ + ḠV̇ᵀ + GVᵀ,  dS = P ⊙ (dP − Σⱼ PᵢⱼdPᵢⱼ),  Σⱼ PᵢⱼdPᵢⱼ = Ḡᵢ·Ȯᵢ − δ̄ᵢμᵢ + Gᵢ·Oᵢ
+which simplifies to
+    dS = (Ṡ − μ)⊙dṠ + P ⊙ (ḠV̇ᵀ + GVᵀ − κ),   κᵢ = Ḡᵢ·Ȯᵢ + Gᵢ·Oᵢ
+    dQ = c·(dS K + dṠ K̇),  dK = c·(dSᵀQ + dṠᵀQ̇),  dQ̇ = c·dṠ K,  dK̇ = c·dṠᵀQ.
+Row reductions (per query row, O(N)): LSE (saved by the forward), δ̄ and κ (`tangent_bwd_rows_kernel`, from the saved O
+and Ȯ), μ (written by the dQ pass). Saved between forward and backward: Q, K, V, their tangents, O, Ȯ, LSE: O(N·D).
+
+Three kernels:
+* `tangent_bwd_rows_kernel`: δ̄, κ; grid (cdiv(seq_q, BLOCK_M), batch·q_heads).
+* `tangent_bwd_dq_kernel`: one program per query tile walks the key tiles. μ is not known before the walk, but dS is
+  affine in it: with A = Ṡ⊙dṠ + P⊙(ḠV̇ᵀ + GVᵀ − κ), dS = A − μ⊙dṠ, so the program accumulates A·K, dṠ·K, dṠ·K̇ and
+  μ = Σ P⊙Ṡ together, and finishes dQ = c·(A·K + dṠ·K̇) − μ·dQ̇, dQ̇ = c·dṠ·K; it writes μ for the next kernel.
+  Nine tile GEMMs (QKᵀ, Q̇Kᵀ, QK̇ᵀ, ḠVᵀ, ḠV̇ᵀ, GVᵀ, A·K, dṠ·K, dṠ·K̇); grid (cdiv(seq_q, BLOCK_M), batch·q_heads).
+* `tangent_bwd_dkdv_kernel`: one program per key tile of one key/value head walks every query tile of every query
+  head of its GQA group (dK, dV, dK̇, dV̇ summed in registers: no atomics, no copies of K/V); twelve tile GEMMs
+  (QKᵀ, Q̇Kᵀ, QK̇ᵀ, ḠVᵀ, ḠV̇ᵀ, GVᵀ, dSᵀQ, dṠᵀQ̇, dṠᵀQ, WᵀḠ, PᵀG, PᵀḠ); grid (cdiv(seq_k, BLOCK_N), batch·kv_heads).
+Without G (HAS_DO=False) the GVᵀ and PᵀG products drop out. Rows whose every key is removed have LSE = +inf, so P = 0
+and every gradient they send is exactly 0. Operands of the GEMMs are in the input dtype, accumulation in float32.
+"""
+import triton
+import triton.language as tl
+
+from flowkern.kernels.attention.scores import masked_scores_log2
+from flowkern.kernels.utils import LOG2E, load_tile, mma, store_tile
+
+
+@triton.jit
+def tangent_bwd_rows_kernel(O, OT, DO, DOT, DELTA_T, KAPPA,
+                            stride_ob, stride_oh, stride_om, stride_od,
+                            stride_otb, stride_oth, stride_otm, stride_otd,
+                            stride_dob, stride_doh, stride_dom, stride_dod,
+                            stride_dotb, stride_doth, stride_dotm, stride_dotd,
+                            q_heads, seq_q, head_dim,
+                            HAS_DO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """δ̄ = Ḡ·O and κ = Ḡ·Ȯ + G·O per row, float32 [batch·q_heads, seq_q] contiguous."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // q_heads
+    h = pid_bh % q_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    o = load_tile(O + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od, seq_q, head_dim,
+                  0.0).to(tl.float32)
+    o_t = load_tile(OT + b * stride_otb + h * stride_oth, offs_m, offs_d, stride_otm, stride_otd, seq_q, head_dim,
+                    0.0).to(tl.float32)
+    do_t = load_tile(DOT + b * stride_dotb + h * stride_doth, offs_m, offs_d, stride_dotm, stride_dotd, seq_q,
+                     head_dim, 0.0).to(tl.float32)
+    kappa = tl.sum(do_t * o_t, 1)  # [BLOCK_M]
+    if HAS_DO:
+        do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim,
+                       0.0).to(tl.float32)
+        kappa += tl.sum(do * o, 1)
+    keep = offs_m < seq_q
+    tl.store(DELTA_T + pid_bh * seq_q + offs_m, tl.sum(do_t * o, 1), mask=keep)
+    tl.store(KAPPA + pid_bh * seq_q + offs_m, kappa, mask=keep)
+
+
+@triton.jit
+def _tile_terms(q, q_t, do, do_t, k, k_t, v, v_t, lse, delta_t, kappa, offs_m, offs_n, mask_base,
+                stride_maskm, stride_maskn, seq_q, seq_k, scale, scale_log2,
+                HAS_DO: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, UPCAST: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(P, Ṡ, dṠ, A) of one [BLOCK_M, BLOCK_N] tile, float32 (module docstring; A = dS + μ⊙dṠ)."""
+    zeros = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    kT = tl.trans(k)
+    qk = mma(q, kT, zeros, UPCAST, INPUT_PRECISION)
+    s = masked_scores_log2(qk, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k, scale_log2,
+                           CAUSAL, MASK_KIND)
+    p = tl.math.exp2(s - lse[:, None] * LOG2E)  # [BLOCK_M, BLOCK_N], 0 where removed
+    s_t = mma(q, tl.trans(k_t), mma(q_t, kT, zeros, UPCAST, INPUT_PRECISION), UPCAST, INPUT_PRECISION) * scale
+    dw = mma(do_t, tl.trans(v), zeros, UPCAST, INPUT_PRECISION)  # ḠVᵀ
+    ds_t = p * (dw - delta_t[:, None])  # dṠ
+    inner = mma(do_t, tl.trans(v_t), zeros, UPCAST, INPUT_PRECISION)  # ḠV̇ᵀ
+    if HAS_DO:
+        inner = mma(do, tl.trans(v), inner, UPCAST, INPUT_PRECISION)  # + GVᵀ
+    a = s_t * ds_t + p * (inner - kappa[:, None])
+    return p, s_t, ds_t, a
+
+
+@triton.jit
+def tangent_bwd_dq_kernel(
+    Q, K, V, QT, KT, VT, DO, DOT, LSE, DELTA_T, KAPPA, MU, MASK, DQ, DQT,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_qtb, stride_qth, stride_qtm, stride_qtd,
+    stride_ktb, stride_kth, stride_ktn, stride_ktd,
+    stride_vtb, stride_vth, stride_vtn, stride_vtd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dotb, stride_doth, stride_dotm, stride_dotd,
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_dqtb, stride_dqth, stride_dqtm, stride_dqtd,
+    q_heads, kv_group, seq_q, seq_k, head_dim, scale, scale_log2,
+    HAS_DO: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // q_heads
+    h = pid_bh % q_heads
+    h_kv = h // kv_group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    offs_n0 = tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+
+    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, 0.0)
+    q_t = load_tile(QT + b * stride_qtb + h * stride_qth, offs_m, offs_d, stride_qtm, stride_qtd, seq_q, head_dim,
+                    0.0)
+    do_t = load_tile(DOT + b * stride_dotb + h * stride_doth, offs_m, offs_d, stride_dotm, stride_dotd, seq_q,
+                     head_dim, 0.0)
+    do = do_t
+    if HAS_DO:
+        do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, seq_q,
+                       head_dim, 0.0)
+    row = pid_bh * seq_q + offs_m
+    in_rows = offs_m < seq_q
+    lse = tl.load(LSE + row, mask=in_rows, other=float("inf"))  # [BLOCK_M]
+    delta_t = tl.load(DELTA_T + row, mask=in_rows, other=0.0)
+    kappa = tl.load(KAPPA + row, mask=in_rows, other=0.0)
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
+    kt_base = KT + b * stride_ktb + h_kv * stride_kth
+    vt_base = VT + b * stride_vtb + h_kv * stride_vth
+    mask_base = MASK + b * stride_maskb + h * stride_maskh
+
+    mu = tl.zeros([BLOCK_M], tl.float32)  # μ = Σ P⊙Ṡ
+    ak = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # Σ A·K
+    dstk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # Σ dṠ·K
+    dstkt = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # Σ dṠ·K̇
+    hi = seq_k
+    if CAUSAL:
+        hi = tl.minimum(seq_k, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, seq_k, head_dim, 0.0)  # [BLOCK_N, BLOCK_D]
+        v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim, 0.0)
+        k_t = load_tile(kt_base, offs_n, offs_d, stride_ktn, stride_ktd, seq_k, head_dim, 0.0)
+        v_t = load_tile(vt_base, offs_n, offs_d, stride_vtn, stride_vtd, seq_k, head_dim, 0.0)
+        p, s_t, ds_t, a = _tile_terms(q, q_t, do, do_t, k, k_t, v, v_t, lse, delta_t, kappa, offs_m, offs_n,
+                                      mask_base, stride_maskm, stride_maskn, seq_q, seq_k, scale, scale_log2,
+                                      HAS_DO, CAUSAL, MASK_KIND, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
+        mu += tl.sum(p * s_t, 1)
+        ak = mma(a.to(k.dtype), k, ak, UPCAST, INPUT_PRECISION)
+        dstk = mma(ds_t.to(k.dtype), k, dstk, UPCAST, INPUT_PRECISION)
+        dstkt = mma(ds_t.to(k_t.dtype), k_t, dstkt, UPCAST, INPUT_PRECISION)
+
+    dq = (ak - mu[:, None] * dstk + dstkt) * scale
+    store_tile(DQ + b * stride_dqb + h * stride_dqh, dq, offs_m, offs_d, stride_dqm, stride_dqd, seq_q, head_dim)
+    store_tile(DQT + b * stride_dqtb + h * stride_dqth, dstk * scale, offs_m, offs_d, stride_dqtm, stride_dqtd,
+               seq_q, head_dim)
+    tl.store(MU + row, mu, mask=in_rows)
+
+
+@triton.jit
+def tangent_bwd_dkdv_kernel(
+    Q, K, V, QT, KT, VT, DO, DOT, LSE, DELTA_T, KAPPA, MU, MASK, DK, DV, DKT, DVT,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_qtb, stride_qth, stride_qtm, stride_qtd,
+    stride_ktb, stride_kth, stride_ktn, stride_ktd,
+    stride_vtb, stride_vth, stride_vtn, stride_vtd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dotb, stride_doth, stride_dotm, stride_dotd,
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_dktb, stride_dkth, stride_dktn, stride_dktd,
+    stride_dvtb, stride_dvth, stride_dvtn, stride_dvtd,
+    q_heads, kv_heads, kv_group, seq_q, seq_k, head_dim, scale, scale_log2,
+    HAS_DO: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // kv_heads
+    h_kv = pid_bh % kv_heads
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    offs_m0 = tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+
+    k = load_tile(K + b * stride_kb + h_kv * stride_kh, offs_n, offs_d, stride_kn, stride_kd, seq_k, head_dim, 0.0)
+    v = load_tile(V + b * stride_vb + h_kv * stride_vh, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim, 0.0)
+    k_t = load_tile(KT + b * stride_ktb + h_kv * stride_kth, offs_n, offs_d, stride_ktn, stride_ktd, seq_k, head_dim,
+                    0.0)
+    v_t = load_tile(VT + b * stride_vtb + h_kv * stride_vth, offs_n, offs_d, stride_vtn, stride_vtd, seq_k, head_dim,
+                    0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dkt = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dvt = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    lo = 0
+    if CAUSAL:  # query rows before this key tile's first key see none of it
+        lo = ((pid_n * BLOCK_N) // BLOCK_M) * BLOCK_M
+    for g in range(0, kv_group):
+        h = h_kv * kv_group + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        qt_base = QT + b * stride_qtb + h * stride_qth
+        do_base = DO + b * stride_dob + h * stride_doh
+        dot_base = DOT + b * stride_dotb + h * stride_doth
+        row_base = (b * q_heads + h) * seq_q
+        mask_base = MASK + b * stride_maskb + h * stride_maskh
+        for start_m in range(lo, seq_q, BLOCK_M):
+            offs_m = start_m + offs_m0
+            in_rows = offs_m < seq_q
+            q = load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, 0.0)  # [BLOCK_M, BLOCK_D]
+            q_t = load_tile(qt_base, offs_m, offs_d, stride_qtm, stride_qtd, seq_q, head_dim, 0.0)
+            do_t = load_tile(dot_base, offs_m, offs_d, stride_dotm, stride_dotd, seq_q, head_dim, 0.0)
+            do = do_t
+            if HAS_DO:
+                do = load_tile(do_base, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, 0.0)
+            lse = tl.load(LSE + row_base + offs_m, mask=in_rows, other=float("inf"))  # [BLOCK_M]
+            delta_t = tl.load(DELTA_T + row_base + offs_m, mask=in_rows, other=0.0)
+            kappa = tl.load(KAPPA + row_base + offs_m, mask=in_rows, other=0.0)
+            mu = tl.load(MU + row_base + offs_m, mask=in_rows, other=0.0)
+            p, s_t, ds_t, a = _tile_terms(q, q_t, do, do_t, k, k_t, v, v_t, lse, delta_t, kappa, offs_m, offs_n,
+                                          mask_base, stride_maskm, stride_maskn, seq_q, seq_k, scale, scale_log2,
+                                          HAS_DO, CAUSAL, MASK_KIND, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
+            ds = a - mu[:, None] * ds_t  # dS
+            ds_tT = tl.trans(ds_t)
+            dk = mma(tl.trans(ds).to(q.dtype), q, dk, UPCAST, INPUT_PRECISION)
+            dk = mma(ds_tT.to(q_t.dtype), q_t, dk, UPCAST, INPUT_PRECISION)
+            dkt = mma(ds_tT.to(q.dtype), q, dkt, UPCAST, INPUT_PRECISION)
+            pT = tl.trans(p)
+            dv = mma(tl.trans(p * (s_t - mu[:, None])).to(do_t.dtype), do_t, dv, UPCAST, INPUT_PRECISION)
+            if HAS_DO:
+                dv = mma(pT.to(do.dtype), do, dv, UPCAST, INPUT_PRECISION)
+            dvt = mma(pT.to(do_t.dtype), do_t, dvt, UPCAST, INPUT_PRECISION)
+
+    store_tile(DK + b * stride_dkb + h_kv * stride_dkh, dk * scale, offs_n, offs_d, stride_dkn, stride_dkd, seq_k, head_dim)
+    store_tile(DV + b * stride_dvb + h_kv * stride_dvh, dv, offs_n, offs_d, stride_dvn, stride_dvd, seq_k, head_dim)
+    store_tile(DKT + b * stride_dktb + h_kv * stride_dkth, dkt * scale, offs_n, offs_d, stride_dktn, stride_dktd,
+               seq_k, head_dim)
+    store_tile(DVT + b * stride_dvtb + h_kv * stride_dvth, dvt, offs_n, offs_d, stride_dvtn, stride_dvtd, seq_k,
+               head_dim)
