@@ -41,6 +41,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import contextlib
+import contextvars
+
 import torch
 import torch.autograd.forward_ad as fwAD
 
@@ -221,7 +224,8 @@ class FusedFunction(FastFunction):
         inputs = ctx.saved_tensors
         tangents = dargs[:n]
         rest = (None,) * (k + ctx.n_forward_aux)
-        differentiable = torch.is_grad_enabled() and any(requires_grad(t) for t in (*inputs, *tangents))
+        differentiable = (torch.is_grad_enabled() and not _STOP_GRADIENT_TANGENTS.get()
+                          and any(requires_grad(t) for t in (*inputs, *tangents)))
         if y_t is None:  # tangents arrived through forward AD only: one fused pass for them
             if all(t is None for t in tangents):
                 return (None,) * k + rest
@@ -313,6 +317,21 @@ def _op_forward(op: FusedOp, n_inputs: int, *args):
 
 def _op_tangent(op: FusedOp, n_inputs: int, *args):
     return op.tangent(args[:n_inputs], args[n_inputs:])
+
+
+_STOP_GRADIENT_TANGENTS = contextvars.ContextVar("flowkern_stop_gradient_tangents", default=False)
+
+
+@contextlib.contextmanager
+def stop_gradient_tangents():
+    """Inside: served tangents are constants (nothing saved for a backward through them) even with grad mode on
+    and parameters requiring grad — what a stop-gradient JVP target in a one-pass step needs
+    (`flowkern.jvp(grad=True)`)."""
+    token = _STOP_GRADIENT_TANGENTS.set(True)
+    try:
+        yield
+    finally:
+        _STOP_GRADIENT_TANGENTS.reset(token)
 
 
 def _primal_outputs(op: FusedOp, out):

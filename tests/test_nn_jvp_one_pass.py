@@ -170,3 +170,50 @@ def test_ddp_one_pass_two_processes_match_one_process_on_the_doubled_batch(tmp_p
             where = f"rank {r}, find_unused_parameters={find_unused}"
             torch.testing.assert_close(got["grads"], grads, atol=1e-6, rtol=1e-5, msg=lambda m, w=where: f"{w}: {m}")
             torch.testing.assert_close(got["params"], params, atol=2e-5, rtol=1e-4, msg=lambda m, w=where: f"{w}: {m}")
+
+
+def _saved_bytes(fn):
+    """Bytes of the tensors autograd saves while fn runs (a tensor saved twice counts twice)."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]
+
+
+def test_one_pass_saves_nothing_for_the_stop_gradient_tangent():
+    torch.manual_seed(3)
+    net = flowkern.nn.MLPFlowMap(dim=3, hidden=32, depth=3, time_dim=8, time_scale=1.0).double()
+    x, t, s = torch.randn(64, 3, dtype=torch.float64), torch.rand(64, dtype=torch.float64), torch.rand(64, dtype=torch.float64)
+    tangents = (torch.randn_like(x), torch.ones_like(t), torch.zeros_like(s))
+    stop = _saved_bytes(lambda: flowkern.jvp(net, (x, t, s), tangents, grad=True))
+    carried = _saved_bytes(lambda: flowkern.jvp(net, (x, t, s), tangents, tangent_grad=True))
+    assert stop < carried
+
+
+def test_tangent_grad_matches_reverse_over_forward_in_float64():
+    torch.manual_seed(4)
+    net = randomize(flowkern.nn.MLPFlowMap(dim=3, hidden=16, depth=2, time_dim=8, time_scale=1.0).double())
+    x, t, s = torch.randn(8, 3, dtype=torch.float64), torch.rand(8, dtype=torch.float64), torch.rand(8, dtype=torch.float64)
+    tangents = (torch.zeros_like(x), torch.zeros_like(t), torch.ones_like(s))
+    _, du = flowkern.jvp(net, (x, t, s), tangents, tangent_grad=True)
+    assert du.requires_grad
+    du.square().sum().backward()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def objective(p):
+        f = lambda *a: torch.func.functional_call(net, p, a)
+        with flowkern.use_backend("torch"):
+            return torch.func.jvp(f, (x, t, s), tangents)[1].square().sum()
+
+    expected = torch.func.grad(objective)(params)
+    for name, p in net.named_parameters():
+        got = torch.zeros_like(p) if p.grad is None else p.grad   # None: no path from the tangent to p
+        torch.testing.assert_close(got, expected[name], rtol=1e-9, atol=1e-10)
+    assert sum(float(g.abs().sum()) for g in expected.values()) > 0
+    _, du_stop = flowkern.jvp(net, (x, t, s), tangents, grad=True)
+    assert not du_stop.requires_grad

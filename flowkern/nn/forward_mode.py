@@ -26,9 +26,12 @@ Traps this function closes:
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from flowkern._fused import stop_gradient_tangents
 from flowkern._validate import check_bool
 
 
@@ -69,14 +72,14 @@ def _check_pairs(primals: tuple, tangents: tuple) -> None:
 
 
 def jvp(model, primals, tangents, *, kwargs: dict | None = None, preserve_rng_state: bool = True,
-        grad: bool = False):
+        grad: bool = False, tangent_grad: bool = False):
     """(out, out_t) = (f(p), ∂f/∂p · ṗ) with f = model(*primals, **kwargs).
 
     model: a callable (an nn.Module, or a DistributedDataParallel wrapper). primals, tangents: tensors or tuples of
     tensors, tangent i of primal i's shape, dtype and device (e.g. (x, t, s) and (v, 1, 0) for MeanFlow's du/dt).
     kwargs: non-differentiated inputs (class labels). Outputs follow the model: a tensor, or a tuple (u, D) with a
-    tuple of tangents. `out_t` never carries a graph (the tangents of flowkern's fused ops are stop-gradient by
-    design; every few-step method uses the JVP as a stop-gradient target).
+    tuple of tangents. `out_t` carries no graph unless tangent_grad=True (most few-step methods use the JVP as a
+    stop-gradient target).
 
     grad=False (the two-pass form): a no-grad pass; `out` carries no graph either. A DDP wrapper's `.module` runs
     (this pass needs no gradient sync). preserve_rng_state: restore the CPU (and the primals' CUDA devices') RNG
@@ -101,6 +104,10 @@ def jvp(model, primals, tangents, *, kwargs: dict | None = None, preserve_rng_st
     their tangent inside the kernel pass and save nothing for it; plain PyTorch ops inside a model (an embedding, a
     reshape, a user's own layer) build an autograd graph for their tangent while the pass runs (it is freed when the
     call returns, but counts in the peak memory).
+
+    tangent_grad=True (reverse over forward, e.g. Lagrangian self-distillation's ∂_sΦ in the loss): the one-pass
+    form with `out_t` differentiable too, with respect to the parameters, primals and tangents; the fused ops then
+    save what the backward through their tangents reads (docs/ops.md). Implies grad=True.
     """
     primals = _as_tuple("primals", primals)
     tangents = _as_tuple("tangents", tangents)
@@ -111,12 +118,15 @@ def jvp(model, primals, tangents, *, kwargs: dict | None = None, preserve_rng_st
         raise TypeError(f"kwargs must be a dict, got {type(kwargs).__name__}")
     check_bool("preserve_rng_state", preserve_rng_state)
     check_bool("grad", grad)
+    check_bool("tangent_grad", tangent_grad)
     if not callable(model):
         raise TypeError(f"model must be callable, got {type(model).__name__}")
-    if grad:
-        with torch.enable_grad():
+    if grad or tangent_grad:
+        # a stop-gradient target: the fused ops save nothing for a backward through their tangents
+        tangent_mode = contextlib.nullcontext() if tangent_grad else stop_gradient_tangents()
+        with torch.enable_grad(), tangent_mode:
             out, out_t = _one_pass(model, primals, tangents, kwargs)
-        return out, _detach(out_t)
+        return out, (out_t if tangent_grad else _detach(out_t))
     fn = unwrap_ddp(model)
     devices = sorted({p.device.index or 0 for p in primals if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices, enabled=preserve_rng_state), torch.no_grad():
