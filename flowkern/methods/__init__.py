@@ -5,6 +5,8 @@
     cd   consistency distillation               flowkern.methods.consistency_distillation:ConsistencyDistillation
     ct   consistency training (iCT / ECT)       flowkern.methods.consistency_training:ConsistencyTraining
     ctm  consistency trajectory model           flowkern.methods.ctm:CTM
+    sct  continuous-time consistency training   flowkern.methods.scm:SCT
+    scd  continuous-time consistency distill.   flowkern.methods.scm:SCD
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ METHODS: dict[str, str] = {
     "cd": "flowkern.methods.consistency_distillation:ConsistencyDistillation",
     "ct": "flowkern.methods.consistency_training:ConsistencyTraining",
     "ctm": "flowkern.methods.ctm:CTM",
+    "sct": "flowkern.methods.scm:SCT",
+    "scd": "flowkern.methods.scm:SCD",
 }
 
 
