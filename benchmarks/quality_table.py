@@ -3,7 +3,7 @@ checkerboard and 8 Gaussians (CPU-sized), and print SW₂ / histogram KL to held
 teacher's 1-step and 100-step Euler values; write the table, the command and the notes on the recipes to
 docs/results.md.
 
-    python benchmarks/quality_table.py [--data checkerboard 8gaussians] [--methods pd cd ct ctm] [--jobs 2]
+    python benchmarks/quality_table.py [--data checkerboard 8gaussians] [--methods pd cd ct ctm sct scd] [--jobs 2]
                                        [--out runs/quality] [--samples 10000] [--scale 1.0] [--seeds 1]
                                        [--results docs/results.md]
 
@@ -149,7 +149,8 @@ def results_page(table: str, command: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", nargs="+", default=["checkerboard", "8gaussians"])
-    p.add_argument("--methods", nargs="+", default=["pd", "cd", "ct", "ctm"], choices=["pd", "cd", "ct", "ctm"])
+    p.add_argument("--methods", nargs="+", default=["pd", "cd", "ct", "ctm", "sct", "scd"],
+                   choices=["pd", "cd", "ct", "ctm", "sct", "scd"])
     p.add_argument("--out", type=Path, default=Path("runs/quality"))
     p.add_argument("--samples", type=int, default=10000, help="samples and held-out points per evaluation")
     p.add_argument("--scale", type=float, default=1.0, help="multiplies every recipe's training steps")

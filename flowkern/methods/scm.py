@@ -43,6 +43,20 @@ from flowkern.methods.trigflow import (
 
 P_MEAN = -1.0          # sCM's P_mean for σ_d = 0.5, moved to the data's scale unless given
 WEIGHTING = "weighting"
+SHARED_ARGS = """\
+        sigma_data: standard deviation of the data, TrigFlow's σ_d (a run value).
+        p_mean: mean P_mean of τ in t = arctan(e^τ/σ_d) (None: sCM's −1.0 moved to the data's scale,
+            −1.0 + ln(σ_d/0.5)).
+        p_std: standard deviation P_std of τ.
+        tangent_warmup: optimiser steps over which the tangent's second term rises from r = 0 to r = 1
+            (0: r = 1 from the start).
+        tangent_c: constant c of the tangent normalisation g/(‖g‖ + c).
+        adaptive_weighting: learn the weight w_φ(t) (an auxiliary network trained with its own Adam); off: w = 0.
+        weighting_lr: learning rate of the adaptive weighting network's Adam.
+        mid_t: intermediate TrigFlow time of the 2-step sampler (more steps space theirs evenly below it).
+        one_pass: take F_θ and its tangent from one forward-mode pass with the graph on; off: a no-grad JVP pass
+            plus an ordinary forward.
+"""     # the Args entries of both classes (their docstrings end with them)
 
 
 class _ContinuousConsistency(Method):
@@ -137,23 +151,11 @@ class _ContinuousConsistency(Method):
 
 
 class SCT(_ContinuousConsistency):
-    """Continuous-time consistency training (sCT): dx_t/dt = cos t·z − sin t·x₀ (module docstring).
+    __doc__ = """Continuous-time consistency training (sCT): dx_t/dt = cos t·z − sin t·x₀ (module docstring).
 
     Args:
         model: the network F_θ, a flowkern network net(x, t, s) (called at x_t/σ_d, τ(t), s = 0).
-        sigma_data: standard deviation of the data, TrigFlow's σ_d (a run value).
-        p_mean: mean P_mean of τ in t = arctan(e^τ/σ_d) (None: sCM's −1.0 moved to the data's scale,
-            −1.0 + ln(σ_d/0.5)).
-        p_std: standard deviation P_std of τ.
-        tangent_warmup: optimiser steps over which the tangent's second term rises from r = 0 to r = 1
-            (0: r = 1 from the start).
-        tangent_c: constant c of the tangent normalisation g/(‖g‖ + c).
-        adaptive_weighting: learn the weight w_φ(t) (an auxiliary network trained with its own Adam); off: w = 0.
-        weighting_lr: learning rate of the adaptive weighting network's Adam.
-        mid_t: intermediate TrigFlow time of the 2-step sampler (more steps space theirs evenly below it).
-        one_pass: take F_θ and its tangent from one forward-mode pass with the graph on; off: a no-grad JVP pass
-            plus an ordinary forward.
-    """
+""" + SHARED_ARGS
 
     name: ClassVar[str] = "sct"
     needs_teacher: ClassVar[bool] = False
@@ -170,25 +172,13 @@ class SCT(_ContinuousConsistency):
 
 
 class SCD(_ContinuousConsistency):
-    """Continuous-time consistency distillation (sCD) of a flow-matching teacher: dx_t/dt is the teacher's velocity
+    __doc__ = """Continuous-time consistency distillation (sCD) of a flow-matching teacher: dx_t/dt is the teacher's velocity
     in TrigFlow coordinates (`trigflow.teacher_velocity`; module docstring).
 
     Args:
         model: the network F_θ, a flowkern network net(x, t, s) (called at x_t/σ_d, τ(t), s = 0).
         teacher: a flow-matching velocity network teacher(x, t, t) (required).
-        sigma_data: standard deviation of the data, TrigFlow's σ_d (a run value).
-        p_mean: mean P_mean of τ in t = arctan(e^τ/σ_d) (None: sCM's −1.0 moved to the data's scale,
-            −1.0 + ln(σ_d/0.5)).
-        p_std: standard deviation P_std of τ.
-        tangent_warmup: optimiser steps over which the tangent's second term rises from r = 0 to r = 1
-            (0: r = 1 from the start).
-        tangent_c: constant c of the tangent normalisation g/(‖g‖ + c).
-        adaptive_weighting: learn the weight w_φ(t) (an auxiliary network trained with its own Adam); off: w = 0.
-        weighting_lr: learning rate of the adaptive weighting network's Adam.
-        mid_t: intermediate TrigFlow time of the 2-step sampler (more steps space theirs evenly below it).
-        one_pass: take F_θ and its tangent from one forward-mode pass with the graph on; off: a no-grad JVP pass
-            plus an ordinary forward.
-    """
+""" + SHARED_ARGS
 
     name: ClassVar[str] = "scd"
     needs_teacher: ClassVar[bool] = True
