@@ -62,6 +62,8 @@ SHARED_ARGS = """\
 class _ContinuousConsistency(Method):
     """sCT and sCD: everything but dx_t/dt (module docstring)."""
 
+    network_time_scale: ClassVar[float] = 1.0   # times enter the network unscaled: its tangent along t stays O(1)
+
     def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, sigma_data: float,
                  p_mean: float | None, p_std: float, tangent_warmup: int, tangent_c: float,
                  adaptive_weighting: bool, weighting_lr: float, mid_t: float, one_pass: bool):
