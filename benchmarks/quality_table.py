@@ -37,7 +37,7 @@ STEPS = (1, 2, 4, 8)
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 NOTES = """## What the table shows
 
-The teacher (fm, seed 0) and then `pd`, `cd`, `ct`, `ctm` (one row per method; with `--seeds 3` the median over seeds
+The teacher (fm, seed 0) and then `pd`, `cd`, `ct`, `ctm`, `sct`, `scd` (one row per method; with `--seeds 3` the median over seeds
 0, 1 and 2) on the checkerboard and 8 Gaussians: SW2 / histogram KL to 10 000 held-out points from 10 000 samples at
 1, 2, 4 and 8 sampling steps (the SW2 of two independent 10 000-point draws of the data is 0.054 for the checkerboard,
 0.034 for 8 Gaussians), and each seed's 1-step SW2. The bars, per model at 1 step: **far better than one Euler step
@@ -49,7 +49,7 @@ lanes.
 
 A recipe is what `flowkern train <method> --data D` does with no other flag: the train-level settings in
 `flowkern/train/recipes/<method>.toml` (batch 256, lr 2e-3 with a cosine decay; fm 8000 steps, pd 8000 at lr 5e-4
-without decay and an eval EMA of 0.99, cd 9000, ct 15 000, ctm 6000) and the method-level settings as the method's
+without decay and an eval EMA of 0.99, cd 9000, ct 15 000, ctm 6000, sct and scd 1500) and the method-level settings as the method's
 constructor defaults; the network is `MLPFlowMap(2, hidden=128, depth=3)`.
 
 * **ct**: ECT's schedule in 6 stages (Δσ/σ halves each stage) with minibatch optimal-transport pairing of each batch's
@@ -73,6 +73,10 @@ constructor defaults; the network is `MLPFlowMap(2, hidden=128, depth=3)`.
   round is a 1-step model: its 2/4/8-step rows only show that it was not trained for them.
 * **ctm**: a DSM weight of 0.1 instead of 1.0 (0.113 → 0.077; 12 teacher Heun steps per target instead of 4 also gets
   there, 0.085, at twice the cost).
+* **sct and scd** (TrigFlow, docs/methods.md): times enter the network unscaled (`network_time_scale` 1.0; with
+  the ×1000 embedding the tangent's norm before normalisation grows to thousands), tangent warm-up over 1000 steps,
+  c = 0.1, the learned adaptive weight, P_mean = −1.0 + ln(σ_d/0.5), P_std = 1.4; 1500 steps because one step costs
+  about 4 flow-matching steps on CPU (the forward-mode pass).
 * **cd and ctm**: 40 Karras grid points, because the teacher's own 18-step Heun solve bounds CD (SW2 0.149 vs 0.100 at
   40 steps on the checkerboard); CD's multistep samples get worse with more steps (its consistency function is least
   accurate at σ ≈ 1–5).
