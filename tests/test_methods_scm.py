@@ -10,6 +10,7 @@ import torch
 from helpers import MU, SD, GaussianTeacher, dropout_net, fast_cpu, gaussian_batch, one_thread, tiny_net, \
     torch_backend
 from nn_reference import PlainMLPFlowMap, randomize
+from test_train_cli import TINY
 from torch import nn
 
 import flowkern
@@ -370,12 +371,9 @@ def test_p_mean_follows_the_data_scale_and_weighting_is_an_auxiliary():
 
 # ----------------------------------------------------------------------------------------------------- the CLI
 
-TINY = ["--steps", "4", "--batch", "32", "--hidden", "16", "--depth", "1", "--samples", "200", "--no-nll",
-        "--no-progress", "--warmup", "1", "--log-every", "2"]
-
-
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory):
+    """A tiny `flowkern train fm` checkpoint on 8 Gaussians."""
     from flowkern.__main__ import main
 
     out = tmp_path_factory.mktemp("scm") / "fm"
