@@ -3,7 +3,7 @@ checkerboard and 8 Gaussians (CPU-sized), and print SW₂ / histogram KL to held
 teacher's 1-step and 100-step Euler values; write the table, the command and the notes on the recipes to
 docs/results.md.
 
-    python benchmarks/quality_table.py [--data checkerboard 8gaussians] [--methods pd cd ct ctm meanflow] [--jobs 2]
+    python benchmarks/quality_table.py [--data checkerboard 8gaussians] [--methods pd cd ct ctm meanflow sct scd] [--jobs 2]
                                        [--out runs/quality] [--samples 10000] [--scale 1.0] [--seeds 1]
                                        [--results docs/results.md]
 
@@ -35,12 +35,12 @@ from flowkern.methods import get_method
 FAR_BETTER = 0.25    # SW2@1 ≤ this × teacher's 1-step Euler SW2
 WITHIN = 1.5         # SW2@1 ≤ this × teacher's 100-step Euler SW2
 MULTISTEP = ("meanflow",)   # also judged: SW2@2 ≤ SW2@1
-METHODS = ("pd", "cd", "ct", "ctm", "meanflow")
+METHODS = ("pd", "cd", "ct", "ctm", "meanflow", "sct", "scd")
 STEPS = (1, 2, 4, 8)
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 NOTES = """## What the table shows
 
-The teacher (fm, seed 0) and then `pd`, `cd`, `ct`, `ctm`, `meanflow` (one row per method; with `--seeds 3` the
+The teacher (fm, seed 0) and then `pd`, `cd`, `ct`, `ctm`, `meanflow`, `sct`, `scd` (one row per method; with `--seeds 3` the
 median over seeds 0, 1 and 2) on the checkerboard and 8 Gaussians: SW2 / histogram KL to 10 000 held-out points from
 10 000 samples at 1, 2, 4 and 8 sampling steps (the SW2 of two independent 10 000-point draws of the data is 0.054 for the checkerboard,
 0.034 for 8 Gaussians), and each seed's 1-step SW2. The bars, per model at 1 step: **far better than one Euler step
@@ -52,7 +52,7 @@ lanes.
 
 A recipe is what `flowkern train <method> --data D` does with no other flag: the train-level settings in
 `flowkern/train/recipes/<method>.toml` (batch 256, lr 2e-3 with a cosine decay; fm 8000 steps, pd 8000 at lr 5e-4
-without decay and an eval EMA of 0.99, cd 9000, ct 15 000, ctm 6000, meanflow 1500) and the method-level settings
+without decay and an eval EMA of 0.99, cd 9000, ct 15 000, ctm 6000, meanflow, sct and scd 1500) and the method-level settings
 as the method's constructor defaults; the network is `MLPFlowMap(2, hidden=128, depth=3)`.
 
 * **ct**: ECT's schedule in 6 stages (Δσ/σ halves each stage) with minibatch optimal-transport pairing of each batch's
@@ -80,6 +80,12 @@ as the method's constructor defaults; the network is `MLPFlowMap(2, hidden=128, 
   adaptive weight reweights single rows and biases the flow; the exact map is the fixed point only at p = 0), 75 % of
   the rows with r = t, the network's time embedding scaled by 10 instead of 1000 (docs/methods.md). Its 2-step
   samples are judged too: no worse than its 1-step ones.
+* **sct and scd** (TrigFlow, docs/methods.md): times enter the network unscaled (`network_time_scale` 1.0; with
+  the ×1000 embedding the tangent's norm before normalisation grows to thousands), tangent warm-up over 1000 steps,
+  c = 0.1, the learned adaptive weight, P_mean = −1.0 + ln(σ_d/0.5), P_std = 1.4; 1500 steps because one step costs
+  about 4 flow-matching steps on CPU (the forward-mode pass). At 1500 steps (seed 0) they are 0.11–0.14× one
+  teacher Euler step but 2.1–2.8× the teacher's 100-step SW2 (sct 0.219 / 0.150, scd 0.252 / 0.178 on the
+  checkerboard / 8 Gaussians): short of the 1.5× bar.
 * **cd and ctm**: 40 Karras grid points, because the teacher's own 18-step Heun solve bounds CD (SW2 0.149 vs 0.100 at
   40 steps on the checkerboard); CD's multistep samples get worse with more steps (its consistency function is least
   accurate at σ ≈ 1–5).

@@ -6,6 +6,8 @@
     ct   consistency training (iCT / ECT)       flowkern.methods.consistency_training:ConsistencyTraining
     ctm  consistency trajectory model           flowkern.methods.ctm:CTM
     meanflow  MeanFlow (one-step, from data)    flowkern.methods.meanflow:MeanFlow
+    sct  continuous-time consistency training   flowkern.methods.scm:SCT
+    scd  continuous-time consistency distill.   flowkern.methods.scm:SCD
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ METHODS: dict[str, str] = {
     "ct": "flowkern.methods.consistency_training:ConsistencyTraining",
     "ctm": "flowkern.methods.ctm:CTM",
     "meanflow": "flowkern.methods.meanflow:MeanFlow",
+    "sct": "flowkern.methods.scm:SCT",
+    "scd": "flowkern.methods.scm:SCD",
 }
 
 
