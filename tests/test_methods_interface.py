@@ -33,9 +33,12 @@ RECIPE = {
     "meanflow": {"t_mean": -0.4, "t_std": 1.0, "equal_fraction": 0.75, "weight_power": 0.0, "weight_eps": 1e-3,
                  "jvp": "one_pass", "num_classes": 0, "cfg_scale": 1.0, "cfg_kappa": 0.0, "cfg_t_min": 0.0,
                  "cfg_t_max": 1.0, "label_dropout": 0.1},
+    **{name: {"p_mean": None, "p_std": 1.4, "tangent_warmup": 1000, "tangent_c": 0.1, "adaptive_weighting": True,
+              "weighting_lr": 0.002, "mid_t": 1.1, "one_pass": True} for name in ("sct", "scd")},
 }
 REQUIRED_RUN_VALUES = {"fm": set(), "pd": {"total_steps"}, "cd": {"sigma_data"}, "ct": {"sigma_data", "total_steps"},
-                       "ctm": {"sigma_data"}, "meanflow": set()}
+                       "ctm": {"sigma_data"}, "meanflow": set(),
+                       "sct": {"sigma_data"}, "scd": {"sigma_data"}}
 RUN = {"sigma_data": 0.5, "total_steps": 100}
 ALLOWED_ANNOTATIONS = (int, float, bool, str, float | None, int | None, tuple[float, ...], tuple[int, ...])
 
