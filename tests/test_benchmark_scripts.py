@@ -218,3 +218,68 @@ def test_gpu_tests_bad_arguments(capsys):
     with pytest.raises(SystemExit) as exc:
         gpu_tests.parse_args(["--out", "x", "--shards", "0"])
     assert exc.value.code == 2 and "--shards" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the JIT-like compile tool and the SASS report
+
+_KERNEL = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def scale_rows(X, Y, n_cols, stride_row, stride_col, group, factor, BLOCK: tl.constexpr):
+    row = tl.program_id(0) // group
+    cols = tl.arange(0, BLOCK)
+    x = tl.load(X + row * stride_row + cols * stride_col, mask=cols < n_cols)
+    tl.store(Y + row * stride_row + cols * stride_col, x * factor, mask=cols < n_cols)
+'''
+
+_COMPILE = '''
+import json, sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import jit_compile  # compiled mode: removes TRITON_INTERPRET before the kernel is decorated
+import torch
+from jit_specialize import python_specialize, specialize_value
+from sass import cubin_report
+import kern
+
+x = torch.empty(64, 32)
+values = dict(X=x, Y=x.view(-1)[1:], n_cols=32, stride_row=32, stride_col=1, group=3, factor=0.5, BLOCK=32)
+launch = jit_compile.Launch(kern.scale_rows, values)
+sig, const, attrs = jit_compile.specialise(kern.scale_rows, values)
+kernel = jit_compile.compile_launch(launch, arch=90, num_warps=4, num_stages=1)
+same = all(python_specialize(v) == tuple(specialize_value(v)) for v in [1, 16, 17, 0, 2**33, 1.5, True, x, x[1:]])
+print(json.dumps({"sig": sig, "const": {k: str(v) for k, v in const.items()}, "attrs": sorted(k[0] for k in attrs),
+                  "report": cubin_report(kernel.asm["cubin"]), "python_rule_agrees": same}))
+'''
+
+
+def test_jit_specialisation_and_sm90_compile(tmp_path):
+    (tmp_path / "kern.py").write_text(_KERNEL)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE, str(tmp_path), BENCH], capture_output=True, text=True,
+                         env=env, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads(run.stdout.strip().splitlines()[-1])
+    # stride_col == 1 is folded into the kernel; group == 3 and the float stay run-time values
+    assert data["sig"]["stride_col"] == "constexpr" and data["const"]["stride_col"] == "1"
+    assert data["sig"]["group"] == "i32" and data["sig"]["factor"] == "fp32"
+    # X aligned, Y one float off (not 16-byte aligned), n_cols and stride_row divisible by 16
+    names = ["X", "Y", "n_cols", "stride_row", "stride_col", "group", "factor", "BLOCK"]
+    assert [names[i] for i in data["attrs"]] == ["X", "n_cols", "stride_row"]
+    assert data["python_rule_agrees"]
+    report = data["report"]
+    assert 0 < report["regs"] <= 64 and report["stl"] == report["ldl"] == 0
+    assert report["wgmma"] == report["mma_sync"] == 0 and report["loops"] == 0
+
+
+def test_main_loop_is_the_backward_branch_with_the_matrix_instructions():
+    from sass import main_loop
+
+    code = [(0x00, "LDC R1, c[0x0][0x28]"), (0x10, "NOP"), (0x20, "FFMA R2, R3, R4, R5"),
+            (0x30, "@!P0 BRA 0x20"),                                     # a small loop without MMA
+            (0x40, "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24"), (0x50, "NOP"),
+            (0x60, "FMUL R6, R7, R8"), (0x70, "@P1 BRA 0x40"),           # the main loop: 3 instructions + NOP
+            (0x80, "EXIT"), (0x90, "BRA 0x90")]                          # the trailing self-branch
+    assert main_loop(code) == {"loop_instructions": 3, "loop_mma": 1, "loops": 2}
