@@ -16,6 +16,7 @@ written. Under `torchrun --nproc-per-node W`, --batch is per process.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from flowkern.train import checkpoint, method_options, run_config
+from flowkern.train import checkpoint, method_options, profile, run_config
 from flowkern.train.evaluate import STEPS, draw, format_table, ode_nll, score
 from flowkern.train.rebuild import build_method, network, restore
 from flowkern.train.rebuild import RUN_KEYS
@@ -59,6 +60,7 @@ def add_parsers(sub) -> None:
         p.add_argument("--config", type=Path, default=None, help="a run file (TOML: [train] and [method] tables)")
         p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out up to --steps")
         add_train_flags(p, run_config.recipe(name)["train"])
+        profile.add_flag(p)
         method_options.add_method_flags(p.add_argument_group(f"{name} options"), name,
                                         method_options.method_options(cls))
 
@@ -271,7 +273,9 @@ def train(args) -> int:
     if trainer.rank == 0:
         run_config.write(run.out / "config.toml", train_table, kwargs)
     start = time.perf_counter()
-    trainer.fit()
+    traced = getattr(args, "profile", 0)
+    with profile.profile_steps(trainer, traced, run.out) if traced else contextlib.nullcontext():
+        trainer.fit()
     seconds = time.perf_counter() - start
     if trainer.rank == 0:
         _report(run, trainer, method, dataset, teacher, seconds)

@@ -144,6 +144,7 @@ class Trainer:
             raise ValueError("bf16 autocast is for CUDA training; set bf16=False (or None) on the CPU")
         self.step_count, self.skipped = 0, 0
         self.losses: list[float] = []
+        self.step_hooks: list = []   # called with each step's record (e.g. the --profile trace's step)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -239,6 +240,8 @@ class Trainer:
         try:
             while self.step_count < total:
                 record = self.train_step()
+                for hook in self.step_hooks:
+                    hook(record)
                 rate = (self.step_count - s0) / max(time.perf_counter() - t0, 1e-9)
                 bar.update(1)
                 if self.step_count % self.config.log_every == 0 or self.step_count == total:
