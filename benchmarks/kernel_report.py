@@ -55,13 +55,14 @@ def attention_launches(head_dim: int, causal: bool, seq: int = 8192, heads: int 
             (f"bwd dq {tag}", by_name["attention_bwd_dq_kernel"])]
 
 
-SWEEP_TILES = [(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
+SWEEP_TILES = [(bm, bn, w) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8)]
 
 
-def _configs(launch, sweep: bool):
+def _configs(launch, sweep: bool, stages=(2, 3)):
     if not sweep:
-        return launch.candidates()
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in SWEEP_TILES]
+        return [c for c in launch.candidates() if c is None or c.num_stages in stages]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w in SWEEP_TILES for s in stages]
 
 
 def _config_label(config) -> str:
@@ -124,12 +125,15 @@ def parse_args(argv=None):
     parser.add_argument("--kernels", nargs="+", default=["fwd+tangent", "fwd", "bwd dkdv", "bwd dq"],
                         help="which kernels (default all four)")
     parser.add_argument("--sweep", action="store_true", help="a wider tile grid instead of the autotune candidates")
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 3], help="pipelining depths (default 2 3)")
     parser.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)),
                         help="parallel compiles (default min(4, cores))")
     parser.add_argument("--json", help="also write every row to this JSON file")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    if any(s < 1 for s in args.stages):
+        parser.error("--stages must be at least 1")
     if any(d < 1 or d > 256 for d in args.head_dim):
         parser.error("--head-dim must be in 1..256")
     return args
@@ -143,7 +147,7 @@ def main(argv=None) -> int:
         for c in causal:
             for label, launch in attention_launches(head_dim, c):
                 if any(label.startswith(k + " ") for k in args.kernels):
-                    jobs.extend((label, launch, config) for config in _configs(launch, args.sweep))
+                    jobs.extend((label, launch, config) for config in _configs(launch, args.sweep, args.stages))
     print(f"sm_{args.arch}, bf16, B=1 H=32 N=8192, Triton {triton.__version__}, JIT specialisation; "
           f"{len(jobs)} compiles on {args.jobs} processes", flush=True)
     print(HEADER, flush=True)
