@@ -3,8 +3,8 @@
 The candidate lists come from the compile-level report (`python3 benchmarks/kernel_report.py --sweep`, no GPU
 needed): every (BLOCK_M, BLOCK_N, warps) compiled for sm_90 with the JIT's own specialisation at B=1, H=32, N=8192,
 bf16, keeping the configs with no spills (in the causal compile too; one that spills only there comes last), only
-wgmma (HGMMA) matrix instructions and shared memory within the 227 KiB
-a program may take, ranked by main-loop warp instructions per thousand score elements (lower first). The first
+wgmma (HGMMA) matrix instructions and shared memory within the 227 KiB a program may take, ranked by main-loop warp
+instructions per thousand score elements (lower first). The first
 candidate is the pinned config (FLOWKERN_AUTOTUNE=0, the GPU check's headline); where the best-ranked tile needs
 nearly all the shared memory it comes second. Pipelining depth 3 comes before 2 (two stages leave the next tile's
 loads exposed). Head dim 256 is not re-derived yet (its lists predate the report). On a GPU the autotuner picks
