@@ -11,12 +11,10 @@ import flowkern.flow_map as fm
 from flowkern import _nvtx
 from flowkern.ops import reference as _unused  # noqa: F401 - the ops package fully imported
 
-nvtx = pytest.importorskip("nvtx", reason="the ranges are observed through the nvtx package")
-
-
 @pytest.fixture
 def ranges(monkeypatch, setenv):
-    """The names pushed while FLOWKERN_NVTX=1; checks every push is popped."""
+    """The names pushed while FLOWKERN_NVTX=1, observed through the nvtx package; checks every push is popped."""
+    nvtx = pytest.importorskip("nvtx", reason="the ranges are observed through the nvtx package")
     pushed, depth = [], [0]
 
     def push(name, **kw):
