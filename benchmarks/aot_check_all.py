@@ -5,8 +5,8 @@
     python3 benchmarks/aot_check_all.py /tmp/launches.json [--arch 90]
 
 Triton's interpreter forgives what the compiler refuses (non-constexpr globals, dot shapes and dtypes, layouts):
-this runs the real compiler down to a cubin for each distinct (kernel, argument types, constexprs) and reports
-failures, registers and spill stores. Exit status 1 if any kernel fails to compile.
+this runs the real compiler down to a cubin for each distinct (kernel, argument types, constexprs, divisibility),
+specialised as the JIT specialises it, and reports failures, registers and spill stores. Exit status 1 if any kernel fails to compile.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from aot_compile import cubin_report  # noqa: E402
+from jit_specialize import divisibility_attrs  # noqa: E402
+from sass import cubin_report  # noqa: E402
 
 
 def main() -> int:
@@ -41,7 +42,8 @@ def main() -> int:
         unique = {}
         for e in entries:
             flags = {k: v for k, v in e["constexprs"].items() if not k.startswith("BLOCK")}
-            unique.setdefault(json.dumps([e["name"], e["signature"], flags], sort_keys=True, default=str), e)
+            key = [e["name"], e["signature"], flags, e.get("divisible", [])]
+            unique.setdefault(json.dumps(key, sort_keys=True, default=str), e)
         entries = list(unique.values())
     # UPCAST=True is the interpreter's bf16-dot workaround: never compiled for a GPU
     entries = [e for e in entries if not e["constexprs"].get("UPCAST")]
@@ -70,10 +72,13 @@ def _compile_and_report(entry, arch) -> int:
     label = f"{entry['name']} " + ",".join(f"{k}={v}" for k, v in constexprs.items() if k.isupper())[:90]
     try:
         options = {"num_warps": max(4, entry["num_warps"]), "num_stages": max(2, entry["num_stages"])}
-        kernel = triton.compile(ASTSource(fn=fn, signature=dict(entry["signature"]), constexprs=constexprs),
-                                target=GPUTarget("cuda", arch, 32), options=options)
-        report = cubin_report(kernel)
-        print(f"ok   {label:<100} regs {report['regs']:>3} STL {report['spills']}", flush=True)
+        attrs = {}
+        for index in entry.get("divisible", []):
+            attrs.update(divisibility_attrs(index, "D"))
+        source = ASTSource(fn=fn, signature=dict(entry["signature"]), constexprs=constexprs, attrs=attrs)
+        kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+        report = cubin_report(kernel.asm["cubin"])
+        print(f"ok   {label:<100} regs {report['regs']:>3} STL {report['stl']}", flush=True)
         return 0
     except Exception as exc:  # noqa: BLE001 - report every failure
         message = str(exc).strip().splitlines()

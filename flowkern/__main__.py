@@ -5,6 +5,8 @@
                                                              (see flowkern.train.cli, docs/training.md)
     flowkern sample CHECKPOINT --out FILE.pt|FILE.png [--steps K]
     flowkern eval CHECKPOINT [--steps 1 2 4 8]
+    flowkern info [--json]                                   versions, devices, backends, settings
+    flowkern --version
 
 The demo checks `flowkern.jvp_attention` against torch.func.jvp of a float64 math attention on the current device,
 then times it and measures its peak memory against `torch.func.jvp` over math SDPA (the stock way).
@@ -82,7 +84,11 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv=None) -> int:
     parser = _Parser(prog="flowkern", description=__doc__.splitlines()[0])
+    from flowkern import info
+
+    parser.add_argument("--version", action="version", version=info.version_line())
     sub = parser.add_subparsers(dest="command", required=True)
+    info.add_parser(sub)
     demo = sub.add_parser("demo", help="check jvp_attention and compare it with torch.func.jvp over math SDPA")
     demo.add_argument("--device", choices=["cuda", "cpu"], default=None,
                       help="(default: cuda when available, else cpu)")
@@ -103,6 +109,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:     # a second Ctrl-C during training, or one outside it
         print("flowkern: interrupted", file=sys.stderr)
         return 130
+    if args.command == "info":
+        return info.run(args)
     if args.command == "demo":
         for name in ("seq", "heads", "head_dim"):
             value = getattr(args, name)

@@ -28,7 +28,9 @@ def _run(batch: int, out_path: str, critic: bool = False):
     with flowkern.use_backend("torch"), one_thread():
         config = TrainConfig(steps=STEPS, batch=batch, lr=1e-2, warmup=2, ema_decays=(0.9,), eval_ema=0.9)
         method = WithCritic(engine_net()) if critic else Regression(engine_net())
-        trainer = Trainer(method, get_dataset("8gaussians").sample, config, progress=False)
+        # gloo on the CPU for every rank, also on a machine with one GPU (where rank 1 would ask for cuda:1)
+        trainer = Trainer(method, get_dataset("8gaussians").sample, config, progress=False,
+                          device=torch.device("cpu"))
         losses = trainer.fit()
     params = [p.detach().clone() for p in trainer.method.parameters()]
     torch.save({"losses": losses, "params": params, "world": trainer.world, "ddp": type(trainer.net).__name__},

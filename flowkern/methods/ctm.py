@@ -182,14 +182,22 @@ class CTM(Method):
     def teacher_solve(self, y: Tensor, grid: Tensor, i_from: Tensor, i_to: Tensor) -> Tensor:
         """Teacher Heun steps along the grid from σ_{i_from} down to σ_{i_to} (per sample; i_to ≤ i_from, at most
         max_teacher_steps apart). Step j moves only the rows with more than j steps to go (the teacher sees those
-        rows alone, so a batch costs the sum of its segment lengths, not batch × the longest)."""
+        rows alone, so a batch costs the sum of its segment lengths, not batch × the longest).
+
+        The rows are sorted by segment length once, longest first, so the rows still moving at step j are a prefix
+        whose length comes from one histogram of the lengths: one host transfer per call (not a `.nonzero()` per
+        step)."""
         with torch.no_grad():
             y = y.to(accumulation_dtype(y.dtype))
-            for j in range(int((i_from - i_to).max())):
-                rows = (i_from - j > i_to).nonzero().squeeze(1)
-                a = i_from[rows] - j
-                y = y.index_copy(0, rows, heun_step(self.teacher, y[rows], grid[a], grid[a - 1]))
-        return y
+            lengths = i_from - i_to
+            order = torch.argsort(lengths, descending=True)
+            # moving[j] = rows with more than j steps to go = #(length ≥ j + 1)
+            moving = torch.bincount(lengths, minlength=1).flip(0).cumsum(0).flip(0)[1:].tolist()
+            ys, starts = y[order], i_from[order]
+            for j, rows in enumerate(moving):
+                a = starts[:rows] - j
+                ys[:rows] = heun_step(self.teacher, ys[:rows], grid[a], grid[a - 1])
+            return torch.empty_like(ys).index_copy_(0, order, ys)
 
     def sample_indices(self, batch: int, device) -> tuple[Tensor, Tensor, Tensor]:
         """(i_t, i_s, i_u), 0-based ascending-grid indices: i_t ~ U{1..N−1}, i_s ~ U{0..i_t−1} (s < t: at s = t

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from flowkern.train import checkpoint, method_options, run_config
+from flowkern.train import checkpoint, method_options, profile, run_config
 from flowkern.train.atomic import WriteError, write_atomically, write_text_atomically
 from flowkern.train.evaluate import STEPS, format_report, nll_unavailable, quality, report_json
 from flowkern.train.rebuild import RUN_KEYS, architecture, build_method, network, restore
@@ -79,6 +79,7 @@ def add_parsers(sub) -> None:
                        help="continue the run in --out from its checkpoint and stored settings, up to --steps "
                             "(default: off)")
         add_train_flags(p, run_config.recipe(name)["train"], teacher=getattr(cls, "needs_teacher", False))
+        profile.add_flag(p)
         method_options.add_method_flags(p.add_argument_group(f"{name} options"), name,
                                         method_options.method_options(cls))
 
@@ -399,7 +400,8 @@ def _train(run, state, changes, teacher, dataset, config, dev, arch, method, kwa
     except (checkpoint.CheckpointError, ValueError) as err:
         raise CLIError(f"{'--resume: ' if state is not None else ''}{err}") from None
     try:
-        return _fit_and_report(run, trainer, state, changes, method, dataset, teacher, train_table, kwargs)
+        return _fit_and_report(run, trainer, state, changes, method, dataset, teacher, train_table, kwargs,
+                               traced=getattr(args, "profile", 0))
     except TrainingInterrupted as stop:
         if trainer.rank == 0:
             print(f"flowkern: {stop}\nresume with: flowkern train {run.method} --out {run.out} --resume",
@@ -413,7 +415,7 @@ def _train(run, state, changes, teacher, dataset, config, dev, arch, method, kwa
             torch.distributed.destroy_process_group()
 
 
-def _fit_and_report(run, trainer, state, changes, method, dataset, teacher, train_table, kwargs) -> int:
+def _fit_and_report(run, trainer, state, changes, method, dataset, teacher, train_table, kwargs, traced=0) -> int:
     if trainer.rank == 0:
         if changes:
             print(f"resuming {run.out} at step {trainer.step_count}; changed: {'; '.join(changes)}")
@@ -422,7 +424,8 @@ def _fit_and_report(run, trainer, state, changes, method, dataset, teacher, trai
         run_config.write(run.out / "config.toml", train_table, kwargs)
     start = time.perf_counter()
     if trainer.step_count < trainer.config.steps:
-        trainer.fit()
+        with profile.profile_steps(trainer, traced, run.out) if traced else contextlib.nullcontext():
+            trainer.fit()
     seconds = time.perf_counter() - start
     if trainer.rank == 0:
         print(f"trained {run.method} on {run.train['data']}: {trainer.step_count} steps in {seconds:.1f} s "

@@ -202,6 +202,7 @@ class Trainer:
         self._losses: list[float] = []
         self._pending: list[torch.Tensor] = []     # per-step losses not yet read back from the device
         self.coordinator = distributed.Coordinator(self.rank, self.world)
+        self.step_hooks: list = []   # called with each step's record (e.g. the --profile trace's step)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -330,6 +331,8 @@ class Trainer:
             with stop_requests() as stop:
                 while self.step_count < total:
                     record = self._guarded(self._step)
+                    for hook in self.step_hooks:
+                        hook(record)
                     bar.update(1)
                     if self.step_count % self.config.log_every == 0 or self.step_count == total:
                         record = self._read(record)

@@ -1,12 +1,15 @@
 """Autotuned entry points of the attention kernels, and the block configs each may take per head dim.
 
-The candidate lists come from compiling every (BLOCK_M, BLOCK_N, warps) for sm_90 ahead of time
-(`python3 benchmarks/aot_compile.py --sweep`, no GPU needed) and keeping the configs with no or few register
-spills: the tangent forward holds two [BLOCK_M, BLOCK_D] float32 accumulators plus Q and Q̇, so it wants 8 warps
-and narrow key tiles, and at head dim 128/256 every config spills a little (the least-spilling ones are listed).
-On a GPU the autotuner picks among the candidates of the call's padded head dim, per (sequence lengths, flags).
-With FLOWKERN_AUTOTUNE=0 (the GPU test suite) each kernel takes the first candidate. In Triton's interpreter there
-is one small config, with BLOCK_M ≠ BLOCK_N so the causal tile bounds are exercised.
+The candidate lists come from the compile-level report (`python3 benchmarks/kernel_report.py --sweep`, no GPU
+needed): every (BLOCK_M, BLOCK_N, warps) compiled for sm_90 with the JIT's own specialisation at B=1, H=32, N=8192,
+bf16, keeping the configs with no spills (in the causal compile too; one that spills only there comes last), only
+wgmma (HGMMA) matrix instructions and shared memory within the 227 KiB a program may take, ranked by main-loop warp
+instructions per thousand score elements (lower first). The first
+candidate is the pinned config (FLOWKERN_AUTOTUNE=0, the GPU check's headline); where the best-ranked tile needs
+nearly all the shared memory it comes second. Pipelining depth 3 comes before 2 (two stages leave the next tile's
+loads exposed). Head dim 256 is not re-derived yet (its lists predate the report). On a GPU the autotuner picks
+among the candidates of the call's padded head dim, per (sequence lengths, flags); in Triton's interpreter there is
+one small config, with BLOCK_M ≠ BLOCK_N so the causal tile bounds are exercised.
 """
 import triton
 
@@ -19,20 +22,21 @@ from flowkern.kernels.attention.tangent_bwd import (tangent_bwd_dkdv_kernel, tan
 
 _INTERPRETER = triton_interpreting()
 
-# (BLOCK_M, BLOCK_N, num_warps) by padded head dim (≤ 64, 128, 256); each is tried with 2 and 3 stages.
-_FWD_TANGENT = {64: [(128, 32, 8), (64, 32, 8), (128, 16, 8), (64, 16, 8)],
-                128: [(32, 16, 8), (64, 16, 8), (32, 32, 8), (64, 32, 8)],
+# (BLOCK_M, BLOCK_N, num_warps) by padded head dim (≤ 64, 128, 256), best first; each with 3 then 2 stages.
+# sm_90 report (regs, warp instructions per 1000 scores, non-causal, 3 stages) in benchmarks/RESULTS.md.
+_FWD_TANGENT = {64: [(128, 64, 8), (64, 64, 4), (128, 32, 8), (64, 32, 4)],
+                128: [(128, 32, 8), (64, 32, 4)],
                 256: [(32, 16, 8), (64, 16, 8)]}
-_FWD = {64: [(128, 64, 8), (128, 32, 8), (64, 64, 8), (64, 64, 4)],
-        128: [(64, 64, 8), (64, 32, 8), (128, 32, 8), (32, 64, 8)],
+_FWD = {64: [(128, 128, 8), (128, 64, 4), (64, 128, 4), (128, 64, 8)],
+        128: [(128, 64, 8), (128, 128, 8), (64, 64, 4), (128, 32, 8)],
         256: [(32, 16, 8), (32, 32, 8), (64, 16, 8)]}
-_BWD_DKDV = {64: [(32, 64, 8), (64, 64, 8), (128, 64, 8), (64, 32, 8)],
-             128: [(32, 32, 8), (32, 64, 8), (32, 16, 8)],
+_BWD_DKDV = {64: [(128, 64, 4), (64, 64, 4), (128, 64, 8), (128, 128, 8)],   # (128,128,8) spills when causal
+             128: [(64, 64, 4), (64, 64, 8)],
              256: [(32, 16, 8), (32, 32, 8)]}
-_BWD_DQ = {64: [(64, 64, 8), (128, 64, 8), (128, 32, 8), (64, 32, 8)],
-           128: [(64, 16, 8), (32, 32, 8), (64, 32, 8)],
+_BWD_DQ = {64: [(128, 64, 4), (128, 128, 8), (64, 128, 4), (128, 64, 8)],
+           128: [(128, 64, 8), (64, 64, 4), (64, 128, 4), (128, 32, 8)],
            256: [(32, 16, 8), (32, 32, 8)]}
-_STAGES = (2, 3)
+_STAGES = (3, 2)
 
 
 def _bucket(block_d: int) -> int:
@@ -64,7 +68,8 @@ def _pruner(table, tangent_table=None):
         wanted = (tangent_table if with_tangent and tangent_table else table)[_bucket(block_d)]
         order = {key: i for i, key in enumerate(wanted)}
         kept = sorted((c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) in order),
-                      key=lambda c: (order[(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)], c.num_stages))
+                      key=lambda c: (order[(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)],
+                                     _STAGES.index(c.num_stages)))
         return kept if autotune_enabled() else kept[:1]
 
     return prune

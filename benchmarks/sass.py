@@ -1,0 +1,89 @@
+"""Read a compiled kernel's cubin: registers, stack, local-memory spills, matrix instructions and the main loop.
+
+Uses the cuobjdump bundled with Triton (or the one on PATH). No side effects on import.
+
+* regs, stack: `cuobjdump --dump-resource-usage`;
+* stl / ldl: SASS stores to and loads from local memory (register spills, or arrays indexed at run time);
+* wgmma / mma_sync: HGMMA (sm_90's warpgroup MMA) and HMMA (mma.sync, the pre-Hopper tensor-core path) counts;
+* loop_instructions: SASS instructions (NOPs excluded) between the target and the backward branch of the loop
+  holding the most matrix instructions: what one thread issues per iteration of the kernel's main loop;
+  loop_mma its matrix instructions; loops the number of backward branches.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+
+
+def _tool(name: str) -> str:
+    try:
+        import triton
+
+        bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    except ImportError:
+        bundled = ""
+    return bundled if os.path.exists(bundled) else name
+
+
+def sass_instructions(cubin: bytes) -> list[tuple[int, str]]:
+    """(address, instruction text) of every SASS instruction in the cubin."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as fh:
+            fh.write(cubin)
+        sass = subprocess.run([_tool("cuobjdump"), "--dump-sass", path], capture_output=True, text=True,
+                              check=True).stdout
+    return [(int(m.group(1), 16), m.group(2)) for m in _SASS_LINE.finditer(sass)]
+
+
+def _opcode(text: str) -> str:
+    text = re.sub(r"^@!?U?P\w+\s+", "", text)  # predicate guard
+    return text.split()[0] if text else ""
+
+
+def main_loop(instructions) -> dict:
+    """The loop (backward branch → its target) holding the most matrix instructions: its instruction count (NOPs
+    excluded) and its matrix instructions; and how many loops the kernel has."""
+    loops = []
+    for addr, text in instructions:
+        match = re.search(r"\bBRA\s+(?:`?\(?)0x([0-9a-f]+)", text)
+        if match and _opcode(text).startswith("BRA"):
+            target = int(match.group(1), 16)
+            if target < addr:
+                loops.append((target, addr))
+    best = {"loop_instructions": 0, "loop_mma": 0, "loops": len(loops)}
+    for start, end in loops:
+        body = [_opcode(t) for a, t in instructions if start <= a <= end]
+        mma = sum(op.startswith(("HGMMA", "HMMA")) for op in body)
+        count = sum(op != "NOP" for op in body)
+        if (mma, count) > (best["loop_mma"], best["loop_instructions"]):
+            best.update(loop_instructions=count, loop_mma=mma)
+    return best
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers and stack bytes (cuobjdump --dump-resource-usage)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as fh:
+            fh.write(cubin)
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True,
+                               text=True, check=True).stdout
+    regs, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
+    return {"regs": int(regs.group(1)) if regs else -1, "stack": int(stack.group(1)) if stack else -1}
+
+
+def cubin_report(cubin: bytes) -> dict:
+    """Everything the report prints for one compiled kernel."""
+    instructions = sass_instructions(cubin)
+    ops = [_opcode(t) for _, t in instructions]
+    report = resource_usage(cubin)
+    report.update(stl=sum(op.startswith("STL") for op in ops), ldl=sum(op.startswith("LDL") for op in ops),
+                  wgmma=sum(op.startswith("HGMMA") for op in ops), mma_sync=sum(op.startswith("HMMA") for op in ops))
+    report.update(main_loop(instructions))
+    return report

@@ -1,0 +1,73 @@
+"""`flowkern info` and `flowkern --version`: what a bug report needs, built from the live process without building
+or launching anything."""
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+import torch
+
+import flowkern
+from flowkern import info
+from flowkern.__main__ import main
+
+
+def test_version_flag_prints_versions_and_exits_0(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out == info.version_line()
+    assert out.startswith(f"flowkern {flowkern.__version__} (torch {torch.__version__}, triton ")
+
+
+def test_info_json_describes_this_process(capsys, setenv):
+    setenv("FLOWKERN_AUTOTUNE", "0")
+    assert main(["info", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["flowkern"] == flowkern.__version__ and data["torch"] == torch.__version__
+    assert data["cuda_available"] == torch.cuda.is_available()
+    assert len(data["devices"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    assert data["settings"]["autotune"] is False and data["environment"]["FLOWKERN_AUTOTUNE"] == "0"
+    for dtype in ("bfloat16", "float16", "float32"):
+        row = data["backends"][dtype]
+        assert row["torch"] is None and row["auto"] in ("triton", "torch")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answers; a GPU machine checks the device lines")
+def test_info_on_cpu_names_the_reasons(capsys, setenv):
+    setenv("TRITON_INTERPRET", "0")
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "no CUDA device" in text and "auto -> torch" in text
+    assert "triton no: Triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), not on cpu" in text
+    setenv("TRITON_INTERPRET", "1")
+    row = info.backends()["float32"]
+    assert row["auto"] == "triton" and row["triton"] is None
+    assert row["cuda"] == "the CUDA extension runs on CUDA tensors, not cpu"
+
+
+def test_devices_report_name_capability_memory(monkeypatch):
+    props = types.SimpleNamespace(name="NVIDIA H200", major=9, minor=0, total_memory=141 * 2**30,
+                                  multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    assert info.devices() == [{"index": 0, "name": "NVIDIA H200", "capability": "9.0", "memory_gib": 141.0,
+                               "multiprocessors": 132}]
+    text = info.format_info(dict(info.collect(), devices=info.devices()))
+    assert "cuda:0 NVIDIA H200, capability 9.0, 141.0 GiB, 132 multiprocessors" in text
+
+
+def test_cuda_extension_state_without_building(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert info.cuda_extension_state()["reason"] == "this PyTorch build has no CUDA"
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setattr(cpp, "_get_build_directory", lambda name, verbose: str(tmp_path))
+    state = info.cuda_extension_state()
+    assert state["built"] is False and state["reason"].startswith("not built yet")
+    (tmp_path / "flowkern_cuda.so").write_bytes(b"")
+    assert info.cuda_extension_state()["built"] == str(tmp_path / "flowkern_cuda.so")
