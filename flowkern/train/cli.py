@@ -380,10 +380,11 @@ def train(args) -> int:
                 held.enter_context(RunLock(run.out))
             except RunDirError as err:
                 raise CLIError(str(err)) from None
-        return _train(run, state, changes, teacher, dataset, config, dev, arch, method, kwargs)
+        return _train(run, state, changes, teacher, dataset, config, dev, arch, method, kwargs,
+                      traced=getattr(args, "profile", 0))
 
 
-def _train(run, state, changes, teacher, dataset, config, dev, arch, method, kwargs) -> int:
+def _train(run, state, changes, teacher, dataset, config, dev, arch, method, kwargs, traced=0) -> int:
     from flowkern.train import distributed
     from flowkern.train.loop import Trainer
 
@@ -401,7 +402,7 @@ def _train(run, state, changes, teacher, dataset, config, dev, arch, method, kwa
         raise CLIError(f"{'--resume: ' if state is not None else ''}{err}") from None
     try:
         return _fit_and_report(run, trainer, state, changes, method, dataset, teacher, train_table, kwargs,
-                               traced=getattr(args, "profile", 0))
+                               traced=traced)
     except TrainingInterrupted as stop:
         if trainer.rank == 0:
             print(f"flowkern: {stop}\nresume with: flowkern train {run.method} --out {run.out} --resume",
