@@ -5,6 +5,11 @@
     cd   consistency distillation               flowkern.methods.consistency_distillation:ConsistencyDistillation
     ct   consistency training (iCT / ECT)       flowkern.methods.consistency_training:ConsistencyTraining
     ctm  consistency trajectory model           flowkern.methods.ctm:CTM
+    shortcut  shortcut model                    flowkern.methods.shortcut:Shortcut
+    lsd  Lagrangian self-distillation           flowkern.methods.self_distillation:LagrangianSelfDistillation
+    esd  Eulerian self-distillation             flowkern.methods.self_distillation:EulerianSelfDistillation
+    psd  progressive self-distillation          flowkern.methods.self_distillation:ProgressiveSelfDistillation
+    f2d2 joint flow map and log-density (F2D2)  flowkern.methods.f2d2:F2D2
 """
 from __future__ import annotations
 
@@ -19,6 +24,11 @@ METHODS: dict[str, str] = {
     "cd": "flowkern.methods.consistency_distillation:ConsistencyDistillation",
     "ct": "flowkern.methods.consistency_training:ConsistencyTraining",
     "ctm": "flowkern.methods.ctm:CTM",
+    "shortcut": "flowkern.methods.shortcut:Shortcut",
+    "lsd": "flowkern.methods.self_distillation:LagrangianSelfDistillation",
+    "esd": "flowkern.methods.self_distillation:EulerianSelfDistillation",
+    "psd": "flowkern.methods.self_distillation:ProgressiveSelfDistillation",
+    "f2d2": "flowkern.methods.f2d2:F2D2",
 }
 
 
