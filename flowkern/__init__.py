@@ -16,7 +16,8 @@ Public API
 * `flowkern.likelihood`: `ode_log_likelihood`, `flow_map_log_likelihood` (joint flow map (u, D)), `bits_per_dim`,
   `dequantize`.
 * `flowkern.nn`: MLPFlowMap, DiT and layer modules built from the fused ops; `flowkern.jvp(model, primals,
-  tangents)`: the no-grad forward-mode pass (DDP-safe, same dropout masks in the grad pass).
+  tangents, grad=False)`: the forward-mode pass (DDP-safe; no-grad before a grad pass with the same dropout masks,
+  or grad=True: one pass, differentiable output, detached tangent).
 * `flowkern.reference`: pure-PyTorch implementations with the same signatures (CPU fallback and test ground truth).
 * `flowkern.use_backend(name)`: pick 'auto', 'triton', 'torch' for the ops inside a ``with`` block.
 """

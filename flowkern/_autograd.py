@@ -15,8 +15,8 @@
   e.g. `torch.func.jvp(torch.func.grad(f))`, a Hessian-vector product) it raises.
 * `guard_tangent(tangent, primals, message)`: a tangent served by a fused forward is stop-gradient. When autograd
   could differentiate it (grad mode on and a primal requiring grad, as in `torch.func.grad` over `torch.func.jvp`),
-  this returns a copy whose backward raises `message`, instead of letting the gradient through the tangent come
-  out silently zero.
+  this returns a copy whose backward raises `message` when a gradient reaches it, instead of letting the gradient
+  through the tangent come out silently zero (a fused op that merely takes the tangent as an input passes none).
 """
 from __future__ import annotations
 
@@ -104,10 +104,16 @@ class _GuardedTangent(FastFunction):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.message = inputs[1]
+        ctx.n_primals = len(inputs) - 2
+        ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(ctx.message)
+    def backward(ctx, grad):
+        # the engine also visits this node with no gradient (a fused op downstream takes the tangent as an input
+        # and returns None for it): only a real gradient through the tangent is an error
+        if grad is not None:
+            raise RuntimeError(ctx.message)
+        return (None, None) + (None,) * ctx.n_primals
 
 
 def guard_tangent(tangent: torch.Tensor, primals, message: str) -> torch.Tensor:

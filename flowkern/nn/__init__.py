@@ -4,8 +4,9 @@
   u(x, t, s) (or (u, D)) for vector data.
 * `DiT(img_size, in_ch, *, patch=2, hidden=384, depth=12, heads=6, ...)`, `DiT.from_config("S/2", img_size=32,
   in_ch=4)`: u(x, t, s, y=None) for images, adaLN-zero (t, s) conditioning, optional labels with a null class.
-* `jvp(model, primals, tangents, *, kwargs=None, preserve_rng_state=True)`: the no-grad forward-mode pass
-  (DDP-safe, same dropout masks as the grad pass that follows). Also `flowkern.jvp`.
+* `jvp(model, primals, tangents, *, kwargs=None, preserve_rng_state=True, grad=False)`: the forward-mode pass
+  (DDP-safe), no-grad before a grad pass with the same dropout masks, or with grad=True the grad pass itself
+  (differentiable output, detached tangent). Also `flowkern.jvp`.
 * Layers: `Linear`, `LayerNorm`, `RMSNorm` (torch.nn-compatible parameters and state dicts), `SiLU`, `GELU`,
   `Modulate` (adaLN, norm fused), `GatedResidual`, `AdaLNModulation`, `TimePairEmbedding`.
 """

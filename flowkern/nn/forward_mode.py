@@ -1,20 +1,24 @@
-"""`jvp(model, primals, tangents)`: the no-grad forward-mode pass every few-step method needs, DDP- and
-dropout-safe.
+"""`jvp(model, primals, tangents, grad=False)`: the forward-mode pass every few-step method needs, DDP- and
+dropout-safe, as a no-grad pass before the grad pass (two passes) or as the grad pass itself (one pass).
 
-MeanFlow, sCM, AYF and Lagrangian/Eulerian flow maps take (u, du/dτ) along a direction — one JVP — and use it as a
-stop-gradient target, then differentiate u in a SEPARATE ordinary pass. Pattern (docs/methods.md, docs/conventions.md):
+MeanFlow, sCM, AYF and Lagrangian/Eulerian flow maps take (u, du/dτ) along a direction — one JVP — and use du/dτ in
+a stop-gradient target for u. Two forms (docs/methods.md, docs/conventions.md):
 
-    with torch.no_grad(): u, du = torch.func.jvp(model, primals, tangents)   # the fused kernels serve du
-    loss(model(*primals), sg(target(u, du))).backward()                     # grad pass (through DDP if wrapped)
+    u, du = flowkern.jvp(model, primals, tangents)              # two passes: no grad, the fused kernels serve du,
+    loss(model(*primals), sg(target(u, du))).backward()         # then the grad pass (through DDP if wrapped)
 
-Three traps this function closes:
-* `torch.func.jvp` cannot trace a `DistributedDataParallel` wrapper. The JVP pass has no gradient, so it needs no
-  all-reduce: it runs on the wrapped `model.module`. The grad pass must go through the DDP wrapper (calling
-  `.module` there would silently skip the gradient all-reduce).
-* Dropout must draw the same masks in both passes: with preserve_rng_state=True (default) the CPU and CUDA RNG
-  states are restored after the JVP pass, so the next forward of the model draws the same masks — provided nothing
-  else draws random numbers in between (draw noise and times before the JVP call).
-* The pass runs on `torch.autograd.forward_ad` duals (a fused op's tangent is the same either way, and a dual pass
+    u, du = flowkern.jvp(model, primals, tangents, grad=True)   # one pass: u differentiable, du detached
+    loss(u, sg(target(u, du))).backward()
+
+Traps this function closes:
+* `torch.func.jvp` cannot trace a `DistributedDataParallel` wrapper, and calling `.module` in a grad pass would
+  silently skip the gradient all-reduce. The no-grad pass needs no all-reduce and runs on `model.module`; the
+  one-pass form runs the wrapper's own forward on plain primals and makes the duals inside it (module hooks), so
+  DDP prepares the all-reduce as for any forward.
+* Dropout must draw the same masks in both passes of the two-pass form: with preserve_rng_state=True (default) the
+  CPU and CUDA RNG states are restored after the JVP pass, so the next forward of the model draws the same masks —
+  provided nothing else draws random numbers in between (draw noise and times before the JVP call).
+* The passes run on `torch.autograd.forward_ad` duals (a fused op's tangent is the same either way, and a dual pass
   costs a fraction of `torch.func.jvp`'s host time per custom Function); `torch.func.jvp` serves calls made inside a
   torch.func transform.
 * Times stay float32: nothing here casts the primals; the flowkern networks embed times in float32 whatever the
@@ -64,22 +68,39 @@ def _check_pairs(primals: tuple, tangents: tuple) -> None:
             raise ValueError(f"tangents[{i}] is on {t.device} but primals[{i}] is on {p.device}")
 
 
-def jvp(model, primals, tangents, *, kwargs: dict | None = None, preserve_rng_state: bool = True):
-    """(out, out_t) = (f(p), ∂f/∂p · ṗ) with f = model(*primals, **kwargs), in a no-grad forward-mode pass.
+def jvp(model, primals, tangents, *, kwargs: dict | None = None, preserve_rng_state: bool = True,
+        grad: bool = False):
+    """(out, out_t) = (f(p), ∂f/∂p · ṗ) with f = model(*primals, **kwargs).
 
-    model: a callable (an nn.Module, or a DistributedDataParallel wrapper, whose `.module` is used: this pass needs
-    no gradient sync). primals, tangents: tensors or tuples of tensors, tangent i of primal i's shape, dtype and
-    device (e.g. (x, t, s) and (v, 1, 0) for MeanFlow's du/dt). kwargs: non-differentiated inputs (class labels).
-    Outputs follow the model: a tensor, or a tuple (u, D) with a tuple of tangents. Both are computed under
-    `torch.no_grad()` (the tangents of flowkern's fused ops are stop-gradient by design) and carry no graph.
+    model: a callable (an nn.Module, or a DistributedDataParallel wrapper). primals, tangents: tensors or tuples of
+    tensors, tangent i of primal i's shape, dtype and device (e.g. (x, t, s) and (v, 1, 0) for MeanFlow's du/dt).
+    kwargs: non-differentiated inputs (class labels). Outputs follow the model: a tensor, or a tuple (u, D) with a
+    tuple of tangents. `out_t` never carries a graph (the tangents of flowkern's fused ops are stop-gradient by
+    design; every few-step method uses the JVP as a stop-gradient target).
 
-    preserve_rng_state: restore the CPU (and the primals' CUDA devices') RNG state after the pass, so the grad
-    pass that follows draws the same dropout masks. Follow it with the grad pass through the (DDP-wrapped) model:
+    grad=False (the two-pass form): a no-grad pass; `out` carries no graph either. A DDP wrapper's `.module` runs
+    (this pass needs no gradient sync). preserve_rng_state: restore the CPU (and the primals' CUDA devices') RNG
+    state after the pass, so the grad pass that follows draws the same dropout masks. Follow it with the grad pass
+    through the (DDP-wrapped) model:
 
         >>> u, du_dt = flowkern.jvp(ddp_model, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
         >>> target = v - (t - r)[:, None] * du_dt                    # MeanFlow, stop-gradient
         >>> loss = (ddp_model(z, t, r) - target).square().mean()     # same dropout masks, gradients all-reduced
         >>> loss.backward()
+
+    grad=True (the one-pass form): ONE forward with autograd on gives both; `out` is differentiable with respect to
+    the parameters (and primals that require grad), `out_t` is detached. It runs through the model as given: a DDP
+    wrapper's own forward, so the backward all-reduces the gradients. The RNG advances as that one forward draws
+    (preserve_rng_state has nothing to restore for: there is no second pass):
+
+        >>> u, du_dt = flowkern.jvp(ddp_model, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)), grad=True)
+        >>> loss = (u - (v - (t - r)[:, None] * du_dt)).square().mean()
+        >>> loss.backward()
+
+    Same loss, gradients and dropout masks as the two-pass form, one forward fewer. flowkern's fused layers compute
+    their tangent inside the kernel pass and save nothing for it; plain PyTorch ops inside a model (an embedding, a
+    reshape, a user's own layer) build an autograd graph for their tangent while the pass runs (it is freed when the
+    call returns, but counts in the peak memory).
     """
     primals = _as_tuple("primals", primals)
     tangents = _as_tuple("tangents", tangents)
@@ -89,8 +110,13 @@ def jvp(model, primals, tangents, *, kwargs: dict | None = None, preserve_rng_st
     if not isinstance(kwargs, dict):
         raise TypeError(f"kwargs must be a dict, got {type(kwargs).__name__}")
     check_bool("preserve_rng_state", preserve_rng_state)
+    check_bool("grad", grad)
     if not callable(model):
         raise TypeError(f"model must be callable, got {type(model).__name__}")
+    if grad:
+        with torch.enable_grad():
+            out, out_t = _one_pass(model, primals, tangents, kwargs)
+        return out, _detach(out_t)
     fn = unwrap_ddp(model)
     devices = sorted({p.device.index or 0 for p in primals if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices, enabled=preserve_rng_state), torch.no_grad():
@@ -102,6 +128,42 @@ def jvp(model, primals, tangents, *, kwargs: dict | None = None, preserve_rng_st
     # parameter requires grad; the results of this pass are constants of the loss either way
     return _detach(out), _detach(out_t)
 
+
+def _one_pass(model, primals, tangents, kwargs):
+    """(out, out_t) from one forward with grad on (`jvp(grad=True)`)."""
+    if not _duals_available(primals, tangents):  # inside a torch.func transform: functorch's own jvp
+        fn = unwrap_ddp(model)
+        return torch.func.jvp(lambda *p: fn(*p, **kwargs), primals, tangents)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return _ddp_dual_jvp(model, primals, tangents, kwargs)
+    return _dual_jvp(model, primals, tangents, kwargs)
+
+
+def _ddp_dual_jvp(ddp, primals, tangents, kwargs):
+    """The DDP wrapper's forward on plain primals, the duals made and unpacked around the wrapped module.
+
+    DDP's forward prepares the gradient all-reduce; with `find_unused_parameters` or `static_graph` it also routes
+    the outputs through an autograd Function that has no forward-mode rule. So the wrapper sees plain tensors: a
+    forward pre-hook on `ddp.module` makes the primals dual, a forward hook hands back the outputs' primals (still
+    differentiable) and keeps their tangents."""
+    held = {}
+
+    def make_duals(module, args, kw):
+        return tuple(fwAD.make_dual(a, t) for a, t in zip(args, tangents)) + tuple(args[len(tangents):]), kw
+
+    def split_outputs(module, args, kw, output):
+        held["out"], held["out_t"] = _split_duals(output)
+        return held["out"]
+
+    with fwAD.dual_level():
+        hooks = (ddp.module.register_forward_pre_hook(make_duals, with_kwargs=True, prepend=True),
+                 ddp.module.register_forward_hook(split_outputs, with_kwargs=True))
+        try:
+            out = ddp(*primals, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        return out, held["out_t"]
 
 def _duals_available(primals, tangents) -> bool:
     """Forward-AD duals can hold these tensors: none is a torch.func wrapper (a call inside a torch.func transform)."""
