@@ -128,3 +128,80 @@ def test_training_lowers_the_loss_without_touching_the_teacher():
     with torch.no_grad():
         x0, logp = flowkern.flow_map.sample(method.model, torch.randn(5, 2), steps=2, likelihood=True)
     assert x0.shape == (5, 2) and logp.shape == (5,) and torch.isfinite(logp).all()
+
+
+def test_nll_report_of_the_exact_joint_map():
+    """The report on exact models: the joint map's k-step NLL and the exact teacher's ODE NLL are the exact NLL of
+    the data; the teacher's 1-step Euler NLL (the naive few-step likelihood) is far off."""
+    from flowkern.train.nll import format_nll, nll_report
+
+    flow = GaussianFlowMap(MU, SD, joint=True)
+    x = gaussian_batch(400, dtype=F64)
+    exact = -float(flow.log_prob(x, 0.0).mean())
+    teacher = ExactTeacher()
+    report = nll_report(flow, x, dataset_name="gaussian", velocity=lambda x, t: flow(x, t, t)[0],
+                        teacher_velocity=lambda x, t: teacher(x, t, t),
+                        data_log_prob=lambda x: flow.log_prob(x, 0.0), ode_steps=32, progress=False)
+    assert set(report) == {"nll_steps", "nll_ode", "teacher_nll_ode", "nll_naive_steps", "data_nll"}
+    assert list(report["nll_steps"]) == ["1", "2", "4", "8"]
+    for k, value in report["nll_steps"].items():
+        assert abs(value - exact) < 1e-9, k
+    assert abs(report["nll_ode"] - exact) < 1e-5 and abs(report["teacher_nll_ode"] - exact) < 1e-5
+    assert abs(report["data_nll"] - exact) < 1e-12
+    assert abs(report["nll_naive_steps"]["1"] - exact) > 0.3
+    assert abs(report["nll_naive_steps"]["8"] - exact) < 0.1 * abs(report["nll_naive_steps"]["1"] - exact)
+    assert "joint flow map" in format_nll(report)
+
+
+def test_bits_per_dim_on_image_levels():
+    """Digits-like data (17 levels on [-1, 1], bins of width 1/8): a model uniform on [-17/16, 17/16]^64 scores
+    log2(17) bits/dim, the NLL of its density 64·log(17/8)."""
+    from flowkern.train.nll import _bits_per_dim
+
+    nll = 64 * math.log(17 / 8)
+    out = _bits_per_dim({"nll_ode": nll}, "digits", 64)
+    assert abs(out["nll_ode_bpd"] - math.log2(17)) < 1e-12
+
+
+TINY = ["--steps", "4", "--batch", "32", "--hidden", "16", "--depth", "1", "--samples", "200", "--no-progress",
+        "--warmup", "2", "--log-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def fm_run(tmp_path_factory):
+    from flowkern.__main__ import main
+
+    out = tmp_path_factory.mktemp("f2d2") / "fm"
+    with flowkern.use_backend("torch"):
+        assert main(["train", "fm", "--data", "8gaussians", "--out", str(out), *TINY, "--no-nll"]) == 0
+    return out
+
+
+def test_cli_trains_f2d2_and_writes_the_likelihood_report(fm_run, tmp_path, capsys, monkeypatch):
+    import json
+
+    import flowkern.train.nll
+    from flowkern.__main__ import main
+
+    monkeypatch.setattr(flowkern.train.nll, "ODE_STEPS", 4)          # the ODE NLLs: 4 RK4 steps are enough here
+
+    teacher = str(fm_run / "checkpoint.pt")
+    assert main(["train", "f2d2", "--data", "checkerboard", "--teacher", teacher, "--out", str(tmp_path / "x"),
+                 *TINY]) == 2
+    assert "--teacher was trained on '8gaussians'" in capsys.readouterr().err
+    assert main(["train", "f2d2", "--data", "8gaussians", "--teacher", teacher, "--out", str(tmp_path / "bad"),
+                 "--f2d2-probes", "0", *TINY]) == 2
+    assert "probes" in capsys.readouterr().err
+    out = tmp_path / "f2d2"
+    assert main(["train", "f2d2", "--data", "8gaussians", "--teacher", teacher, "--out", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "NLL, joint flow map" in printed and "teacher Euler (naive)" in printed
+    quality = json.loads((out / "quality.json").read_text())
+    assert set(quality["nll_steps"]) == set(quality["nll_naive_steps"]) == {"1", "2", "4", "8"}
+    for key in ("nll_ode", "teacher_nll_ode", "data_nll"):
+        assert math.isfinite(quality[key]), key
+    (out / "quality.json").unlink()
+    assert main(["eval", str(out / "checkpoint.pt"), "--samples", "200", "--nll"]) == 0
+    assert "NLL, joint flow map" in capsys.readouterr().out
+    again = json.loads((out / "quality.json").read_text())
+    assert again["nll_steps"] == pytest.approx(quality["nll_steps"], abs=1e-4)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from flow_map_cases import F64, PerturbedExactMap, assert_stationary_and_restoring
 from helpers import MU, SD, fast_cpu, gaussian_batch, tiny_net, train
+from nn_reference import randomize
 
 from flowkern.flow_map import GaussianFlowMap
 from flowkern.methods import get_method
@@ -100,3 +101,17 @@ def test_training_lowers_the_loss(name):
     with torch.no_grad():
         out = method.sample(method.model, torch.randn(5, 2), 2)
     assert out.shape == (5, 2) and torch.isfinite(out).all()
+
+
+def test_esd_one_pass_target_equals_the_two_pass_target():
+    """The grad pass's own tangent (flowkern.jvp(grad=True)) gives the same target as a separate no-grad JVP."""
+    net = randomize(tiny_net().double(), std=0.3, seed=4)
+    method = EulerianSelfDistillation(net)
+    torch.manual_seed(5)
+    pred, target, n = method.targets(net, gaussian_batch(64, dtype=F64))
+    torch.manual_seed(5)
+    x_t, t, s, _, n2 = method.draw(gaussian_batch(64, dtype=F64))
+    assert n == n2 == 48
+    torch.testing.assert_close(target[n:], esd_target(net, x_t[n:], t[n:], s[n:]), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(pred, net(x_t, t, s), atol=1e-12, rtol=1e-12)
+    assert pred.requires_grad and not target.requires_grad

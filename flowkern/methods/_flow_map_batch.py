@@ -6,6 +6,8 @@ n_off off-diagonal rows (s < t, the method's flow-map condition), n_off = round(
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -13,7 +15,7 @@ from flowkern._precision import accumulation_dtype
 from flowkern._validate import check_int
 from flowkern.methods._util import check_probability
 from flowkern.methods.edm import col
-from flowkern.methods.flow_matching import interpolate
+from flowkern.methods.flow_matching import Diagonal, interpolate
 
 
 def off_diagonal_rows(batch: int, fraction: float) -> int:
@@ -56,3 +58,9 @@ def squared_error(pred: Tensor, target: Tensor) -> Tensor:
 def average_velocity(phi: Tensor, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
     """u = (Φ − x)/(s − t) (s ≠ t): a jump's end point as an average velocity."""
     return (phi - x) / col(s - t, x).to(phi.dtype)
+
+
+def flow_map_velocity(model) -> Callable:
+    """v(x, t) = u(x, t, t) of a flow map model (u, or the u of (u, D))."""
+    diagonal = Diagonal(model)
+    return lambda x, t: diagonal(x, t, t)

@@ -36,8 +36,8 @@ from flowkern._nvtx import nvtx_range
 from flowkern._validate import check_bool, check_finite_scalar, check_int, check_tensor
 from flowkern.divergence import divergence as estimate_divergence
 from flowkern.flow_map import jump
-from flowkern.methods._flow_map_batch import (noised, off_diagonal_rows, squared_error, time_dtype,
-                                              triangle_times)
+from flowkern.methods._flow_map_batch import (flow_map_velocity, noised, off_diagonal_rows, squared_error,
+                                              time_dtype, triangle_times)
 from flowkern.methods._util import check_choice, check_probability, frozen_copy
 from flowkern.methods.base import Method
 from flowkern.methods.edm import col
@@ -203,4 +203,4 @@ class F2D2(Method):
 
     def velocity(self, model: nn.Module):
         """v(x, t) = u(x, t, t) of the joint model (for `flowkern.ode_log_likelihood`)."""
-        return lambda x, t: joint_output(model(x, t, t), x)[0]
+        return flow_map_velocity(model)

@@ -12,9 +12,9 @@ and off-diagonal rows, (t, s) uniform on the triangle 0 ≤ s < t ≤ 1, trained
 
 * lsd (Lagrangian):  ‖∂_sΦ(x_t, t, s) − sg v(Φ(x_t, t, s), s)‖²,  ∂_sΦ = u + (s − t)·∂_s u from one JVP in s whose
   tangent carries gradients (the network is differentiated through its own time derivative);
-* esd (Eulerian, stop-gradient target):  ‖u(x_t, t, s) − sg(v − (t − s)·du/dt)‖²  with v = v(x_t, t) and
-  du/dt = ∂_t u + ∇_x u·v, one no-grad JVP with tangents (v, 1, 0) (the Eulerian condition ∂_tΦ + ∇_xΦ·v = 0
-  rewritten for u);
+* esd (Eulerian, stop-gradient target):  ‖u(x_t, t, s) − sg(v − (t − s)·du/dt)‖²  with v = sg v(x_t, t) and
+  du/dt = ∂_t u + ∇_x u·v along the tangent (v, 1, 0), taken in the grad pass itself (`flowkern.jvp(grad=True)`:
+  one forward gives u with its graph and du/dt detached); the Eulerian condition ∂_tΦ + ∇_xΦ·v = 0 rewritten for u;
 * psd (progressive / semigroup):  ‖u(x_t, t, s) − sg u_target‖²,  u_target = (Φ(Φ(x_t, t, r), r, s) − x_t)/(s − t)
   with r uniform in [s, t] (`intermediate="uniform"`) or r = (t + s)/2 ("midpoint").
 
@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from flowkern._nvtx import nvtx_range
 from flowkern._validate import check_tensor
 from flowkern.flow_map import jump
-from flowkern.methods._flow_map_batch import noised, off_diagonal_rows, squared_error, time_dtype, triangle_times
+from flowkern.methods._flow_map_batch import (flow_map_velocity, noised, off_diagonal_rows, squared_error, time_dtype,
+                                              triangle_times)
 from flowkern.methods._util import check_choice, check_probability
 from flowkern.methods.base import Method
 from flowkern.methods.edm import col
@@ -120,6 +121,10 @@ class _SelfDistillation(Method):
             logs[f"{self.name}_mse"] = err[n:].mean().detach()
         return err.mean(), logs
 
+    def velocity(self, model: nn.Module):
+        """v(x, t) = u(x, t, t) (for `flowkern.ode_log_likelihood`)."""
+        return flow_map_velocity(model)
+
 
 class ProgressiveSelfDistillation(_SelfDistillation):
     """Progressive self-distillation: diagonal flow matching plus the semigroup target (module docstring).
@@ -157,8 +162,21 @@ class EulerianSelfDistillation(_SelfDistillation):
     def __init__(self, model: nn.Module, *, off_diagonal_fraction: float = 0.25):
         super().__init__(model, off_diagonal_fraction=off_diagonal_fraction)
 
-    def off_diagonal_target(self, x, t, s):
-        return esd_target(self.model, x, t, s)
+    def targets(self, net: Callable, x0: Tensor):
+        """(prediction, target, number of diagonal rows). One no-grad pass gives v = u(x_t, t, t) on the
+        off-diagonal rows, then ONE forward-mode pass with autograd on (`flowkern.jvp(..., grad=True)`) gives the
+        prediction u(x_t, t, s) of every row and, on the off-diagonal rows, du/dt along the tangent (v, 1, 0)
+        (zero tangents on the diagonal rows): the target v − (t − s)·du/dt is stop-gradient."""
+        x_t, t, s, velocity, n = self.draw(x0)
+        with nvtx_range("flowkern.train.targets"):
+            v = diagonal_velocity(self.model, x_t[n:], t[n:])
+            x_dot = torch.cat([torch.zeros_like(x_t[:n]), v.to(x_t.dtype)])
+            t_dot = torch.cat([torch.zeros_like(t[:n]), torch.ones_like(t[n:])])
+        out, out_t = jvp(net, (x_t, t, s), (x_dot, t_dot, torch.zeros_like(s)), grad=True)
+        pred, du_dt = _velocity_of(out), _velocity_of(out_t)
+        off = v - col(t[n:] - s[n:], v).to(v.dtype) * du_dt[n:].to(v.dtype)
+        target = torch.cat([velocity[:n], off.to(velocity.dtype)])
+        return pred, target.detach(), n
 
 
 class LagrangianSelfDistillation(_SelfDistillation):

@@ -33,7 +33,8 @@ from flowkern._nvtx import nvtx_range
 from flowkern._validate import check_bool, check_finite_scalar, check_int, check_tensor, check_times
 from flowkern.flow_map import jump
 from flowkern.flow_map.sampling import _unpack
-from flowkern.methods._flow_map_batch import noised, off_diagonal_rows, squared_error, time_dtype
+from flowkern.methods._flow_map_batch import (flow_map_velocity, noised, off_diagonal_rows, squared_error,
+                                              time_dtype)
 from flowkern.methods._util import check_decay, check_probability, frozen_copy
 from flowkern.methods.base import Method
 from flowkern.methods.edm import col
@@ -193,6 +194,10 @@ class Shortcut(Method):
         if n_diag < err.shape[0]:
             logs["shortcut_mse"] = err[n_diag:].mean().detach()
         return err.mean(), logs
+
+    def velocity(self, model: nn.Module):
+        """v(x, t) = u(x, t, t) (for `flowkern.ode_log_likelihood`)."""
+        return flow_map_velocity(model)
 
     def on_step_end(self, step: int) -> None:
         if self.target is not None:

@@ -73,7 +73,9 @@ def add_parsers(sub) -> None:
     ev.add_argument("checkpoint", type=Path)
     ev.add_argument("--steps", type=_positive_int, nargs="+", default=list(STEPS))
     ev.add_argument("--samples", type=_positive_int, default=5000)
-    ev.add_argument("--nll", action="store_true", help="also the ODE NLL (methods with a velocity)")
+    ev.add_argument("--nll", action="store_true", help="also the likelihood report: the few-step NLL of a joint flow "
+                    "map, the model's and the teacher's ODE NLL, the teacher's naive few-step NLL (written to "
+                    "quality.json beside the checkpoint)")
 
 
 def insert_method(argv: list[str]) -> list[str]:
@@ -170,8 +172,11 @@ def _architecture(run: Run, dataset, teacher, state) -> dict:
     if teacher is not None and getattr(run.cls, "init_from_teacher", False):
         return dict(teacher[1])
     t = run.train
-    return {"dim": dataset.dim, "hidden": t["hidden"], "depth": t["depth"], "time_dim": t["time_dim"],
+    arch = {"dim": dataset.dim, "hidden": t["hidden"], "depth": t["depth"], "time_dim": t["time_dim"],
             "dropout": t["dropout"]}
+    if getattr(run.cls, "divergence_head", False):
+        arch["divergence_head"] = True   # a joint flow map (u, D), e.g. f2d2
+    return arch
 
 
 def _build_network(run: Run, arch: dict, teacher) -> torch.nn.Module:
@@ -235,7 +240,11 @@ def _quality(method, model, dataset, samples: int, teacher=None, seed: int = 0, 
         rows.append(("teacher fm (Euler)", score(draw(euler, teacher, dataset, (1, 100), n=samples, seed=seed),
                                                  dataset, reference)))
     result = {"rows": rows}
-    if nll and hasattr(method, "velocity"):
+    if nll and getattr(method, "divergence_head", False):
+        from flowkern.train.nll import method_nll_report
+
+        result.update(method_nll_report(method, model, dataset, reference))
+    elif nll and hasattr(method, "velocity"):
         result["nll"] = ode_nll(method.velocity(model), reference)
         if dataset.has_density:
             result["data_nll"] = -dataset.log_prob(reference).mean().item()
@@ -244,6 +253,10 @@ def _quality(method, model, dataset, samples: int, teacher=None, seed: int = 0, 
 
 def _print_quality(result: dict, steps) -> None:
     print(format_table(result["rows"], steps))
+    if "nll_ode" in result:
+        from flowkern.train.nll import format_nll
+
+        print(format_nll(result))
     if "nll" in result:
         exact = f" (exact NLL of the data: {result['data_nll']:.4f})" if "data_nll" in result else ""
         print(f"NLL via the PF-ODE (RK4, 64 steps, exact divergence): {result['nll']:.4f} nats{exact}")
@@ -310,10 +323,11 @@ def evaluate(args) -> int:
     steps = tuple(args.steps)
     result = {"rows": [(f"{method.name} (EMA)", score(draw(method.sample, model, dataset, steps, n=args.samples),
                                                       dataset, reference))]}
-    if args.nll and hasattr(method, "velocity"):
-        result["nll"] = ode_nll(method.velocity(model), reference)
-        if dataset.has_density:
-            result["data_nll"] = -dataset.log_prob(reference).mean().item()
+    if args.nll:
+        from flowkern.train.nll import method_nll_report, update_quality_json
+
+        result.update(method_nll_report(method, model, dataset, reference))
+        update_quality_json(args.checkpoint.parent / "quality.json", result)
     print(f"{args.checkpoint}: {method.name} on {state['data']}, step {state['step']}")
     _print_quality(result, steps)
     return 0

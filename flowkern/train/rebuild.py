@@ -9,11 +9,11 @@ RUN_KEYS = (*checkpoint.ENGINE_KEYS, "arch", "data")
 
 
 def network(arch: dict) -> torch.nn.Module:
-    """The MLPFlowMap of an architecture dict {dim, hidden, depth, time_dim, dropout}."""
+    """The MLPFlowMap of an architecture dict {dim, hidden, depth, time_dim, dropout[, divergence_head]}."""
     from flowkern.nn import MLPFlowMap
 
     return MLPFlowMap(arch["dim"], hidden=arch["hidden"], depth=arch["depth"], time_dim=arch["time_dim"],
-                      dropout=arch.get("dropout", 0.0))
+                      dropout=arch.get("dropout", 0.0), divergence_head=arch.get("divergence_head", False))
 
 
 def build_method(cls, model: torch.nn.Module, kwargs: dict, teacher: torch.nn.Module | None = None):
