@@ -142,7 +142,8 @@ class F2D2(Method):
         try:
             missing, unexpected = self.model.load_state_dict(self.teacher.state_dict(), strict=False)
         except RuntimeError as err:
-            raise ValueError(f"warm_start: the model must have the teacher's architecture plus a D head: {err}") from None
+            raise ValueError("warm_start: the model must have the teacher's architecture plus a D head: "
+                             f"{err}") from None
         if unexpected or any(not k.startswith("div.") for k in missing):
             raise ValueError("warm_start: the model must have the teacher's architecture plus a D head; "
                              f"missing {missing}, unexpected {unexpected}")

@@ -2,7 +2,8 @@
 dyadic ladder of step sizes, loss and targets.
 
 Convention (docs/conventions.md): t = 0 data, t = 1 noise, x_t = (1 − t)·x₀ + t·ε, a network u(x, t, s) with
-Φ(x, t, s) = x + (s − t)·u. The paper's step size d is t − s here (toward the data); its u(x, t, d) is our u(x, t, t − d).
+Φ(x, t, s) = x + (s − t)·u. The paper's step size d is t − s here (toward the data): its u(x, t, d) is our
+u(x, t, t − d).
 
 Each batch has two kinds of rows (M = `levels`, a power of two):
 

@@ -69,8 +69,9 @@ def nll_report(model: Callable, reference: torch.Tensor, *, dataset_name: str, v
     """The report of the module docstring for the held-out points `reference` [N, ...].
 
     model: the trained flow map model(x, t, s) -> u or (u, D) (nll_steps only for (u, D)); velocity: its v(x, t)
-    (nll_ode; None: left out, e.g. for a consistency function); teacher_velocity: the teacher's v(x, t) (teacher_nll_ode, nll_naive_steps); data_log_prob:
-    the data's exact log-density (data_nll). Returns a JSON-ready dict.
+    (nll_ode; None: left out, e.g. for a consistency function); teacher_velocity: the teacher's v(x, t)
+    (teacher_nll_ode, nll_naive_steps); data_log_prob: the data's exact log-density (data_nll). Returns a
+    JSON-ready dict.
     """
     x = dequantized(reference, dataset_name)
     joint = is_joint(model, x)
