@@ -1,8 +1,8 @@
 """Exact flow maps with a learnable perturbation, and the stationarity check of a flow-map training loss.
 
-The exact flow map of Gaussian data (`flowkern.testing.GaussianFlowMap`) plus a·φ(t, s) (and b·ψ(t) on a joint
-map's D), with a, b parameters at 0: the loss's mean gradient in (a, b) must vanish at 0 within Monte-Carlo error,
-and at ±δ it must point back to 0 (the loss pulls a perturbation back)."""
+The exact flow map of Gaussian data (`flowkern.testing.GaussianFlowMap`) plus (a + c·x)·φ(t, s) (and b·ψ(t) on a
+joint map's D), with a, c, b parameters at 0: the loss's mean gradient in them must vanish at 0 within Monte-Carlo
+error, and at ±δ it must point back to 0 (the loss pulls a perturbation back)."""
 from __future__ import annotations
 
 import torch
@@ -48,17 +48,6 @@ class PerturbedExactMap(nn.Module):
             return out + shift
         u, d = out
         return u + shift, d + self.b * (1 + t.to(F64))
-
-
-class ExactTeacher(nn.Module):
-    """The exact velocity of the Gaussian data, teacher(x, t, t) = v(x, t), as a module (differentiable in x)."""
-
-    def __init__(self, mu=MU, sd=SD):
-        super().__init__()
-        self.flow = GaussianFlowMap(mu, sd)
-
-    def forward(self, x, t, s):
-        return self.flow.velocity(x, t, t).to(x.dtype)
 
 
 def mean_gradient(method, value: torch.Tensor, *, batches: int = 8, batch: int = 2048, seed: int = 0):

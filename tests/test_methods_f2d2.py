@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from flow_map_cases import F64, ExactTeacher, PerturbedExactMap, assert_stationary_and_restoring
-from helpers import MU, SD, fast_cpu, gaussian_batch, tiny_net, train
+from flow_map_cases import F64, PerturbedExactMap, assert_stationary_and_restoring
+from helpers import MU, SD, GaussianTeacher, fast_cpu, gaussian_batch, tiny_net, train
 
 import flowkern
 from flowkern.flow_map import GaussianFlowMap
@@ -26,13 +26,13 @@ def joint_net(seed=0):
 
 @pytest.mark.parametrize("consistency", ["semigroup", "lagrangian"])
 def test_exact_joint_map_with_the_exact_teacher_is_a_stationary_point(consistency):
-    method = F2D2(PerturbedExactMap(joint=True), teacher=ExactTeacher(), levels=2 ** 16, consistency=consistency,
+    method = F2D2(PerturbedExactMap(joint=True), teacher=GaussianTeacher(), levels=2 ** 16, consistency=consistency,
                   warm_start=False)
     assert_stationary_and_restoring(method)
 
 
 def test_exact_divergence_option_is_stationary_too():
-    method = F2D2(PerturbedExactMap(joint=True), teacher=ExactTeacher(), levels=2 ** 16, divergence="exact",
+    method = F2D2(PerturbedExactMap(joint=True), teacher=GaussianTeacher(), levels=2 ** 16, divergence="exact",
                   warm_start=False)
     assert_stationary_and_restoring(method)
 
@@ -138,7 +138,7 @@ def test_nll_report_of_the_exact_joint_map():
     flow = GaussianFlowMap(MU, SD, joint=True)
     x = gaussian_batch(400, dtype=F64)
     exact = -float(flow.log_prob(x, 0.0).mean())
-    teacher = ExactTeacher()
+    teacher = GaussianTeacher()
     report = nll_report(flow, x, dataset_name="gaussian", velocity=lambda x, t: flow(x, t, t)[0],
                         teacher_velocity=lambda x, t: teacher(x, t, t),
                         data_log_prob=lambda x: flow.log_prob(x, 0.0), ode_steps=32, progress=False)

@@ -82,7 +82,7 @@ def time_derivative_of_jump(net: Callable, x: Tensor, t: Tensor, s: Tensor) -> t
 class _SelfDistillation(Method):
     """Diagonal flow matching plus one off-diagonal flow-map term (module docstring); subclasses give the term."""
 
-    def __init__(self, model: nn.Module, *, off_diagonal_fraction: float):
+    def __init__(self, model: nn.Module, *, off_diagonal_fraction: float = 0.25):
         super().__init__(model)
         self.off_diagonal_fraction = check_probability("off_diagonal_fraction", off_diagonal_fraction)
 
@@ -159,9 +159,6 @@ class EulerianSelfDistillation(_SelfDistillation):
 
     name: ClassVar[str] = "esd"
 
-    def __init__(self, model: nn.Module, *, off_diagonal_fraction: float = 0.25):
-        super().__init__(model, off_diagonal_fraction=off_diagonal_fraction)
-
     def targets(self, net: Callable, x0: Tensor):
         """(prediction, target, number of diagonal rows). One no-grad pass gives v = u(x_t, t, t) on the
         off-diagonal rows, then ONE forward-mode pass with autograd on (`flowkern.jvp(..., grad=True)`) gives the
@@ -188,9 +185,6 @@ class LagrangianSelfDistillation(_SelfDistillation):
     """
 
     name: ClassVar[str] = "lsd"
-
-    def __init__(self, model: nn.Module, *, off_diagonal_fraction: float = 0.25):
-        super().__init__(model, off_diagonal_fraction=off_diagonal_fraction)
 
     def targets(self, net: Callable, x0: Tensor):
         """(prediction, target, number of diagonal rows): the prediction is u on the diagonal rows and ∂_sΦ on the
