@@ -13,10 +13,9 @@
   with `forward_ad`, `loss.backward()` inside `dual_level()`) sees dual saved tensors: without create_graph the dual
   parts are dropped (nothing can read a tangent of the gradients then); with create_graph (forward-over-reverse,
   e.g. `torch.func.jvp(torch.func.grad(f))`, a Hessian-vector product) it raises.
-* `guard_tangent(tangent, primals, message)`: a tangent served by a fused forward is stop-gradient. When autograd
-  could differentiate it (grad mode on and a primal requiring grad, as in `torch.func.grad` over `torch.func.jvp`),
-  this returns a copy whose backward raises `message` when a gradient reaches it, instead of letting the gradient
-  through the tangent come out silently zero (a fused op that merely takes the tangent as an input passes none).
+* `forward_levels()`: the number of nested forward-mode levels (a fused op refuses a tangent of its tangent).
+* `requires_grad(t)`: whether autograd records operations on t, seen through torch.func's wrappers (decides
+  whether a fused op's tangent is made differentiable, flowkern/_fused.py).
 """
 from __future__ import annotations
 
@@ -36,6 +35,20 @@ def no_tangent_possible() -> bool:
 _unwrap_dead = torch._functorch.utils.unwrap_dead_wrappers
 
 
+def forward_levels() -> int:
+    """How many forward-mode levels are open: the `torch.func.jvp` transforms (each opens the one `forward_ad` level
+    PyTorch allows), else 1 for an open `forward_ad.dual_level`. Two or more around a fused op means a tangent of
+    its tangent is being taken (second-order forward mode)."""
+    levels = int(getattr(fwAD, "_current_level", -1) >= 0)
+    if _functions_active():
+        from torch._C._functorch import TransformType
+        from torch._functorch import pyfunctorch
+
+        jvps = sum(i.key() == TransformType.Jvp for i in pyfunctorch.retrieve_all_functorch_interpreters())
+        levels = max(levels, jvps)
+    return levels
+
+
 class FastFunction(torch.autograd.Function):
     """An autograd.Function whose `apply` binds no signature outside torch.func (see the module docstring)."""
 
@@ -47,7 +60,7 @@ class FastFunction(torch.autograd.Function):
         return super(torch.autograd.Function, cls).apply(*_unwrap_dead(args))
 
 
-def _requires_grad(t) -> bool:
+def requires_grad(t) -> bool:
     """requires_grad of a tensor, seen through torch.func's wrappers (which report False themselves)."""
     if not isinstance(t, torch.Tensor):
         return False
@@ -94,30 +107,3 @@ def call_unwrapped(fn, op: str, *args):
                 op=op, what="forward-over-reverse (a tangent of its gradients, e.g. a Hessian-vector product)"))
         args = tuple(fwAD.unpack_dual(a).primal if isinstance(a, torch.Tensor) else a for a in args)
     return _CallUnwrapped.apply(fn, op, *args)
-
-
-class _GuardedTangent(FastFunction):
-    @staticmethod
-    def forward(tangent, message, *primals):
-        return tangent.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.message = inputs[1]
-        ctx.n_primals = len(inputs) - 2
-        ctx.set_materialize_grads(False)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # the engine also visits this node with no gradient (a fused op downstream takes the tangent as an input
-        # and returns None for it): only a real gradient through the tangent is an error
-        if grad is not None:
-            raise RuntimeError(ctx.message)
-        return (None, None) + (None,) * ctx.n_primals
-
-
-def guard_tangent(tangent: torch.Tensor, primals, message: str) -> torch.Tensor:
-    """`tangent`, made to raise `message` if a backward pass ever reaches it (see the module docstring)."""
-    if not torch.is_grad_enabled() or not any(_requires_grad(p) for p in primals):
-        return tangent
-    return _GuardedTangent.apply(tangent, message, *[p for p in primals if isinstance(p, torch.Tensor)])

@@ -5,6 +5,11 @@
                u = √(2/π)(x + 0.044715x³)
 `activation_kernel` writes y = f(x) (WRITE_Y) and v' = f'(x)·v (HAS_V): v = ẋ gives the tangent in the same pass,
 and v = dy with WRITE_Y=False is the backward dx.
+Reverse over forward: ẏ = f'(x)·ẋ, so for a cotangent ḡ of ẏ the gradient of ẋ is f'(x)·ḡ (the backward) and that of
+x is f''(x)·ẋ·ḡ (`curvature_kernel`), with
+    SiLU       f'' = σ(1 − σ)·(2 + x·(1 − 2σ))
+    GELU exact f'' = φ(x)·(2 − x²)
+    GELU tanh  f'' = (1 − tanh²u)·(u' + ½x·(u'' − 2·tanh u·u'²)),  u' = √(2/π)(1 + 3·0.044715x²), u'' = √(2/π)·6·0.044715x
 """
 import triton
 import triton.language as tl
@@ -45,3 +50,32 @@ def activation_kernel(X, V, Y, YV, n_elements, ACT: tl.constexpr, WRITE_Y: tl.co
     if HAS_V:
         v = tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(YV + offs, (df * v).to(YV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _second_derivative(x, ACT: tl.constexpr):
+    """f''(x) in float32 for a float32 block x (formulas in the module docstring)."""
+    if ACT == 0:  # SiLU
+        sig = tl.sigmoid(x)
+        d2 = sig * (1.0 - sig) * (2.0 + x * (1.0 - 2.0 * sig))
+    elif ACT == 1:  # GELU, exact
+        d2 = 0.3989422804014327 * tl.exp(-0.5 * x * x) * (2.0 - x * x)
+    else:  # GELU, tanh approximation
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        th = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+        du = 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+        d2u = 0.7978845608028654 * 0.26829 * x
+        d2 = (1.0 - th * th) * (du + 0.5 * x * (d2u - 2.0 * th * du * du))
+    return d2
+
+
+@triton.jit
+def curvature_kernel(X, V, G, OUT, n_elements, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    """OUT = f''(X)·V·G on contiguous flat tensors. Grid: (cdiv(n_elements, BLOCK),)."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+    mask = offs < n_elements
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + offs, (_second_derivative(x, ACT) * v * g).to(OUT.dtype.element_ty), mask=mask)

@@ -9,6 +9,10 @@ Tangent (docs/layers.md), P(v) = r·(v − mean(v) − x̂·mean(x̂⊙v)) for L
     x̂̇ = P(ẋ),  ẏ = x̂̇·w + x̂·ẇ + ḃ
 Backward, g = dy·w:  dx = P(g)  (the same projection: P is self-adjoint); dγ / dscale = Σ dy⊙x̂ and dβ / dshift = Σ dy
 over the rows sharing a parameter row, as float32 partial sums per program (the host adds the partials).
+Reverse over forward (a cotangent ḡ of ẏ; the gradients of the tangents are the backward above with dy = ḡ): with
+a = ḡ·w and dr/dx = −r²·x̂/D, differentiating ⟨a, P(ẋ)⟩ + ⟨ḡ·ẇ, x̂⟩ in x gives
+    dx = −r·(x̂·mean(a⊙P(ẋ)) + P(a·mean(x̂⊙ẋ) + ẋ·mean(a⊙x̂))) + P(ḡ⊙ẇ),   dγ / dscale = Σ ḡ⊙P(ẋ)
+(the same formula for RMSNorm with its P); β / shift do not enter ẏ's dependence on the primals.
 """
 import triton
 import triton.language as tl
@@ -124,3 +128,47 @@ def norm_bwd_kernel(
         tl.store(DW_PART + part + cols, dw_acc, mask=mask)
     if NEED_DB:
         tl.store(DB_PART + part + cols, db_acc, mask=mask)
+
+
+@triton.jit
+def norm_tangent_bwd_kernel(
+    X, XT, W, WT, DYT, MEAN, RSTD, DX, DW_PART,
+    stride_x, stride_xt, stride_w, stride_wt, stride_dyt, stride_dx,
+    n_cols, group, rows_per_prog, n_chunks,
+    IS_RMS: tl.constexpr, HAS_W: tl.constexpr, ONE_PLUS: tl.constexpr, HAS_WT: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The mixed term of reverse over forward (module docstring): dx per row and partial sums of ḡ⊙P(ẋ).
+
+    Grid and partials as `norm_bwd_kernel`: program (g, c) walks its chunk of the rows sharing parameter row g.
+    """
+    g = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    cols, mask = row_offsets(n_cols, BLOCK_D)
+    w = _row_weight(W, g, stride_w, cols, mask, HAS_W, ONE_PLUS)  # [BLOCK_D]
+    if HAS_WT:
+        w_t = load_row(WT, g, stride_wt, cols, mask)  # [BLOCK_D]
+    dw_acc = tl.zeros([BLOCK_D], tl.float32)
+    first = c * rows_per_prog
+    for i in range(0, tl.minimum(rows_per_prog, group - first)):
+        row = g * group + first + i
+        x = load_row(X, row, stride_x, cols, mask)  # [BLOCK_D]
+        v = load_row(XT, row, stride_xt, cols, mask)  # [BLOCK_D]
+        dyt = load_row(DYT, row, stride_dyt, cols, mask)  # [BLOCK_D]
+        mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+        if IS_RMS:
+            xhat = x * rstd
+        else:
+            xhat = tl.where(mask, x - mean, 0.0) * rstd  # [BLOCK_D]
+        p_v = _project(v, xhat, rstd, mask, n_cols, IS_RMS)  # [BLOCK_D]
+        if NEED_DX:
+            a = dyt * w
+            inner = a * (tl.sum(xhat * v, axis=0) / n_cols) + v * (tl.sum(a * xhat, axis=0) / n_cols)
+            dx = -rstd * (xhat * (tl.sum(a * p_v, axis=0) / n_cols) + _project(inner, xhat, rstd, mask, n_cols, IS_RMS))
+            if HAS_WT:
+                dx += _project(dyt * w_t, xhat, rstd, mask, n_cols, IS_RMS)
+            store_row(DX, row, stride_dx, cols, mask, dx)
+        dw_acc += dyt * p_v
+    if NEED_DW:
+        tl.store(DW_PART + (g * n_chunks + c) * n_cols + cols, dw_acc, mask=mask)

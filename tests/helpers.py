@@ -62,6 +62,23 @@ def reference_grads(q, k, v, grad_out, **kw):
     return torch.autograd.grad(out, d, grad_out.double().cpu())
 
 
+def reference_tangent_grads(q, k, v, q_t, k_t, v_t, grad_out, grad_out_t, **kw):
+    """Gradients of ⟨grad_out, O⟩ + ⟨grad_out_t, Ȯ⟩ w.r.t. (q, k, v, q_t, k_t, v_t): float64 torch.func.grad over
+    torch.func.jvp of math attention (grad_out may be None)."""
+    d = [x.double().cpu() for x in (q, k, v, q_t, k_t, v_t)]
+    mask = kw.get("attn_mask")
+    if mask is not None:
+        kw = dict(kw, attn_mask=mask.cpu() if mask.dtype == torch.bool else mask.double().cpu())
+    g_t = grad_out_t.double().cpu()
+    g = None if grad_out is None else grad_out.double().cpu()
+
+    def loss(*a):
+        o, o_t = torch.func.jvp(lambda x, y, z: math_attention(x, y, z, **kw), a[:3], a[3:])
+        return (o_t * g_t).sum() + (0.0 if g is None else (o * g).sum())
+
+    return torch.func.grad(loss, argnums=tuple(range(6)))(*d)
+
+
 def torch_own_error(q, k, v, q_t, k_t, v_t, ref, **kw):
     """PyTorch's own error in the inputs' dtype: math attention (and its JVP) computed in that dtype vs float64."""
     if q.dtype in (torch.float32, torch.float64):

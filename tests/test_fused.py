@@ -1,5 +1,5 @@
-"""The op contract (flowkern/_fused.py): several outputs, saved outputs, the vmap hook, the stop-gradient guard on
-every op family, the signature-free `apply`, the environment read once (flowkern/_config.py); and the layer ops
+"""The op contract (flowkern/_fused.py): several outputs, saved outputs, the vmap hook, the differentiable tangent of
+every op family (reverse over forward), the signature-free `apply`, the environment read once (flowkern/_config.py); and the layer ops
 through it: chains of ops under torch.func.jvp, the non-served jvp path, parameter tangents, non-contiguous
 inputs."""
 from __future__ import annotations
@@ -109,23 +109,38 @@ FAMILIES = [pytest.param(_attention, id="attention"), pytest.param(_jump, id="ju
             pytest.param(_layer, id="layer_op")]
 
 
+def _plain_family(fn):
+    """The float64 plain twin of a FAMILIES entry."""
+    from flowkern.testing import math_attention
+
+    return {_attention: lambda x: math_attention(x, x, x), _jump: lambda x: x + 0.5 * torch.sin(x),
+            _layer: lambda x: x * torch.sigmoid(x)}[fn]
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
 @pytest.mark.parametrize("fn", FAMILIES)
-def test_backward_through_a_stop_gradient_tangent_raises_in_every_family(fn, backend):
+def test_backward_through_the_tangent_is_exact_in_every_family(fn, backend):
     if backend == "triton" and not TRITON_RUNS:
         pytest.skip("needs Triton (GPU or interpreter)")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 1, 4, 16, generator=gen).to(DEVICE).requires_grad_()
     v = torch.randn(1, 1, 4, 16, generator=gen).to(DEVICE)
+    w = torch.randn(1, 1, 4, 16, generator=gen).to(DEVICE)
+    plain = _plain_family(fn)
+    x64 = x.detach().double().cpu().requires_grad_()
+    _, yt_ref = torch.func.jvp(plain, (x64,), (v.double().cpu(),))
+    (grad_x_ref,) = torch.autograd.grad(yt_ref.sum(), x64)
+    grad_w_ref = torch.func.grad(lambda w: torch.func.jvp(lambda a: plain(a * w), (x64.detach(),), (w,))[1].sum())(
+        w.double().cpu())
     with flowkern.use_backend(backend):
         y, y_t = torch.func.jvp(fn, (x,), (v,))
-        y.sum().backward()  # through the primal it works
+        y.sum().backward(retain_graph=True)  # through the primal it works
         assert x.grad is not None and torch.isfinite(x.grad).all()
-        with pytest.raises(RuntimeError, match="stop-gradient"):
-            y_t.sum().backward()
-        w = torch.randn(1, 1, 4, 16, generator=gen).to(DEVICE)
-        with pytest.raises(RuntimeError, match="stop-gradient"):  # never a silently zero gradient
-            torch.func.grad(lambda w: torch.func.jvp(lambda a: fn(a * w), (x.detach(),), (w,))[1].sum())(w)
+        x.grad = None
+        y_t.sum().backward()  # and through the tangent (reverse over forward)
+        assert_close(x.grad.cpu(), grad_x_ref, torch.float32, "gradient of the tangent w.r.t. x", scale_tol=4.0)
+        grad_w = torch.func.grad(lambda w: torch.func.jvp(lambda a: fn(a * w), (x.detach(),), (w,))[1].sum())(w)
+        assert_close(grad_w.cpu(), grad_w_ref, torch.float32, "torch.func.grad over torch.func.jvp", scale_tol=4.0)
 
 
 @pytest.mark.interpreter
@@ -144,8 +159,13 @@ def test_probe_reduction_guard_gradient_and_tangent():
                             distribution="rademacher")
         est_p, est_t = fwAD.unpack_dual(est)
         torch.testing.assert_close(est_t.cpu(), (z * jz_t).sum(-1), rtol=1e-5, atol=1e-5)
-        with pytest.raises(RuntimeError, match="stop-gradient"):
-            est_t.sum().backward()
+        est_t.sum().backward()  # the reduction is linear: its tangent does not depend on jz
+        assert leaf.grad is None
+        jz_t_leaf = jz_t.to(DEVICE).requires_grad_()
+        est = probes.reduce("triton", fwAD.make_dual(jz.to(DEVICE), jz_t_leaf), None, seed=11, stream=0,
+                            distribution="rademacher")
+        fwAD.unpack_dual(est).tangent.sum().backward()
+        torch.testing.assert_close(jz_t_leaf.grad.cpu(), z)
     torch.testing.assert_close(est_p.detach().cpu(), (z * jz).sum(-1), rtol=1e-5, atol=1e-5)
     g = torch.randn(2, 3, generator=gen)
     est_p.backward(g.to(DEVICE))
@@ -351,16 +371,22 @@ def test_backward_partial_sums_over_chunks(programs, monkeypatch):
         assert_close(a, ref, torch.float32, f"gradient {i}")
 
 
-def test_served_tangent_is_stop_gradient_and_a_gradient_through_it_raises():
+def test_served_tangent_is_differentiable_and_constant_under_no_grad():
     x = torch.randn(5, requires_grad=True)
-    y, y_t = torch.func.jvp(ops.silu, (x,), (torch.randn(5),))
-    assert y.requires_grad
+    v = torch.randn(5)
+    y, y_t = torch.func.jvp(ops.silu, (x,), (v,))
+    assert y.requires_grad and y_t.requires_grad
     y.sum().backward()  # through the primal it works
-    with pytest.raises(RuntimeError, match="stop-gradient"):
-        y_t.sum().backward()
+    x.grad = None
+    y_t.sum().backward()
+    silu = lambda a: a * torch.sigmoid(a)  # noqa: E731
+    x64 = x.detach().double().requires_grad_()
+    (ref,) = torch.autograd.grad(torch.func.jvp(silu, (x64,), (v.double(),))[1].sum(), x64)
+    assert_close(x.grad, ref, torch.float32, "gradient of the served tangent")
     w = torch.randn(5)
-    with pytest.raises(RuntimeError, match="stop-gradient"):  # never a silently zero gradient through the tangent
-        torch.func.grad(lambda w: torch.func.jvp(lambda v: ops.silu(v * w), (x.detach(),), (w,))[1].sum())(w)
+    grad_w = torch.func.grad(lambda w: torch.func.jvp(lambda a: ops.silu(a * w), (x.detach(),), (w,))[1].sum())(w)
+    ref_w = torch.func.grad(lambda w: torch.func.jvp(lambda a: silu(a * w), (x64.detach(),), (w,))[1].sum())(w.double())
+    assert_close(grad_w, ref_w, torch.float32, "torch.func.grad over torch.func.jvp")
     with torch.no_grad():
         _, y_t = torch.func.jvp(ops.gelu, (x,), (torch.randn(5),))
     assert not y_t.requires_grad

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from flowkern._fused import FusedOp, fold_vmapped
-from flowkern.attention import reference, triton_launch
+from flowkern.attention import reference, tangent_backward, triton_launch
 from flowkern.attention.spec import AttentionSpec
 
 _LAUNCHERS = {"torch": reference, "triton": triton_launch}
+_TANGENT_BACKWARD = {"torch": tangent_backward, "triton": tangent_backward}
 
 
 def _zero_like(x: torch.Tensor) -> torch.Tensor:
@@ -64,6 +65,21 @@ class AttentionOp(FusedOp):
         lse, o = aux
         return (*_LAUNCHERS[self.backend].attention_bwd(q, k, v, o, lse, dy.contiguous(), attn_mask, self.spec),
                 None)
+
+    def tangent_backward(self, inputs, tangents, aux, y_t, dy, dy_t, needs):
+        """Reverse over forward: the gradients of (O, Ȯ) w.r.t. q, k, v and their tangents in one pass over the
+        keys (flowkern/attention/tangent_backward.py), never an Nq×Nk matrix."""
+        if dy_t is None:
+            return super().tangent_backward(inputs, tangents, aux, y_t, dy, dy_t, needs)
+        q, k, v, attn_mask = inputs
+        lse, o = aux
+        q_t, k_t, v_t = (t if t is not None else _zero_like(x) for t, x in zip(tangents[:3], (q, k, v)))
+        o_t = y_t if y_t is not None else _zero_like(o)
+        grads = _TANGENT_BACKWARD[self.backend].attention_tangent_bwd(
+            q, k, v, q_t, k_t, v_t, o, o_t, lse, None if dy is None else dy.contiguous(), dy_t.contiguous(),
+            attn_mask, self.spec)
+        grads = (*grads[:3], None, *grads[3:], None)
+        return tuple(g if need else None for g, need in zip(grads, needs))
 
     def fold_batch(self, size, in_dims, args):
         batch = self.spec.batch

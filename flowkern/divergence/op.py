@@ -36,6 +36,9 @@ class ProbeReduceOp(FusedOp):
         (jz_t,) = tangents
         return self._reduce(jz_t)
 
+    def tangent_input_grads(self, inputs, tangents, aux, y_t, dy_t, needs):
+        return (None,)  # the reduction is linear: its tangent does not depend on jz
+
     def backward(self, inputs, aux, dy, needs):
         (jz,) = inputs
         z = LAUNCHERS[self.backend].generate_probes(*jz.shape, seed=self.seed, stream=self.stream, dist=self.dist,

@@ -31,3 +31,9 @@ class ActivationOp(FusedOp):
         (x,) = inputs
         _, dx = BACKENDS[self.backend].activation(x.contiguous(), dy.contiguous(), kind=self.kind, write_y=False)
         return (dx,)
+
+    def tangent_input_grads(self, inputs, tangents, aux, y_t, dy_t, needs):
+        (x,), (x_t,) = inputs, tangents
+        if x_t is None:
+            return (None,)
+        return (BACKENDS[self.backend].curvature(x.contiguous(), x_t.contiguous(), dy_t.contiguous(), kind=self.kind),)

@@ -37,3 +37,22 @@ def activation(x, v, *, kind: str, write_y: bool = True):
     y = f.to(x.dtype) if write_y else None
     yv = (df * v.to(acc)).to(v.dtype) if v is not None else None
     return y, yv
+
+
+def _second_derivative(x, kind: str):
+    """f''(x) (formulas in kernels/activations.py)."""
+    if kind == "silu":
+        sig = torch.sigmoid(x)
+        return sig * (1 - sig) * (2 + x * (1 - 2 * sig))
+    if kind == "gelu":
+        return torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi) * (2 - x * x)
+    c = math.sqrt(2 / math.pi)
+    th = torch.tanh(c * (x + 0.044715 * x ** 3))
+    du = c * (1 + 0.134145 * x * x)
+    return (1 - th * th) * (du + 0.5 * x * (c * 0.26829 * x - 2 * th * du * du))
+
+
+def curvature(x, v, g, *, kind: str):
+    """f''(x)·v·g: the mixed term of reverse over forward (the gradient of ⟨g, f'(x)·v⟩ in x)."""
+    acc = accumulation_dtype(x.dtype)
+    return (_second_derivative(x.to(acc), kind) * v.to(acc) * g.to(acc)).to(x.dtype)

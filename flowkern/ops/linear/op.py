@@ -37,3 +37,18 @@ class LinearOp(FusedOp):
         dx, dw, db = BACKENDS[self.backend].linear_bwd(x.reshape(-1, k), weight, bias, dy.reshape(-1, n),
                                                        need_dx=needs[0], need_dw=needs[1], need_db=needs[2])
         return (None if dx is None else dx.view(x.shape)), dw, db
+
+    def tangent_input_grads(self, inputs, tangents, aux, y_t, dy_t, needs):
+        """ẏ = ẋWᵀ + xẆᵀ + ḃ is bilinear: ∂⟨ḡ, ẏ⟩/∂x = ḡẆ, ∂/∂W = ḡᵀẋ, nothing for b (the backward's GEMMs with
+        Ẇ for W and ẋ for x)."""
+        x, weight, bias = inputs
+        x_t, w_t, _ = tangents
+        k, n = weight.shape[1], weight.shape[0]
+        bwd = BACKENDS[self.backend].linear_bwd
+        g = dy_t.reshape(-1, n)
+        dx = dw = None
+        if needs[0] and w_t is not None:
+            dx = bwd(x.reshape(-1, k), w_t, None, g, need_dx=True, need_dw=False, need_db=False)[0].view(x.shape)
+        if needs[1] and x_t is not None:
+            dw = bwd(x_t.reshape(-1, k), weight, None, g, need_dx=False, need_dw=True, need_db=False)[1]
+        return dx, dw, None

@@ -47,3 +47,18 @@ class NormOp(FusedOp):
         dw = None if dw is None else dw.reshape(w.shape).to(w.dtype)
         db = None if db is None else db.reshape(b.shape).to(b.dtype)
         return (None if dx is None else dx.view(x.shape)), dw, db
+
+    def tangent_input_grads(self, inputs, tangents, aux, y_t, dy_t, needs):
+        x, w, b = inputs
+        x_t, w_t, _ = tangents
+        mean, rstd = aux
+        if x_t is None and w_t is None:
+            return None, None, None
+        d = x.shape[-1]
+        x_t = x_t if x_t is not None else x.new_zeros(x.shape)
+        dx, dw = BACKENDS[self.backend].norm_tangent_input_grads(
+            as_rows(x, d), as_rows(w, d), as_rows(x_t, d), as_rows(w_t, d), as_rows(dy_t, d), mean, rstd,
+            is_rms=self.is_rms, one_plus=self.one_plus, group=self.group, need_dx=needs[0],
+            need_dw=needs[1] and w is not None)
+        dw = None if dw is None else dw.reshape(w.shape).to(w.dtype)
+        return (None if dx is None else dx.view(x.shape)), dw, None

@@ -98,3 +98,28 @@ def native_modulate(x, shift, scale, *, is_rms: bool, eps: float):
         shift, scale = shift.view(shape), scale.view(shape)
     xhat = torch.rms_norm(x, (d,), None, eps) if is_rms else torch.layer_norm(x, (d,), None, None, eps)
     return xhat * (1 + scale) + shift
+
+
+def norm_tangent_input_grads(x, w, x_t, w_t, dy_t, mean, rstd, *, is_rms: bool, one_plus: bool, group: int,
+                             need_dx: bool, need_dw: bool):
+    """The mixed term of reverse over forward (kernels/norms.py): for ḡ = dy_t and a = ḡ·w,
+    dx = −r·(x̂·mean(a⊙P(ẋ)) + P(a·mean(x̂⊙ẋ) + ẋ·mean(a⊙x̂))) + P(ḡ⊙ẇ), and the [n_groups, D] sums of ḡ⊙P(ẋ)
+    (dγ / dscale)."""
+    acc = accumulation_dtype(x.dtype)
+    xg = grouped(x, group, acc)
+    mean = mean.view(xg.shape[:-1]).to(acc)
+    rstd = rstd.view(xg.shape[:-1]).to(acc)
+    xhat = (xg - mean[..., None]) * rstd[..., None]
+    g = grouped(dy_t, group, acc)
+    v = grouped(x_t, group, acc)
+    p_v = _project(v, xhat, rstd, is_rms)
+    dx = None
+    if need_dx:
+        a = g * _weight(w, acc, one_plus)
+        inner = a * (xhat * v).mean(-1, keepdim=True) + v * (a * xhat).mean(-1, keepdim=True)
+        dx = -rstd[..., None] * (xhat * (a * p_v).mean(-1, keepdim=True) + _project(inner, xhat, rstd, is_rms))
+        if w_t is not None:
+            dx = dx + _project(g * per_group(w_t, acc), xhat, rstd, is_rms)
+        dx = flat_rows(dx, x.dtype)
+    dw = (g * p_v).sum(1) if need_dw else None
+    return dx, dw

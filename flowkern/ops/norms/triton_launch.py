@@ -44,3 +44,19 @@ def norm_bwd(x, w, dy, mean, rstd, *, is_rms: bool, one_plus: bool, group: int, 
         **row_meta(n_cols),
     )
     return dx, sum_chunks(dw_part), sum_chunks(db_part)
+
+
+def norm_tangent_input_grads(x, w, x_t, w_t, dy_t, mean, rstd, *, is_rms: bool, one_plus: bool, group: int,
+                             need_dx: bool, need_dw: bool):
+    rows, n_cols = x.shape
+    n_groups = rows // group
+    rows_per_prog, n_chunks = backward_chunks(n_groups, group)
+    dx = torch.empty_like(x) if need_dx else None
+    dw_part = torch.empty((n_groups, n_chunks, n_cols), dtype=torch.float32, device=x.device) if need_dw else None
+    kernel_module("norms").norm_tangent_bwd_kernel[(n_groups, n_chunks)](
+        x, x_t, placeholder(w, x), placeholder(w_t, x), dy_t, mean, rstd, placeholder(dx, x), placeholder(dw_part, mean),
+        x.stride(0), x_t.stride(0), stride0(w), stride0(w_t), dy_t.stride(0), stride0(dx), n_cols, group,
+        rows_per_prog, n_chunks, IS_RMS=is_rms, HAS_W=w is not None, ONE_PLUS=one_plus, HAS_WT=w_t is not None,
+        NEED_DX=need_dx, NEED_DW=need_dw, **row_meta(n_cols),
+    )
+    return dx, sum_chunks(dw_part)

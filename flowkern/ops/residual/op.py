@@ -39,3 +39,19 @@ class GatedResidualOp(FusedOp):
             as_rows(g, d), as_rows(y, d), as_rows(dout, d), group=self.group, need_dy=needs[2], need_dg=needs[1])
         dg = None if dg is None else dg.reshape(g.shape).to(g.dtype)
         return dout, dg, (None if dy is None else dy.view(y.shape))
+
+    def tangent_input_grads(self, inputs, tangents, aux, y_t, dy_t, needs):
+        """ȯut = ẋ + ġ⊙y + g⊙ẏ is bilinear: ∂⟨ḡ, ȯut⟩/∂g = Σ ḡ⊙ẏ, ∂/∂y = ġ⊙ḡ, nothing for x (the backward's own
+        kernels with ẏ for y and ġ for g)."""
+        x, g, y = inputs
+        _, g_t, y_t_in = tangents
+        d = x.shape[-1]
+        bwd = BACKENDS[self.backend].gated_residual_bwd
+        dg = dy = None
+        if needs[1] and y_t_in is not None:
+            dg = bwd(as_rows(g, d), as_rows(y_t_in, d), as_rows(dy_t, d), group=self.group, need_dy=False,
+                     need_dg=True)[1].reshape(g.shape).to(g.dtype)
+        if needs[2] and g_t is not None:
+            dy = bwd(as_rows(g_t, d), as_rows(y, d), as_rows(dy_t, d), group=self.group, need_dy=True,
+                     need_dg=False)[0].view(y.shape)
+        return None, dg, dy
