@@ -3,7 +3,7 @@ checkerboard and 8 Gaussians (CPU-sized), and print SW₂ / histogram KL to held
 teacher's 1-step and 100-step Euler values; write the table, the command and the notes on the recipes to
 docs/results.md.
 
-    python benchmarks/quality_table.py [--data checkerboard 8gaussians] [--methods pd cd ct ctm meanflow sct scd] [--jobs 2]
+    python benchmarks/quality_table.py [--data checkerboard 8gaussians] [--methods pd cd ct ctm meanflow sct scd shortcut lsd esd psd f2d2] [--jobs 2]
                                        [--out runs/quality] [--samples 10000] [--scale 1.0] [--seeds 1]
                                        [--results docs/results.md]
 
@@ -33,9 +33,12 @@ from pathlib import Path
 from flowkern.methods import get_method
 
 FAR_BETTER = 0.25    # SW2@1 ≤ this × teacher's 1-step Euler SW2
+NLL_METHODS = ("f2d2",)   # joint flow maps: their few-step NLL beside the teacher's ODE NLL
+NLL_GAP = 0.15       # |NLL at k steps − teacher's ODE NLL| ≤ this (nats)
+NLL_DATA_GAP = 0.3   # |NLL at k steps − exact data NLL| ≤ this (nats), where the data has a density
 WITHIN = 1.5         # SW2@1 ≤ this × teacher's 100-step Euler SW2
 MULTISTEP = ("meanflow",)   # also judged: SW2@2 ≤ SW2@1
-METHODS = ("pd", "cd", "ct", "ctm", "meanflow", "sct", "scd")
+METHODS = ("pd", "cd", "ct", "ctm", "meanflow", "sct", "scd", "shortcut", "lsd", "esd", "psd", "f2d2")
 STEPS = (1, 2, 4, 8)
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 NOTES = """## What the table shows
@@ -108,7 +111,9 @@ def run(method: str, data: str, out: Path, samples: int, scale: float, seed: int
     if not (run_dir / "quality.json").is_file():
         argv = [sys.executable, "-m", "flowkern", "train", method, "--data", data, "--out", str(run_dir),
                 "--steps", str(max(1, round(recipe_steps(method) * scale))), "--samples", str(samples),
-                "--seed", str(seed), "--threads", "1", "--no-progress", "--no-nll"]
+                "--seed", str(seed), "--threads", "1", "--no-progress"]
+        if method not in NLL_METHODS:
+            argv.append("--no-nll")
         if getattr(get_method(method), "needs_teacher", False):
             argv += ["--teacher", str(out / f"fm-{data}" / "checkpoint.pt")]
         start = time.perf_counter()
@@ -153,7 +158,30 @@ def lane(data: str, methods: list[str], out: Path, samples: int, scale: float,
             bars += " (seeds: " + " / ".join(f"{row['1']['sw2']:.3f}" for row in per_seed) + ")"
         rows.append(f"| {data} | {method} | {results[0]['steps']} | "
                     + " | ".join(f"{s[str(k)]['sw2']:.3f} / {s[str(k)]['kl']:.2f}" for k in STEPS) + f" | {bars} |")
+        if method in NLL_METHODS:
+            row, failed = nll_row(data, method, results)
+            rows.append(row)
+            failures += failed
     return rows, failures
+
+
+def nll_row(data: str, method: str, results: list[dict]) -> tuple[str, int]:
+    """The joint flow map's median k-step NLL (nats) beside the teacher's naive k-step Euler NLL, and the bars:
+    within NLL_GAP of the teacher's ODE NLL and, where the data has a density, within NLL_DATA_GAP of it."""
+    nll = {k: statistics.median_high(r["nll_steps"][str(k)] for r in results) for k in STEPS}
+    naive = {k: statistics.median_high(r["nll_naive_steps"][str(k)] for r in results) for k in STEPS}
+    teacher = statistics.median_high(r["teacher_nll_ode"] for r in results)
+    gap = max(abs(nll[k] - teacher) for k in STEPS)
+    ok = gap <= NLL_GAP
+    bars = f"max gap to the teacher's ODE NLL {teacher:.3f}: {gap:.3f} {'PASS' if ok else 'FAIL'}"
+    if "data_nll" in results[0]:
+        data_nll = results[0]["data_nll"]
+        data_gap = max(abs(nll[k] - data_nll) for k in STEPS)
+        ok_data = data_gap <= NLL_DATA_GAP
+        bars += f"; to the data's exact NLL {data_nll:.4f}: {data_gap:.3f} {'PASS' if ok_data else 'FAIL'}"
+        ok = ok and ok_data
+    return (f"| {data} | {method} NLL (nats), naive teacher Euler in brackets | {results[0]['steps']} | "
+            + " | ".join(f"{nll[k]:.3f} ({naive[k]:.2f})" for k in STEPS) + f" | {bars} |"), int(not ok)
 
 
 def results_page(table: str, command: str) -> str:

@@ -14,6 +14,7 @@ from helpers import fast_cpu, gaussian_batch, tiny_net
 
 from flowkern.methods import METHODS, RUN_VALUES, Auxiliary, get_method
 from flowkern.methods.parameters import args_help, method_parameters
+from flowkern.nn import MLPFlowMap
 
 pytestmark = pytest.mark.usefixtures(fast_cpu.__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,10 +36,17 @@ RECIPE = {
                  "cfg_t_max": 1.0, "label_dropout": 0.1},
     **{name: {"p_mean": None, "p_std": 1.4, "tangent_warmup": 1000, "tangent_c": 0.1, "adaptive_weighting": True,
               "weighting_lr": 0.002, "mid_t": 1.1, "one_pass": True} for name in ("sct", "scd")},
+    "shortcut": {"levels": 128, "bootstrap_fraction": 0.25, "target_ema": False, "target_decay": 0.999,
+                 "target_clip": None},
+    "lsd": {"off_diagonal_fraction": 0.25},
+    "esd": {"off_diagonal_fraction": 0.25},
+    "psd": {"off_diagonal_fraction": 0.25, "intermediate": "uniform"},
+    "f2d2": {"levels": 128, "bootstrap_fraction": 0.25, "divergence": "hutchinson", "probes": 1,
+             "divergence_scale": 10.0, "consistency": "semigroup", "warm_start": True, "target_clip": None},
 }
 REQUIRED_RUN_VALUES = {"fm": set(), "pd": {"total_steps"}, "cd": {"sigma_data"}, "ct": {"sigma_data", "total_steps"},
-                       "ctm": {"sigma_data"}, "meanflow": set(),
-                       "sct": {"sigma_data"}, "scd": {"sigma_data"}}
+                       "ctm": {"sigma_data"}, "meanflow": set(), "sct": {"sigma_data"}, "scd": {"sigma_data"},
+                       "shortcut": set(), "lsd": set(), "esd": set(), "psd": set(), "f2d2": set()}
 RUN = {"sigma_data": 0.5, "total_steps": 100}
 ALLOWED_ANNOTATIONS = (int, float, bool, str, float | None, int | None, tuple[float, ...], tuple[int, ...])
 
@@ -48,7 +56,13 @@ def build(name, **kw):
     cls = get_method(name)
     run = {p.name: RUN[p.name] for p in method_parameters(cls) if p.required}
     teacher = {"teacher": tiny_net(seed=1)} if cls.needs_teacher else {}
-    return cls(tiny_net(), **teacher, **{**run, **kw})
+    return cls(joint_net() if getattr(cls, "divergence_head", False) else tiny_net(), **teacher, **{**run, **kw})
+
+
+def joint_net():
+    """tiny_net with a D head, for a method that trains a joint flow map (u, D)."""
+    torch.manual_seed(0)
+    return MLPFlowMap(2, hidden=32, depth=2, time_dim=16, divergence_head=True)
 
 
 def seeded_losses(method, x0, seed=7) -> dict[str, float]:

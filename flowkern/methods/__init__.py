@@ -8,6 +8,11 @@
     meanflow  MeanFlow (one-step, from data)    flowkern.methods.meanflow:MeanFlow
     sct  continuous-time consistency training   flowkern.methods.scm:SCT
     scd  continuous-time consistency distill.   flowkern.methods.scm:SCD
+    shortcut  shortcut model                    flowkern.methods.shortcut:Shortcut
+    lsd  Lagrangian self-distillation           flowkern.methods.self_distillation:LagrangianSelfDistillation
+    esd  Eulerian self-distillation             flowkern.methods.self_distillation:EulerianSelfDistillation
+    psd  progressive self-distillation          flowkern.methods.self_distillation:ProgressiveSelfDistillation
+    f2d2 joint flow map and log-density (F2D2)  flowkern.methods.f2d2:F2D2
 """
 from __future__ import annotations
 
@@ -25,6 +30,11 @@ METHODS: dict[str, str] = {
     "meanflow": "flowkern.methods.meanflow:MeanFlow",
     "sct": "flowkern.methods.scm:SCT",
     "scd": "flowkern.methods.scm:SCD",
+    "shortcut": "flowkern.methods.shortcut:Shortcut",
+    "lsd": "flowkern.methods.self_distillation:LagrangianSelfDistillation",
+    "esd": "flowkern.methods.self_distillation:EulerianSelfDistillation",
+    "psd": "flowkern.methods.self_distillation:ProgressiveSelfDistillation",
+    "f2d2": "flowkern.methods.f2d2:F2D2",
 }
 
 

@@ -100,8 +100,9 @@ def add_parsers(sub) -> None:
     ev.add_argument("--samples", type=_positive_int, default=TRAIN_OPTIONS["samples"].default,
                     help=f"samples per step count (default: {TRAIN_OPTIONS['samples'].default})")
     ev.add_argument("--nll", action=argparse.BooleanOptionalAction, default=None,
-                    help="the ODE NLL (default: on where the method has a velocity and the data is 2-D; --nll "
-                         "elsewhere is an error)")
+                    help="the NLL: the ODE NLL of a method with a velocity on 2-D data; for a joint flow map (f2d2) the "
+                         "likelihood report, also written to quality.json beside the checkpoint (default: on where "
+                         "available; --nll elsewhere is an error)")
     _add_run_flags(ev, "eval")
 
 
@@ -253,9 +254,15 @@ def _architecture(run: Run, dataset, teacher, state) -> dict:
             t[key] = value     # the run records the architecture it trains
         return arch
     try:
-        return architecture(t["arch"], t, dataset.shape, run.cls)
+        arch = architecture(t["arch"], t, dataset.shape, run.cls)
     except ValueError as err:
         raise CLIError(str(err)) from None
+    if getattr(run.cls, "divergence_head", False):    # a joint flow map (u, D), e.g. f2d2
+        if arch["arch"] != "mlp":
+            raise CLIError(f"--arch {arch['arch']}: {run.method} needs a log-density head (D), which only "
+                           "--arch mlp has")
+        arch["divergence_head"] = True
+    return arch
 
 
 def _check_size(arch: dict, run: Run, dev: torch.device | None) -> None:
@@ -491,6 +498,11 @@ def evaluate(args) -> int:
         teacher = teacher.to(_eval_device(args.device))
     result = quality(method, model, dataset, args.samples, teacher=teacher, nll=args.nll is not False and why is None,
                      progress=args.progress, steps=args.steps)
+    if "nll_ode" in result:   # the likelihood report of a joint flow map, kept beside the checkpoint
+        from flowkern.train.nll import update_quality_json
+
+        update_quality_json(args.checkpoint.parent / "quality.json",
+                            {k: v for k, v in report_json(result).items() if k != "rows"})
     print(f"{args.checkpoint}: {method.name} on {state['data']}, step {state['step']}")
     print(format_report(result))
     return 0

@@ -74,7 +74,10 @@ def report_steps(method, has_teacher: bool) -> tuple[int, ...]:
 
 
 def nll_unavailable(method, dataset) -> str | None:
-    """Why the ODE NLL cannot be computed for `method` on `dataset` (None: it can)."""
+    """Why the ODE NLL cannot be computed for `method` on `dataset` (None: it can). A joint flow map (f2d2) gives
+    its likelihood report on any data (bits/dim for images)."""
+    if getattr(method, "divergence_head", False):
+        return None
     if not hasattr(method, "velocity"):
         return f"method {method.name!r} has no velocity field (the NLL needs the probability-flow ODE)"
     if dataset.dim != 2:
@@ -110,7 +113,13 @@ def quality(method, model, dataset, samples: int, *, teacher=None, nll: bool = F
             rows.append((label, score(out, dataset, reference)))
             drawn[label] = out
         result = {"rows": rows, "drawn": drawn, "reference": reference, "steps": columns}
-        if nll:
+        if nll and getattr(method, "divergence_head", False):
+            from flowkern.train.nll import method_nll_report
+
+            bar.set_postfix_str("likelihood report")
+            result.update(method_nll_report(method, model, dataset, reference, progress=False))
+            bar.update(1)
+        elif nll:
             bar.set_postfix_str("NLL")
             result["nll"] = ode_nll(method.velocity(model), reference)
             if dataset.has_density:
@@ -124,6 +133,10 @@ def quality(method, model, dataset, samples: int, *, teacher=None, nll: bool = F
 def format_report(result: dict) -> str:
     """The table of `quality` and its NLL line."""
     lines = [format_table(result["rows"], result["steps"])]
+    if "nll_ode" in result:
+        from flowkern.train.nll import format_nll
+
+        lines.append(format_nll(result))
     if "nll" in result:
         exact = f" (exact NLL of the data: {result['data_nll']:.4f})" if "data_nll" in result else ""
         lines.append(f"NLL via the PF-ODE (RK4, 64 steps, exact divergence): {result['nll']:.4f} nats{exact}")
@@ -132,5 +145,6 @@ def format_report(result: dict) -> str:
 
 def report_json(result: dict, **extra) -> dict:
     """quality.json: `extra` (e.g. steps, train_seconds), the NLLs, and {label: {k: scores}}."""
-    return {**extra, **{k: result[k] for k in ("nll", "data_nll") if k in result},
+    kept = {k: v for k, v in result.items() if k not in ("rows", "drawn", "reference", "steps")}   # the NLLs
+    return {**extra, **kept,
             "rows": {label: scores for label, scores in result["rows"]}}

@@ -78,7 +78,8 @@ def network(arch: dict) -> torch.nn.Module:
     if kind != "mlp":
         raise checkpoint.CheckpointError(f"unknown network arch {kind!r}; known: {', '.join(ARCHS)}")
     return MLPFlowMap(arch["dim"], hidden=arch["hidden"], depth=arch["depth"], time_dim=arch["time_dim"],
-                      dropout=arch.get("dropout", 0.0), time_scale=time_scale)
+                      dropout=arch.get("dropout", 0.0), time_scale=time_scale,
+                      divergence_head=arch.get("divergence_head", False))
 
 
 def build_method(cls, model: torch.nn.Module, kwargs: dict, teacher: torch.nn.Module | None = None):
