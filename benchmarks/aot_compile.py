@@ -31,9 +31,9 @@ def _signature(fn, pointer_dtype, constexprs):
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name.isupper() or name in ("LSE", "DELTA"):
-            sig[name] = {"LSE": "*fp32", "DELTA": "*fp32", "MASK": "*fp32"}.get(name, pointer_dtype)
-        elif name in ("scale", "scale_log2"):
+        elif name.isupper():
+            sig[name] = {"ROW_STATS": "*fp32", "DELTA": "*fp32", "MASK": "*fp32"}.get(name, pointer_dtype)
+        elif name == "scale":
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
