@@ -118,7 +118,7 @@ def test_vmap_over_jvp_and_jacfwd(backend, device):
     q, k, v = make_inputs(2, 2, 1, 5, 7, 16, device=device, seed=8)[:3]
     mask = (torch.rand(2, 2, 5, 7, generator=torch.Generator().manual_seed(1)) > 0.3).to(device)
     probes = torch.randn(3, *q.shape, generator=torch.Generator().manual_seed(2)).to(device)
-    for kw in ({"causal": True}, {"attn_mask": mask}):
+    for kw in ({"is_causal": True}, {"attn_mask": mask}):
         with flowkern.use_backend(backend):
             got = torch.func.vmap(lambda t: torch.func.jvp(lambda x: flowkern.attention(x, k, v, enable_gqa=True, **kw), (q,),
                                                            (t,))[1])(probes)
@@ -139,7 +139,7 @@ def test_gradcheck_with_forward_ad_on_the_reference():
     k = torch.randn(1, 1, 6, 8, dtype=torch.float64, generator=g, requires_grad=True)
     v = torch.randn(1, 1, 6, 8, dtype=torch.float64, generator=g, requires_grad=True)
     mask = torch.rand(1, 2, 5, 6, generator=g) > 0.3
-    for kwargs in ({}, {"causal": True}, {"attn_mask": mask, "scale": 0.7}):
+    for kwargs in ({}, {"is_causal": True}, {"attn_mask": mask, "scale": 0.7}):
         assert torch.autograd.gradcheck(lambda a, b, c: flowkern.reference.attention(a, b, c, enable_gqa=True, **kwargs), (q, k, v),
                                         check_forward_ad=True, check_backward_ad=True)
 
