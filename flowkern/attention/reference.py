@@ -99,7 +99,8 @@ def _fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec: AttentionSpec, chunk: int):
 
 
 def attention_bwd(q, k, v, o, stats, do, attn_mask, spec: AttentionSpec, *, chunk: int | None = None):
-    """dQ, dK, dV of O, recomputing P = exp((S − m) − log l) one key chunk at a time."""
+    """dQ, dK, dV of O, recomputing P = exp((S − m) − log l) one key chunk at a time: a first walk for
+    Δ = Σⱼ P dP, a second for the gradients."""
     with torch.autocast(q.device.type, enabled=False):
         return _bwd(q, k, v, o, stats, do, attn_mask, spec, chunk or KEY_CHUNK)
 
@@ -110,7 +111,12 @@ def _bwd(q, k, v, o, stats, do, attn_mask, spec: AttentionSpec, chunk: int):
     qg, dog = _grouped(q, spec, acc), _grouped(do, spec, acc)
     stats_g = stats.unflatten(1, (spec.kv_heads, spec.kv_group)).to(acc)
     row_max, log_l = stats_g[..., 0], stats_g[..., 1]
-    delta = (dog * _grouped(o, spec, acc)).sum(-1)  # Δ = rowsum(dO ⊙ O)
+    delta = torch.zeros(qg.shape[:-1], dtype=acc, device=q.device)  # Δ = Σⱼ P dP (see kernels/attention/bwd.py)
+    for start in range(0, spec.seq_k, chunk):
+        stop = min(start + chunk, spec.seq_k)
+        kc, vc = _key_chunk(k, start, stop, acc), _key_chunk(v, start, stop, acc)
+        p = _p_chunk(_scores(qg, kc, mask, start, stop, spec), row_max, log_l)
+        delta += (p * (dog @ vc.transpose(-1, -2))).sum(-1)
     dq = torch.zeros_like(qg)
     dks, dvs = [], []
     for start in range(0, spec.seq_k, chunk):

@@ -77,7 +77,7 @@ def attention_fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec: AttentionSpec):
 
 
 def attention_bwd(q, k, v, o, stats, do, attn_mask, spec: AttentionSpec):
-    """dQ, dK, dV of O (flash backward from the saved row statistics)."""
+    """dQ, dK, dV of O (flash backward from the saved row statistics; dQ first: it computes the Δ dK/dV use)."""
     kern = kernel_module("attention.configs")
     width = spec.padded_head_dim
     q, k, v, o, do = (_padded(x, width) for x in (q, k, v, o, do))
@@ -94,13 +94,14 @@ def attention_bwd(q, k, v, o, stats, do, attn_mask, spec: AttentionSpec):
     common = dict(CAUSAL=spec.is_causal, MASK_KIND=spec.mask_kind, BLOCK_D=block_d, **_dot_flags(q.dtype))
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *mask_strides)
 
+    delta_exact = torch.empty_like(delta)
+    kern.attention_bwd_dq[lambda meta: (triton.cdiv(spec.seq_q, meta["BLOCK_M"]), spec.batch * spec.q_heads)](
+        q, k, v, do, stats, delta, mask, dq, delta_exact, *strides, *dq.stride(),
+        spec.q_heads, spec.kv_group, spec.seq_q, spec.seq_k, width, spec.scale, spec.causal_offset, **common,
+    )
     kern.attention_bwd_dkdv[lambda meta: (triton.cdiv(spec.seq_k, meta["BLOCK_N"]), spec.batch * spec.kv_heads)](
-        q, k, v, do, stats, delta, mask, dk, dv, *strides, *dk.stride(), *dv.stride(),
+        q, k, v, do, stats, delta_exact, mask, dk, dv, *strides, *dk.stride(), *dv.stride(),
         spec.q_heads, spec.kv_heads, spec.kv_group, spec.seq_q, spec.seq_k, width, spec.scale, spec.causal_offset,
         **common,
-    )
-    kern.attention_bwd_dq[lambda meta: (triton.cdiv(spec.seq_q, meta["BLOCK_M"]), spec.batch * spec.q_heads)](
-        q, k, v, do, stats, delta, mask, dq, *strides, *dq.stride(),
-        spec.q_heads, spec.kv_group, spec.seq_q, spec.seq_k, width, spec.scale, spec.causal_offset, **common,
     )
     return dq[..., :spec.head_dim], dk[..., :spec.head_dim], dv[..., :spec.head_dim_v]

@@ -1,13 +1,19 @@
 """Flash-style attention backward of O (the tangent Ȯ is stop-gradient), recomputing P from the saved row statistics.
 
-With P = exp((S − m) − log l) (m the row max, l the row sum, both saved by the forward), dO the incoming gradient and Δᵢ = Σ_d dOᵢ_d·Oᵢ_d:
-    dV = Pᵀ dO,   dP = dO Vᵀ,   dS = P ⊙ (dP − Δ),   dQ = c·dS K,   dK = c·dSᵀ Q.
-Three kernels:
-* `attention_bwd_delta_kernel`: Δ, grid (cdiv(seq_q, BLOCK_M), batch·q_heads).
+With P = exp((S − m) − log l) (m the row max, l the row sum, both saved by the forward) and dO the incoming
+gradient:
+    dV = Pᵀ dO,   dP = dO Vᵀ,   Δᵢ = Σⱼ Pᵢⱼ dPᵢⱼ,   dS = P ⊙ (dP − Δ),   dQ = c·dS K,   dK = c·dSᵀ Q.
+Δ is the softmax backward's own row sum Σⱼ PᵢⱼdPᵢⱼ, not the shortcut Σ_d dOᵢ_d·Oᵢ_d (equal in exact arithmetic):
+with a near one-hot P (logits scaled by −1e4) dP − Δ must vanish exactly, and the two dot products dO·Vⱼ and dO·O
+differ by a rounding that c = −1e4 would blow up to a gradient error of 1e-2.
+Three kernels, run in this order:
+* `attention_bwd_delta_kernel`: the shortcut Δ̂ = Σ_d dO·O, grid (cdiv(seq_q, BLOCK_M), batch·q_heads).
+* `attention_bwd_dq_kernel`: one program per query tile walks the key tiles with dS = P ⊙ (dP − Δ̂), sums
+  Δ = Σⱼ P dP and B = Σⱼ P K on the way, and corrects at the end: dQ = c·(Σ dS K − (Δ − Δ̂)·B) (a small
+  correction: no cancellation); it stores Δ. Grid (cdiv(seq_q, BLOCK_M), batch·q_heads).
 * `attention_bwd_dkdv_kernel`: one program per key tile of one key/value head walks every query tile of every query
-  head of its GQA group, so dK and dV are summed over the group in registers (no atomics, deterministic);
-  grid (cdiv(seq_k, BLOCK_N), batch·kv_heads).
-* `attention_bwd_dq_kernel`: one program per query tile walks the key tiles; grid (cdiv(seq_q, BLOCK_M), batch·q_heads).
+  head of its GQA group with that Δ, so dK and dV are summed over the group in registers (no atomics,
+  deterministic); grid (cdiv(seq_k, BLOCK_N), batch·kv_heads).
 Rows whose every key is removed have (m, log l) = (+inf, 0), so P = 0 and every gradient they send is exactly 0.
 S − m is formed before log l is subtracted: with a huge |m| (a −1e9 padding mask, logits scaled by −1e4) the sum
 m + log l would round log l away and make P up to Nk× too large.
@@ -100,7 +106,7 @@ def attention_bwd_dkdv_kernel(
 
 @triton.jit
 def attention_bwd_dq_kernel(
-    Q, K, V, DO, ROW_STATS, DELTA, MASK, DQ,
+    Q, K, V, DO, ROW_STATS, DELTA, MASK, DQ, DELTA_EXACT,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -126,11 +132,13 @@ def attention_bwd_dq_kernel(
                    seq_q, head_dim, 0.0)  # [BLOCK_M, BLOCK_D]
     row_max = tl.load(ROW_STATS + (pid_bh * seq_q + offs_m) * 2, mask=offs_m < seq_q, other=float("inf"))
     log_l = tl.load(ROW_STATS + (pid_bh * seq_q + offs_m) * 2 + 1, mask=offs_m < seq_q, other=0.0)
-    delta = tl.load(DELTA + pid_bh * seq_q + offs_m, mask=offs_m < seq_q, other=0.0)  # [BLOCK_M]
+    delta = tl.load(DELTA + pid_bh * seq_q + offs_m, mask=offs_m < seq_q, other=0.0)  # Δ̂, [BLOCK_M]
     k_base = K + b * stride_kb + h_kv * stride_kh
     v_base = V + b * stride_vb + h_kv * stride_vh
     mask_base = MASK + b * stride_maskb + h * stride_maskh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    pk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # B = Σ P K
+    delta_exact = tl.zeros([BLOCK_M], tl.float32)  # Δ = Σ P dP
 
     hi = seq_k
     if CAUSAL:
@@ -146,6 +154,9 @@ def attention_bwd_dq_kernel(
         dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = mma(ds.to(k.dtype), k, dq, UPCAST, INPUT_PRECISION)
+        pk = mma(p.to(k.dtype), k, pk, UPCAST, INPUT_PRECISION)
+        delta_exact += tl.sum(p * dp, 1)
 
-    store_tile(DQ + b * stride_dqb + h * stride_dqh, dq * scale, offs_m, offs_d, stride_dqm, stride_dqd,
-               seq_q, head_dim)
+    dq = (dq - (delta_exact - delta)[:, None] * pk) * scale
+    store_tile(DQ + b * stride_dqb + h * stride_dqh, dq, offs_m, offs_d, stride_dqm, stride_dqd, seq_q, head_dim)
+    tl.store(DELTA_EXACT + pid_bh * seq_q + offs_m, delta_exact, mask=offs_m < seq_q)
