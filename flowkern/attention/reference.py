@@ -1,7 +1,7 @@
 """Pure-PyTorch attention forward (+ tangent) and backward: the reference backend and the CPU fallback.
 
 The same online-softmax maths as the Triton kernels (see `flowkern/kernels/attention/fwd.py`: natural-unit scores,
-the centred tangent sum, the row statistics (m, log l)), walking the keys in chunks, so memory is
+the centred tangent sum, the row statistics (m, 1/l)), walking the keys in chunks, so memory is
 O(Nq·chunk + N·D) per head, never Nq×Nk: the backward recomputes P from the saved statistics chunk by chunk. GQA
 works on a [B, Hkv, G, N, D] view of the queries (no copies of k/v). Accumulates in float32 (float64 for float64
 inputs), with autocast off (its matmuls would otherwise run in the autocast dtype).
@@ -44,13 +44,13 @@ def _scores(q, k_chunk, mask, start: int, stop: int, spec: AttentionSpec) -> tor
     return s if keep is None else torch.where(keep, s, s - float("inf"))
 
 
-def _p_chunk(s: torch.Tensor, row_max: torch.Tensor, log_l: torch.Tensor) -> torch.Tensor:
-    """P = exp((S − m) − log l): S − m first, so a huge |m| never rounds log l away."""
-    return torch.exp((s - row_max[..., None]) - log_l[..., None])
+def _p_chunk(s: torch.Tensor, row_max: torch.Tensor, inv_l: torch.Tensor) -> torch.Tensor:
+    """P = exp(S − m)·(1/l): S − m first, so a huge |m| loses nothing of l."""
+    return torch.exp(s - row_max[..., None]) * inv_l[..., None]
 
 
 def attention_fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec: AttentionSpec, *, chunk: int | None = None):
-    """O, Ȯ (None without tangents) and the row statistics [B, Hq, Nq, 2] = (m, log l) in the accumulation dtype."""
+    """O, Ȯ (None without tangents) and the row statistics [B, Hq, Nq, 2] = (m, 1/l) in the accumulation dtype."""
     with torch.autocast(q.device.type, enabled=False):
         return _fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec, chunk or KEY_CHUNK)
 
@@ -92,14 +92,13 @@ def _fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec: AttentionSpec, chunk: int):
         m = m_new
     empty = row_sum == 0
     inv_l = torch.where(empty, 0.0, 1.0 / torch.where(empty, 1.0, row_sum))
-    stats = torch.stack([torch.where(empty, float("inf"), m),
-                         torch.where(empty, 0.0, torch.log(torch.where(empty, 1.0, row_sum)))], dim=-1)
+    stats = torch.stack([torch.where(empty, float("inf"), m), inv_l], dim=-1)
     o_t = (ot_acc * inv_l[..., None]).flatten(1, 2).to(q.dtype) if has_tangent else None
     return (o_acc * inv_l[..., None]).flatten(1, 2).to(q.dtype), o_t, stats.flatten(1, 2)
 
 
 def attention_bwd(q, k, v, o, stats, do, attn_mask, spec: AttentionSpec, *, chunk: int | None = None):
-    """dQ, dK, dV of O, recomputing P = exp((S − m) − log l) one key chunk at a time: a first walk for
+    """dQ, dK, dV of O, recomputing P = exp(S − m)·(1/l) one key chunk at a time: a first walk for
     Δ = Σⱼ P dP, a second for the gradients."""
     with torch.autocast(q.device.type, enabled=False):
         return _bwd(q, k, v, o, stats, do, attn_mask, spec, chunk or KEY_CHUNK)
@@ -110,19 +109,19 @@ def _bwd(q, k, v, o, stats, do, attn_mask, spec: AttentionSpec, chunk: int):
     mask = expand_mask(attn_mask, spec)
     qg, dog = _grouped(q, spec, acc), _grouped(do, spec, acc)
     stats_g = stats.unflatten(1, (spec.kv_heads, spec.kv_group)).to(acc)
-    row_max, log_l = stats_g[..., 0], stats_g[..., 1]
+    row_max, inv_l = stats_g[..., 0], stats_g[..., 1]
     delta = torch.zeros(qg.shape[:-1], dtype=acc, device=q.device)  # Δ = Σⱼ P dP (see kernels/attention/bwd.py)
     for start in range(0, spec.seq_k, chunk):
         stop = min(start + chunk, spec.seq_k)
         kc, vc = _key_chunk(k, start, stop, acc), _key_chunk(v, start, stop, acc)
-        p = _p_chunk(_scores(qg, kc, mask, start, stop, spec), row_max, log_l)
+        p = _p_chunk(_scores(qg, kc, mask, start, stop, spec), row_max, inv_l)
         delta += (p * (dog @ vc.transpose(-1, -2))).sum(-1)
     dq = torch.zeros_like(qg)
     dks, dvs = [], []
     for start in range(0, spec.seq_k, chunk):
         stop = min(start + chunk, spec.seq_k)
         kc, vc = _key_chunk(k, start, stop, acc), _key_chunk(v, start, stop, acc)
-        p = _p_chunk(_scores(qg, kc, mask, start, stop, spec), row_max, log_l)
+        p = _p_chunk(_scores(qg, kc, mask, start, stop, spec), row_max, inv_l)
         dvs.append((p.transpose(-1, -2) @ dog).sum(2))
         ds = p * (dog @ vc.transpose(-1, -2) - delta[..., None])
         dq += (ds @ kc) * spec.scale

@@ -42,12 +42,12 @@ def _mask_args(attn_mask, spec: AttentionSpec, like: torch.Tensor):
 
 
 def _row_stats(spec: AttentionSpec, device) -> torch.Tensor:
-    """[B, Hq, Nq, 2] float32: the row max m and log l of every query row."""
+    """[B, Hq, Nq, 2] float32: the row max m and 1/l (l the row sum of exp(S − m)) of every query row."""
     return torch.empty((spec.batch, spec.q_heads, spec.seq_q, 2), dtype=torch.float32, device=device)
 
 
 def attention_fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec: AttentionSpec):
-    """O, Ȯ (None without tangents) and the row statistics [B, Hq, Nq, 2] (m, log l) float32, from one fused pass."""
+    """O, Ȯ (None without tangents) and the row statistics [B, Hq, Nq, 2] (m, 1/l) float32, from one fused pass."""
     kern = kernel_module("attention.configs")
     width = spec.padded_head_dim
     q, k, v, q_t, k_t, v_t = (_padded(x, width) for x in (q, k, v, q_t, k_t, v_t))

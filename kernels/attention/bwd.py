@@ -1,6 +1,6 @@
 """Flash-style attention backward of O (the tangent Ȯ is stop-gradient), recomputing P from the saved row statistics.
 
-With P = exp((S − m) − log l) (m the row max, l the row sum, both saved by the forward) and dO the incoming
+With P = exp(S − m)·(1/l) (m the row max, l the row sum, both saved by the forward) and dO the incoming
 gradient:
     dV = Pᵀ dO,   dP = dO Vᵀ,   Δᵢ = Σⱼ Pᵢⱼ dPᵢⱼ,   dS = P ⊙ (dP − Δ),   dQ = c·dS K,   dK = c·dSᵀ Q.
 Δ is the softmax backward's own row sum Σⱼ PᵢⱼdPᵢⱼ, not the shortcut Σ_d dOᵢ_d·Oᵢ_d (equal in exact arithmetic):
@@ -14,15 +14,15 @@ Three kernels, run in this order:
 * `attention_bwd_dkdv_kernel`: one program per key tile of one key/value head walks every query tile of every query
   head of its GQA group with that Δ, so dK and dV are summed over the group in registers (no atomics,
   deterministic); grid (cdiv(seq_k, BLOCK_N), batch·kv_heads).
-Rows whose every key is removed have (m, log l) = (+inf, 0), so P = 0 and every gradient they send is exactly 0.
-S − m is formed before log l is subtracted: with a huge |m| (a −1e9 padding mask, logits scaled by −1e4) the sum
-m + log l would round log l away and make P up to Nk× too large.
+Rows whose every key is removed have (m, 1/l) = (+inf, 0), so P = 0 and every gradient they send is exactly 0.
+S − m is formed first and l is divided out after the exponential: with a huge |m| (a −1e9 padding mask, logits
+scaled by −1e4) a saved log-sum-exp m + log l would round log l away and make P up to Nk× too large.
 """
 import triton
 import triton.language as tl
 
 from flowkern.kernels.attention.scores import masked_scores
-from flowkern.kernels.utils import LOG2E, load_tile, mma, store_tile
+from flowkern.kernels.utils import load_tile, mma, store_tile
 
 
 @triton.jit
@@ -87,12 +87,12 @@ def attention_bwd_dkdv_kernel(
             q = load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, 0.0)  # [BLOCK_M, BLOCK_D]
             do = load_tile(do_base, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, 0.0)
             row_max = tl.load(ROW_STATS + (row_base + offs_m) * 2, mask=offs_m < seq_q, other=float("inf"))
-            log_l = tl.load(ROW_STATS + (row_base + offs_m) * 2 + 1, mask=offs_m < seq_q, other=0.0)
+            inv_l = tl.load(ROW_STATS + (row_base + offs_m) * 2 + 1, mask=offs_m < seq_q, other=0.0)
             delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < seq_q, other=0.0)  # [BLOCK_M]
             qk = mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
             s = masked_scores(qk, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k,
                               scale, causal_offset, CAUSAL, MASK_KIND)
-            p = tl.math.exp2(((s - row_max[:, None]) - log_l[:, None]) * LOG2E)  # [BLOCK_M, BLOCK_N]
+            p = tl.exp(s - row_max[:, None]) * inv_l[:, None]  # [BLOCK_M, BLOCK_N]
             dv = mma(tl.trans(p).to(do.dtype), do, dv, UPCAST, INPUT_PRECISION)
             dp = mma(do, vT, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
             ds = p * (dp - delta[:, None])  # [BLOCK_M, BLOCK_N]
@@ -131,7 +131,7 @@ def attention_bwd_dq_kernel(
     do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod,
                    seq_q, head_dim, 0.0)  # [BLOCK_M, BLOCK_D]
     row_max = tl.load(ROW_STATS + (pid_bh * seq_q + offs_m) * 2, mask=offs_m < seq_q, other=float("inf"))
-    log_l = tl.load(ROW_STATS + (pid_bh * seq_q + offs_m) * 2 + 1, mask=offs_m < seq_q, other=0.0)
+    inv_l = tl.load(ROW_STATS + (pid_bh * seq_q + offs_m) * 2 + 1, mask=offs_m < seq_q, other=0.0)
     delta = tl.load(DELTA + pid_bh * seq_q + offs_m, mask=offs_m < seq_q, other=0.0)  # Δ̂, [BLOCK_M]
     k_base = K + b * stride_kb + h_kv * stride_kh
     v_base = V + b * stride_vb + h_kv * stride_vh
@@ -150,7 +150,7 @@ def attention_bwd_dq_kernel(
         qk = mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
         s = masked_scores(qk, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k,
                           scale, causal_offset, CAUSAL, MASK_KIND)
-        p = tl.math.exp2(((s - row_max[:, None]) - log_l[:, None]) * LOG2E)  # [BLOCK_M, BLOCK_N]
+        p = tl.exp(s - row_max[:, None]) * inv_l[:, None]  # [BLOCK_M, BLOCK_N]
         dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = mma(ds.to(k.dtype), k, dq, UPCAST, INPUT_PRECISION)

@@ -14,10 +14,12 @@ rescaled by α = exp(m_old − m_new); the new estimate μ̂' = (α·l·μ̂ + �
     O = Õ/l,  Ȯ = T̃/l
 with no final cancellation (the textbook Σ(p̃⊙Ṡ)V / l − μ·O subtracts two large terms), and p̃⊙(Ṡ − μ̂) is centred
 before it is rounded to the input dtype for its GEMM: in bfloat16 it keeps far more of Ṗ's significant bits.
-Row statistics saved for the backward: m (natural log units) and log l, kept apart so that
-P = exp((S − m) − log l) stays exact when |m| is huge (a −1e9 padding mask: m + log l would round log l away).
-The max needs no tangent: softmax is shift-invariant. Scores stay in natural units; log₂e multiplies S − m only.
-A row whose every key is removed has l = 0: it gets O = 0, Ȯ = 0 and statistics (m, log l) = (+∞, 0), which make
+Row statistics saved for the backward: m (natural log units) and 1/l, kept apart so that
+P = exp(S − m)·(1/l) stays exact when |m| is huge (a −1e9 padding mask: a log-sum-exp m + log l would round log l
+away).
+The max needs no tangent: softmax is shift-invariant. Scores stay in natural units (tl.exp of S − m; on a GPU
+Triton lowers it to exp2 of log₂e·(S − m), after the subtraction).
+A row whose every key is removed has l = 0: it gets O = 0, Ȯ = 0 and statistics (m, 1/l) = (+∞, 0), which make
 the backward's P exactly 0 there.
 
 Cost: six tile GEMMs (QKᵀ, Q̇Kᵀ, QK̇ᵀ, p̃V, p̃V̇, p̃(Ṡ − μ̂)V), 12·Nq·Nk·D FLOPs per head. HAS_TANGENT=False gives the
@@ -30,7 +32,7 @@ import triton
 import triton.language as tl
 
 from flowkern.kernels.attention.scores import masked_scores
-from flowkern.kernels.utils import LOG2E, load_tile, mma, store_tile
+from flowkern.kernels.utils import load_tile, mma, store_tile
 
 
 @triton.jit
@@ -92,8 +94,8 @@ def attention_fwd_kernel(
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing kept so far: avoid −inf − −inf
-        alpha = tl.math.exp2((m_i - m_safe) * LOG2E)  # [BLOCK_M]
-        p = tl.math.exp2((s - m_safe[:, None]) * LOG2E)  # [BLOCK_M, BLOCK_N], 0 where removed
+        alpha = tl.exp(m_i - m_safe)  # [BLOCK_M]
+        p = tl.exp(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N], 0 where removed
         l_old = l_i * alpha
         l_i = l_old + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -114,9 +116,9 @@ def attention_fwd_kernel(
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))  # [BLOCK_M]
     store_tile(O + b * stride_ob + h * stride_oh, acc * inv_l[:, None], offs_m, offs_d, stride_om, stride_od,
                seq_q, head_dim)
-    stats = ROW_STATS + (pid_bh * seq_q + offs_m) * 2  # [.., 0]: m, [.., 1]: log l
+    stats = ROW_STATS + (pid_bh * seq_q + offs_m) * 2  # [.., 0]: m, [.., 1]: 1/l
     tl.store(stats, tl.where(empty, float("inf"), m_i), mask=offs_m < seq_q)
-    tl.store(stats + 1, tl.where(empty, 0.0, tl.log(tl.where(empty, 1.0, l_i))), mask=offs_m < seq_q)
+    tl.store(stats + 1, inv_l, mask=offs_m < seq_q)
     if HAS_TANGENT:
         store_tile(OT + b * stride_otb + h * stride_oth, acc_t * inv_l[:, None], offs_m, offs_d, stride_otm,
                    stride_otd, seq_q, head_dim)

@@ -18,8 +18,8 @@ def masked_scores(qk, offs_m, offs_n, mask_base, stride_mask_m, stride_mask_n, s
     seq_k − seq_q: bottom-right aligned, `causal_lower_right`); False entries of a boolean mask; −inf entries of an
     additive mask. A removed score becomes s − ∞, as SDPA's math backend adds −∞: −∞ for a finite s, NaN for a NaN
     one (a NaN key poisons every row that reads it, masked or not, exactly as in SDPA).
-    The scores stay in natural units (log₂e is applied to s − max by the callers): a padding mask of
-    finfo(float32).min would overflow to −∞ if it were multiplied by log₂e first.
+    The scores stay in natural units (exponentials take s − max): a padding mask of finfo(float32).min would
+    overflow to −∞ if it were multiplied by log₂e first.
     Rows ≥ seq_q are left as they are: their results are never stored.
     """
     keep = (offs_n < seq_k)[None, :]  # [1, BLOCK_N]
