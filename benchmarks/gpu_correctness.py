@@ -24,13 +24,13 @@ def main() -> None:
         k = torch.randn(b, hkv, n, d, device=dev, dtype=dtype, requires_grad=True)
         v = torch.randn(b, hkv, n, d, device=dev, dtype=dtype, requires_grad=True)
         q_t, k_t, v_t = (torch.randn_like(x) for x in (q, k, v))
-        out, out_t = flowkern.jvp_attention(q, k, v, q_t, k_t, v_t, causal=causal)
+        out, out_t = flowkern.jvp_attention(q, k, v, q_t, k_t, v_t, is_causal=causal, enable_gqa=hq != hkv)
         grad = torch.randn_like(out)
         out.backward(grad)
         qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
-        ref, ref_t = torch.func.jvp(lambda a, b_, c: math_attention(a, b_, c, causal=causal), (qd, kd, vd),
+        ref, ref_t = torch.func.jvp(lambda a, b_, c: math_attention(a, b_, c, is_causal=causal), (qd, kd, vd),
                                     (q_t.double(), k_t.double(), v_t.double()))
-        ref = math_attention(qd, kd, vd, causal=causal)
+        ref = math_attention(qd, kd, vd, is_causal=causal)
         ref.backward(grad.double())
         errs = [rel(out, ref.detach()), rel(out_t, ref_t), rel(q.grad, qd.grad), rel(k.grad, kd.grad),
                 rel(v.grad, vd.grad)]

@@ -27,8 +27,8 @@ def _inputs(b, h, n, d, dtype, device, seed=0):
     return [torch.randn(b, h, n, d, generator=g, device=device, dtype=dtype) for _ in range(6)]
 
 
-def _flowkern_jvp(q, k, v, q_t, k_t, v_t, causal=False):
-    return flowkern.jvp_attention(q, k, v, q_t, k_t, v_t, causal=causal)
+def _flowkern_jvp(q, k, v, q_t, k_t, v_t, is_causal=False):
+    return flowkern.jvp_attention(q, k, v, q_t, k_t, v_t, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1])
 
 
 IMPLS = {
@@ -62,7 +62,7 @@ def test_forward_tangent(benchmark, device, impl, seq, causal):
     args = _inputs(b, h, seq, d, torch.bfloat16, device)
     benchmark.group = f"fwd+tangent N={seq} {'causal' if causal else 'full'}"
     benchmark.extra_info.update({"shape": [b, h, seq, d], "dtype": "bf16", "causal": causal})
-    _record(benchmark, lambda: IMPLS[impl](*args, causal=causal), device,
+    _record(benchmark, lambda: IMPLS[impl](*args, is_causal=causal), device,
             attention_jvp_flops(b, h, seq, seq, d, causal))
 
 

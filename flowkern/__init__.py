@@ -4,8 +4,11 @@ Public API
 ----------
 * `flowkern.jvp_attention(q, k, v, q_t, k_t, v_t)` -> (out, out_t): softmax attention and its forward-mode tangent
   in one fused kernel pass.
-* `flowkern.attention(q, k, v)`: drop-in for `F.scaled_dot_product_attention` that works under `torch.func.jvp`,
-  `torch.autograd.forward_ad` and ordinary backward, with the tangent from the fused kernel.
+* `flowkern.attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
+  enable_gqa=False)`: drop-in for `F.scaled_dot_product_attention` (same signature and semantics) that works under
+  `torch.func.jvp`, `torch.autograd.forward_ad` and ordinary backward, with the tangent from the fused kernel.
+* `flowkern.patch_sdpa()`: a context manager (and `.install()` / `.uninstall()`) routing every
+  `F.scaled_dot_product_attention` call of an unmodified model to `flowkern.attention`.
 * `flowkern.ops`: fused JVP-aware layer ops (layer_norm, rms_norm, modulate, gated_residual, gelu, silu,
   time_embedding, linear), each a drop-in plus an explicit `*_jvp` form returning (y, y_t) from one pass.
 * `flowkern.flow_map`: fused flow-map jumps Φ = x + (s − t)·u (with the joint log-density), batched multi-time
@@ -40,7 +43,7 @@ def _expose_source_tree_kernels() -> None:
 _expose_source_tree_kernels()
 
 from flowkern._config import use_backend  # noqa: E402
-from flowkern.attention import attention, jvp_attention  # noqa: E402
+from flowkern.attention import attention, jvp_attention, patch_sdpa  # noqa: E402
 from flowkern import flow_map, likelihood, ops, reference  # noqa: E402
 from flowkern.divergence import divergence  # noqa: E402
 from flowkern.likelihood import bits_per_dim, dequantize, flow_map_log_likelihood, ode_log_likelihood  # noqa: E402
@@ -48,5 +51,6 @@ from flowkern import nn  # noqa: E402
 from flowkern.nn.forward_mode import jvp  # noqa: E402
 
 __all__ = ["attention", "bits_per_dim", "dequantize", "divergence", "flow_map", "flow_map_log_likelihood",
-           "jvp", "jvp_attention", "likelihood", "nn", "ode_log_likelihood", "ops", "reference", "use_backend"]
+           "jvp", "jvp_attention", "likelihood", "nn", "ode_log_likelihood", "ops", "patch_sdpa", "reference",
+           "use_backend"]
 __version__ = "0.1.0"

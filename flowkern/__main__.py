@@ -37,8 +37,8 @@ def _demo(args) -> int:
     g = torch.Generator().manual_seed(0)
     shapes = [(2, 4, 37, 64), (2, 2, 45, 64), (2, 2, 45, 64)] * 2
     q, k, v, q_t, k_t, v_t = (torch.randn(s, generator=g).to(device, dtype) for s in shapes)
-    out, out_t = flowkern.jvp_attention(q, k, v, q_t, k_t, v_t, causal=True)
-    ref, ref_t = torch.func.jvp(lambda a, b, c: math_attention(a, b, c, causal=True),
+    out, out_t = flowkern.jvp_attention(q, k, v, q_t, k_t, v_t, is_causal=True, enable_gqa=True)
+    ref, ref_t = torch.func.jvp(lambda a, b, c: math_attention(a, b, c, is_causal=True),
                                 tuple(x.double() for x in (q, k, v)), tuple(x.double() for x in (q_t, k_t, v_t)))
     rel = [((a.double() - r).norm() / r.norm()).item() for a, r in ((out, ref), (out_t, ref_t))]
     tol = 1e-4 if dtype == torch.float32 else 2e-2

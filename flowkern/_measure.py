@@ -85,7 +85,7 @@ def median_time_s(fn, device: torch.device, *, warmup: int = 1, repeats: int = 5
     return statistics.median(times)
 
 
-def attention_jvp_flops(b: int, h: int, nq: int, nk: int, d: int, causal: bool = False) -> float:
-    """FLOPs counted for forward + tangent: 12·B·H·Nq·Nk·D (six GEMMs), halved when causal."""
+def attention_jvp_flops(b: int, h: int, nq: int, nk: int, d: int, is_causal: bool = False) -> float:
+    """FLOPs counted for forward + tangent: 12·B·H·Nq·Nk·D (six GEMMs), halved when is_causal."""
     flops = 12.0 * b * h * nq * nk * d
-    return flops / 2 if causal else flops
+    return flops / 2 if is_causal else flops

@@ -9,16 +9,16 @@ from flowkern._config import use_backend
 from flowkern.attention import api as _attention_api
 
 
-def jvp_attention(q, k, v, q_t, k_t, v_t, *, causal=False, attn_mask=None, scale=None):
-    """`flowkern.jvp_attention` in chunked PyTorch."""
+def jvp_attention(*args, **kwargs):
+    """`flowkern.jvp_attention` (same arguments) in chunked PyTorch."""
     with use_backend("torch"):
-        return _attention_api.jvp_attention(q, k, v, q_t, k_t, v_t, causal=causal, attn_mask=attn_mask, scale=scale)
+        return _attention_api.jvp_attention(*args, **kwargs)
 
 
-def attention(q, k, v, *, causal=False, attn_mask=None, scale=None):
-    """`flowkern.attention` in chunked PyTorch."""
+def attention(*args, **kwargs):
+    """`flowkern.attention` (same arguments as `F.scaled_dot_product_attention`) in chunked PyTorch."""
     with use_backend("torch"):
-        return _attention_api.attention(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale)
+        return _attention_api.attention(*args, **kwargs)
 
 
 def divergence(fn, x, *args, **kwargs):

@@ -24,12 +24,12 @@ from flowkern._precision import accumulation_dtype
 from flowkern._validate import check_bool, check_finite_scalar, check_int
 
 
-def math_attention(q, k, v, *, causal=False, attn_mask=None, scale=None):
+def math_attention(q, k, v, *, is_causal=False, attn_mask=None, scale=None):
     """Textbook softmax attention with an explicit [B, H, Nq, Nk] score matrix (O(N²) memory).
 
     Same semantics as `F.scaled_dot_product_attention` with the math backend (top-left causal alignment, bool masks
     keep True, additive masks are added after scaling, GQA by repeating k/v), except that a row with every key
-    removed gives 0 instead of NaN. Differentiable in both modes (`torch.func.jvp`, autograd).
+    removed gives 0 (as SDPA's math backend). Differentiable in both modes (`torch.func.jvp`, autograd).
     """
     group = q.shape[1] // k.shape[1]
     if group > 1:
@@ -39,7 +39,7 @@ def math_attention(q, k, v, *, causal=False, attn_mask=None, scale=None):
     s = (q @ k.transpose(-1, -2)) * scale
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.to(s.dtype)
-    if causal:
+    if is_causal:
         keep = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
         s = s.masked_fill(~keep, float("-inf"))
     empty = (s == float("-inf")).all(-1, keepdim=True)

@@ -24,7 +24,7 @@ SHAPES = [
 
 def _run(backend, *args, **kw):
     with flowkern.use_backend(backend):
-        return flowkern.jvp_attention(*args, **kw)
+        return flowkern.jvp_attention(*args, enable_gqa=True, **kw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -32,18 +32,18 @@ def _run(backend, *args, **kw):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_output_tangent_and_grads_match_float64_math(backend, shape, causal, device):
     inputs = make_inputs(*shape, device=device, seed=hash((shape, causal)) % 1000)
-    out, out_t = _run(backend, *inputs, causal=causal)
-    ref_out, ref_t = reference_jvp(*inputs, causal=causal)
+    out, out_t = _run(backend, *inputs, is_causal=causal)
+    ref_out, ref_t = reference_jvp(*inputs, is_causal=causal)
     assert out.shape == ref_out.shape and out.dtype == torch.float32 and out_t.dtype == torch.float32
     assert_close_to(out, ref_out, torch.float32, what="out")
     assert_close_to(out_t, ref_t, torch.float32, what="out_t")
 
     q, k, v = (x.clone().requires_grad_() for x in inputs[:3])
     with flowkern.use_backend(backend):
-        out = flowkern.attention(q, k, v, causal=causal)
+        out = flowkern.attention(q, k, v, enable_gqa=True, is_causal=causal)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
-    for name, got, want in zip("qkv", (q.grad, k.grad, v.grad), reference_grads(*inputs[:3], grad_out, causal=causal)):
+    for name, got, want in zip("qkv", (q.grad, k.grad, v.grad), reference_grads(*inputs[:3], grad_out, is_causal=causal)):
         assert_close_to(got, want, torch.float32, what=f"d{name}")
 
 
@@ -51,8 +51,8 @@ def test_output_tangent_and_grads_match_float64_math(backend, shape, causal, dev
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 72, 96, 128, 256])
 def test_head_dims(backend, head_dim, device):
     inputs = make_inputs(1, 2, 1, 9, 21, head_dim, device=device, seed=head_dim)
-    out, out_t = _run(backend, *inputs, causal=True)
-    ref_out, ref_t = reference_jvp(*inputs, causal=True)
+    out, out_t = _run(backend, *inputs, is_causal=True)
+    ref_out, ref_t = reference_jvp(*inputs, is_causal=True)
     assert_close_to(out, ref_out, torch.float32, what="out")
     assert_close_to(out_t, ref_t, torch.float32, what="out_t")
 
@@ -62,22 +62,22 @@ def test_head_dims(backend, head_dim, device):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_low_precision_within_a_multiple_of_pytorchs_own_error(backend, dtype, causal, device):
     inputs = make_inputs(1, 2, 1, 41, 29, 32, dtype=dtype, device=device, seed=7)
-    out, out_t = _run(backend, *inputs, causal=causal)
+    out, out_t = _run(backend, *inputs, is_causal=causal)
     assert out.dtype == dtype and out_t.dtype == dtype, "outputs and tangents come back in the input dtype"
-    ref = reference_jvp(*inputs, causal=causal)
-    err_out, err_t = torch_own_error(*inputs, ref, causal=causal)
+    ref = reference_jvp(*inputs, is_causal=causal)
+    err_out, err_t = torch_own_error(*inputs, ref, is_causal=causal)
     assert_close_to(out, ref[0], dtype, err_out, what="out")
     assert_close_to(out_t, ref[1], dtype, err_t, what="out_t")
 
     q, k, v = (x.clone().requires_grad_() for x in inputs[:3])
     with flowkern.use_backend(backend):
-        out = flowkern.attention(q, k, v, causal=causal)
+        out = flowkern.attention(q, k, v, enable_gqa=True, is_causal=causal)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
-    ref_grads = reference_grads(*inputs[:3], grad_out, causal=causal)
+    ref_grads = reference_grads(*inputs[:3], grad_out, is_causal=causal)
     low = [x.detach().clone().requires_grad_() for x in inputs[:3]]
     from flowkern.testing import math_attention
-    own = torch.autograd.grad(math_attention(*low, causal=causal), low, grad_out)
+    own = torch.autograd.grad(math_attention(*low, is_causal=causal), low, grad_out)
     for name, got, want, theirs in zip("qkv", (q.grad, k.grad, v.grad), ref_grads, own):
         assert got.dtype == dtype
         assert_close_to(got, want, dtype, (theirs.double().cpu() - want).abs().max().item(), what=f"d{name}")
@@ -88,7 +88,7 @@ def test_causal_alignment_is_that_of_stock_sdpa(nq, nk):
     """is_causal in SDPA is top-left aligned (query i sees keys j <= i) also when Nq != Nk."""
     q, k, v = make_inputs(1, 2, 2, nq, nk, 16, dtype=torch.float64, seed=nq * nk)[:3]
     want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    got = flowkern.attention(q, k, v, causal=True)
+    got = flowkern.attention(q, k, v, enable_gqa=True, is_causal=True)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
@@ -113,16 +113,16 @@ def test_masks(backend, mask_name, causal, device):
     b, hq, hkv, nq, nk, d = 2, 2, 1, 19, 23, 16
     inputs = make_inputs(b, hq, hkv, nq, nk, d, device=device, seed=3)
     mask = _masks(b, hq, nq, nk, seed=5)[mask_name].to(device)
-    out, out_t = _run(backend, *inputs, causal=causal, attn_mask=mask)
-    ref_out, ref_t = reference_jvp(*inputs, causal=causal, attn_mask=mask)
+    out, out_t = _run(backend, *inputs, is_causal=causal, attn_mask=mask)
+    ref_out, ref_t = reference_jvp(*inputs, is_causal=causal, attn_mask=mask)
     assert_close_to(out, ref_out, torch.float32, what="out")
     assert_close_to(out_t, ref_t, torch.float32, what="out_t")
     q, k, v = (x.clone().requires_grad_() for x in inputs[:3])
     with flowkern.use_backend(backend):
-        out = flowkern.attention(q, k, v, causal=causal, attn_mask=mask)
+        out = flowkern.attention(q, k, v, enable_gqa=True, is_causal=causal, attn_mask=mask)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
-    ref = reference_grads(*inputs[:3], grad_out, causal=causal, attn_mask=mask)
+    ref = reference_grads(*inputs[:3], grad_out, is_causal=causal, attn_mask=mask)
     for name, got, want in zip("qkv", (q.grad, k.grad, v.grad), ref):
         assert_close_to(got, want, torch.float32, what=f"d{name}")
 
@@ -146,7 +146,7 @@ def test_fully_masked_rows_give_zero_output_tangent_and_gradient(backend, kind, 
     assert_close_to(out_t, ref_t, torch.float32, what="out_t")
     q, k, v = (x.clone().requires_grad_() for x in inputs[:3])
     with flowkern.use_backend(backend):
-        flowkern.attention(q, k, v, attn_mask=mask).backward(torch.randn(out.shape, device=device))
+        flowkern.attention(q, k, v, enable_gqa=True, attn_mask=mask).backward(torch.randn(out.shape, device=device))
     for grad in (q.grad, k.grad, v.grad):
         assert torch.isfinite(grad).all()
     assert (q.grad[:, 0, 2] == 0).all() and (q.grad[:, 1, 4:] == 0).all()
@@ -157,8 +157,8 @@ def test_fully_masked_rows_give_zero_output_tangent_and_gradient(backend, kind, 
 def test_non_contiguous_inputs(backend, layout, device):
     inputs = make_inputs(2, 4, 2, 13, 18, 24, device=device, seed=5, layout=layout)
     assert not all(x.is_contiguous() for x in inputs)
-    out, out_t = _run(backend, *inputs, causal=True)
-    ref_out, ref_t = reference_jvp(*inputs, causal=True)
+    out, out_t = _run(backend, *inputs, is_causal=True)
+    ref_out, ref_t = reference_jvp(*inputs, is_causal=True)
     assert_close_to(out, ref_out, torch.float32, what="out")
     assert_close_to(out_t, ref_t, torch.float32, what="out_t")
 
@@ -195,17 +195,17 @@ def test_reference_walks_several_key_chunks(causal, monkeypatch):
     monkeypatch.setattr(reference, "KEY_CHUNK", 8)
     inputs = make_inputs(1, 2, 1, 21, 30, 16, seed=21)
     mask = torch.rand(1, 2, 21, 30, generator=torch.Generator().manual_seed(3)) > 0.3
-    out, out_t = _run("torch", *inputs, causal=causal, attn_mask=mask)
-    ref_out, ref_t = reference_jvp(*inputs, causal=causal, attn_mask=mask)
+    out, out_t = _run("torch", *inputs, is_causal=causal, attn_mask=mask)
+    ref_out, ref_t = reference_jvp(*inputs, is_causal=causal, attn_mask=mask)
     assert_close_to(out, ref_out, torch.float32, what="out")
     assert_close_to(out_t, ref_t, torch.float32, what="out_t")
     q, k, v = (x.clone().requires_grad_() for x in inputs[:3])
     with flowkern.use_backend("torch"):
-        out = flowkern.attention(q, k, v, causal=causal, attn_mask=mask)
+        out = flowkern.attention(q, k, v, enable_gqa=True, is_causal=causal, attn_mask=mask)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
     for name, got, want in zip("qkv", (q.grad, k.grad, v.grad),
-                               reference_grads(*inputs[:3], grad_out, causal=causal, attn_mask=mask)):
+                               reference_grads(*inputs[:3], grad_out, is_causal=causal, attn_mask=mask)):
         assert_close_to(got, want, torch.float32, what=f"d{name}")
 
 
@@ -214,23 +214,25 @@ def test_plain_pass_on_the_pytorch_backend_is_stock_sdpa(monkeypatch):
     values and gradients as the float64 math reference); under forward AD the fused tangent path runs instead."""
     import torch.autograd.forward_ad as fwAD
 
+    from flowkern.attention import api
+
     calls = []
-    real = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = api.STOCK_SDPA  # PyTorch's SDPA, as flowkern holds it (unaffected by flowkern.patch_sdpa)
+    monkeypatch.setattr(api, "STOCK_SDPA", lambda *a, **k: calls.append(1) or real(*a, **k))
     q, k, v, q_t, k_t, v_t = (x.double().requires_grad_() for x in make_inputs(2, 2, 2, 7, 7, 8, seed=3))
     with flowkern.use_backend("torch"):
-        out = flowkern.attention(q, k, v, causal=True)
+        out = flowkern.attention(q, k, v, enable_gqa=True, is_causal=True)
         assert calls == [1]
         out.sum().backward()
         with fwAD.dual_level():
-            flowkern.attention(fwAD.make_dual(q.detach(), q_t.detach()), k.detach(), v.detach(), causal=True)
+            flowkern.attention(fwAD.make_dual(q.detach(), q_t.detach()), k.detach(), v.detach(), is_causal=True)
         assert calls == [1]
         flowkern.attention(q, k[:, :1], v[:, :1])   # GQA: the fused path
         assert calls == [1]
     from flowkern.testing import math_attention
 
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-    ref = math_attention(*leaves, causal=True)
+    ref = math_attention(*leaves, is_causal=True)
     ref.sum().backward()
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for got, want in zip((q.grad, k.grad, v.grad), (x.grad for x in leaves)):

@@ -35,10 +35,10 @@ def fused_calls(monkeypatch):
 def test_func_jvp_uses_one_fused_pass(backend, device, fused_calls):
     q, k, v, q_t, k_t, v_t = make_inputs(1, 4, 2, 21, 26, 32, device=device, seed=1)
     with flowkern.use_backend(backend):
-        out, out_t = torch.func.jvp(lambda a, b, c: flowkern.attention(a, b, c, causal=True), (q, k, v),
+        out, out_t = torch.func.jvp(lambda a, b, c: flowkern.attention(a, b, c, is_causal=True, enable_gqa=True), (q, k, v),
                                     (q_t, k_t, v_t))
     assert fused_calls == [(backend, True)], "the JVP must be exactly one fused pass, no separate primal pass"
-    ref_out, ref_t = reference_jvp(q, k, v, q_t, k_t, v_t, causal=True)
+    ref_out, ref_t = reference_jvp(q, k, v, q_t, k_t, v_t, is_causal=True)
     assert_close_to(out, ref_out, torch.float32, what="out")
     assert_close_to(out_t, ref_t, torch.float32, what="out_t")
 
@@ -76,7 +76,7 @@ def test_meanflow_pattern_jvp_then_grad(backend, device):
     w = torch.randn(16, 16, device=device, dtype=torch.float64).float()
 
     def net(x, weight):
-        return flowkern.attention(x @ weight, k, v, causal=True)
+        return flowkern.attention(x @ weight, k, v, is_causal=True, enable_gqa=True)
 
     with flowkern.use_backend(backend):
         with torch.no_grad():
@@ -85,7 +85,7 @@ def test_meanflow_pattern_jvp_then_grad(backend, device):
                                                * target).sum())(w)
 
     def net_ref(x, weight):
-        return math_attention(x @ weight, k.double(), v.double(), causal=True)
+        return math_attention(x @ weight, k.double(), v.double(), is_causal=True)
 
     wd, qd, qtd = w.double(), q.double(), q_t.double()
     _, target_ref = torch.func.jvp(lambda x: net_ref(x, wd), (qd,), (qtd,))
@@ -125,11 +125,11 @@ def test_vmap_over_jvp_and_jacfwd(backend, device):
     q, k, v = make_inputs(2, 2, 1, 5, 7, 16, device=device, seed=8)[:3]
     mask = (torch.rand(2, 2, 5, 7, generator=torch.Generator().manual_seed(1)) > 0.3).to(device)
     probes = torch.randn(3, *q.shape, generator=torch.Generator().manual_seed(2)).to(device)
-    for kw in ({"causal": True}, {"attn_mask": mask}):
+    for kw in ({"is_causal": True}, {"attn_mask": mask}):
         with flowkern.use_backend(backend):
-            got = torch.func.vmap(lambda t: torch.func.jvp(lambda x: flowkern.attention(x, k, v, **kw), (q,),
+            got = torch.func.vmap(lambda t: torch.func.jvp(lambda x: flowkern.attention(x, k, v, enable_gqa=True, **kw), (q,),
                                                            (t,))[1])(probes)
-            batched = torch.func.vmap(lambda x: flowkern.attention(x, k, v, **kw))(torch.stack([q, 2 * q]))
+            batched = torch.func.vmap(lambda x: flowkern.attention(x, k, v, enable_gqa=True, **kw))(torch.stack([q, 2 * q]))
         want = torch.stack([reference_jvp(q, k, v, t, torch.zeros_like(k), torch.zeros_like(v), **kw)[1]
                             for t in probes])
         assert_close_to(got, want, torch.float32, what="vmap(jvp)")
@@ -146,8 +146,8 @@ def test_gradcheck_with_forward_ad_on_the_reference():
     k = torch.randn(1, 1, 6, 8, dtype=torch.float64, generator=g, requires_grad=True)
     v = torch.randn(1, 1, 6, 8, dtype=torch.float64, generator=g, requires_grad=True)
     mask = torch.rand(1, 2, 5, 6, generator=g) > 0.3
-    for kwargs in ({}, {"causal": True}, {"attn_mask": mask, "scale": 0.7}):
-        assert torch.autograd.gradcheck(lambda a, b, c: flowkern.reference.attention(a, b, c, **kwargs), (q, k, v),
+    for kwargs in ({}, {"is_causal": True}, {"attn_mask": mask, "scale": 0.7}):
+        assert torch.autograd.gradcheck(lambda a, b, c: flowkern.reference.attention(a, b, c, enable_gqa=True, **kwargs), (q, k, v),
                                         check_forward_ad=True, check_backward_ad=True)
 
 
@@ -194,8 +194,8 @@ def test_hypothesis_shapes_and_masks(backend, device, hkv, group, nq, nk, head_d
         attn_mask = keep if mask == "bool" else torch.randn(1, 1, nq, nk, generator=g).masked_fill(~keep, -torch.inf)
         attn_mask = attn_mask.to(device)
     with flowkern.use_backend(backend):
-        out, out_t = flowkern.jvp_attention(*inputs, causal=causal, attn_mask=attn_mask)
-    ref_out, ref_t = reference_jvp(*inputs, causal=causal, attn_mask=attn_mask)
+        out, out_t = flowkern.jvp_attention(*inputs, is_causal=causal, attn_mask=attn_mask, enable_gqa=True)
+    ref_out, ref_t = reference_jvp(*inputs, is_causal=causal, attn_mask=attn_mask)
     assert torch.isfinite(out).all() and torch.isfinite(out_t).all()
     assert_close_to(out, ref_out, torch.float32, what="out")
     assert_close_to(out_t, ref_t, torch.float32, what="out_t")

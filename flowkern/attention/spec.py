@@ -10,13 +10,19 @@ MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 
 @dataclass(frozen=True)
 class AttentionSpec:
+    """One call on canonical inputs q [B, Hq, Nq, E], k [B, Hkv, Nk, E], v [B, Hkv, Nk, Ev].
+
+    `is_causal` removes keys j > i + `causal_offset` from query row i: offset 0 is SDPA's top-left `is_causal`,
+    Nk − Nq the bottom-right alignment of `causal_lower_right`."""
     batch: int
     q_heads: int
     kv_heads: int
     seq_q: int
     seq_k: int
     head_dim: int
-    causal: bool
+    head_dim_v: int
+    is_causal: bool
+    causal_offset: int
     scale: float
     mask_kind: int
     backend: str
@@ -24,6 +30,11 @@ class AttentionSpec:
     @property
     def kv_group(self) -> int:
         return self.q_heads // self.kv_heads
+
+    @property
+    def padded_head_dim(self) -> int:
+        """The one head dim of a kernel that takes a single one for q, k and v."""
+        return max(self.head_dim, self.head_dim_v)
 
 
 def expand_mask(attn_mask: torch.Tensor | None, spec: AttentionSpec) -> torch.Tensor | None:

@@ -1,14 +1,18 @@
-"""Host launchers of the Triton attention kernels: allocate outputs, compute grids, launch. No maths here."""
+"""Host launchers of the Triton attention kernels: allocate outputs, compute grids, launch. No maths here.
+
+The kernels take one head dim for q, k and v. A value head dim Ev ≠ E is served by zero-padding the narrower side
+to max(E, Ev) (zero columns of q and k leave every score unchanged; zero columns of v give zero output columns,
+sliced off): one copy of the padded tensors, only in that case.
+"""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 
 from flowkern._config import triton_interpreting
 from flowkern._fused import kernel_module
 from flowkern.attention.spec import AttentionSpec, expand_mask
-
-LOG2E = 1.4426950408889634
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
@@ -21,6 +25,13 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def _padded(x: torch.Tensor | None, width: int) -> torch.Tensor | None:
+    """x with its last dim zero-padded to `width` (x itself when it already has it)."""
+    if x is None or x.shape[-1] == width:
+        return x
+    return F.pad(x, (0, width - x.shape[-1]))
+
+
 def _mask_args(attn_mask, spec: AttentionSpec, like: torch.Tensor):
     mask = expand_mask(attn_mask, spec)
     if mask is None:
@@ -30,13 +41,20 @@ def _mask_args(attn_mask, spec: AttentionSpec, like: torch.Tensor):
     return mask, mask.stride()
 
 
+def _row_stats(spec: AttentionSpec, device) -> torch.Tensor:
+    """[B, Hq, Nq, 2] float32: the row max m and 1/l (l the row sum of exp(S − m)) of every query row."""
+    return torch.empty((spec.batch, spec.q_heads, spec.seq_q, 2), dtype=torch.float32, device=device)
+
+
 def attention_fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec: AttentionSpec):
-    """O, Ȯ (None without tangents) and the natural-log LSE [B, Hq, Nq] float32, from one fused kernel pass."""
+    """O, Ȯ (None without tangents) and the row statistics [B, Hq, Nq, 2] (m, 1/l) float32, from one fused pass."""
     kern = kernel_module("attention.configs")
+    width = spec.padded_head_dim
+    q, k, v, q_t, k_t, v_t = (_padded(x, width) for x in (q, k, v, q_t, k_t, v_t))
     has_tangent = q_t is not None
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     o_t = torch.empty(q.shape, dtype=q.dtype, device=q.device) if has_tangent else None
-    lse = torch.empty((spec.batch, spec.q_heads, spec.seq_q), dtype=torch.float32, device=q.device)
+    stats = _row_stats(spec, q.device)
     mask, mask_strides = _mask_args(attn_mask, spec, q)
     tangents = (q_t, k_t, v_t, o_t) if has_tangent else (q, k, v, o)
     zero = (0, 0, 0, 0)
@@ -45,43 +63,45 @@ def attention_fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec: AttentionSpec):
         return (triton.cdiv(spec.seq_q, meta["BLOCK_M"]), spec.batch * spec.q_heads)
 
     kern.attention_fwd[grid](
-        q, k, v, *tangents[:3], mask, o, tangents[3], lse,
+        q, k, v, *tangents[:3], mask, o, tangents[3], stats,
         *q.stride(), *k.stride(), *v.stride(),
         *(q_t.stride() if has_tangent else zero), *(k_t.stride() if has_tangent else zero),
         *(v_t.stride() if has_tangent else zero),
         *mask_strides, *o.stride(), *(o_t.stride() if has_tangent else zero),
-        spec.q_heads, spec.kv_group, spec.seq_q, spec.seq_k, spec.head_dim, spec.scale, spec.scale * LOG2E,
-        HAS_TANGENT=has_tangent, CAUSAL=spec.causal, MASK_KIND=spec.mask_kind,
-        BLOCK_D=_block_d(spec.head_dim), **_dot_flags(q.dtype),
+        spec.q_heads, spec.kv_group, spec.seq_q, spec.seq_k, width, spec.scale, spec.causal_offset,
+        HAS_TANGENT=has_tangent, CAUSAL=spec.is_causal, MASK_KIND=spec.mask_kind,
+        BLOCK_D=_block_d(width), **_dot_flags(q.dtype),
     )
-    return o, o_t, lse
+    dv = spec.head_dim_v
+    return o[..., :dv], (o_t[..., :dv] if has_tangent else None), stats
 
 
-def attention_bwd(q, k, v, o, lse, do, attn_mask, spec: AttentionSpec):
-    """dQ, dK, dV of O (flash backward from the saved LSE)."""
+def attention_bwd(q, k, v, o, stats, do, attn_mask, spec: AttentionSpec):
+    """dQ, dK, dV of O (flash backward from the saved row statistics; dQ first: it computes the Δ dK/dV use)."""
     kern = kernel_module("attention.configs")
-    block_d = _block_d(spec.head_dim)
+    width = spec.padded_head_dim
+    q, k, v, o, do = (_padded(x, width) for x in (q, k, v, o, do))
+    block_d = _block_d(width)
     delta = torch.empty((spec.batch, spec.q_heads, spec.seq_q), dtype=torch.float32, device=q.device)
     kern.attention_bwd_delta[(triton.cdiv(spec.seq_q, kern.DELTA_BLOCK_M), spec.batch * spec.q_heads)](
-        o, do, delta, *o.stride(), *do.stride(), spec.q_heads, spec.seq_q, spec.head_dim,
+        o, do, delta, *o.stride(), *do.stride(), spec.q_heads, spec.seq_q, width,
         BLOCK_M=kern.DELTA_BLOCK_M, BLOCK_D=block_d,
     )
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     mask, mask_strides = _mask_args(attn_mask, spec, q)
-    common = dict(CAUSAL=spec.causal, MASK_KIND=spec.mask_kind,
-                  BLOCK_D=block_d, **_dot_flags(q.dtype))
+    common = dict(CAUSAL=spec.is_causal, MASK_KIND=spec.mask_kind, BLOCK_D=block_d, **_dot_flags(q.dtype))
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *mask_strides)
 
-    kern.attention_bwd_dkdv[lambda meta: (triton.cdiv(spec.seq_k, meta["BLOCK_N"]), spec.batch * spec.kv_heads)](
-        q, k, v, do, lse, delta, mask, dk, dv, *strides, *dk.stride(), *dv.stride(),
-        spec.q_heads, spec.kv_heads, spec.kv_group, spec.seq_q, spec.seq_k, spec.head_dim,
-        spec.scale, spec.scale * LOG2E, **common,
-    )
+    delta_exact = torch.empty_like(delta)
     kern.attention_bwd_dq[lambda meta: (triton.cdiv(spec.seq_q, meta["BLOCK_M"]), spec.batch * spec.q_heads)](
-        q, k, v, do, lse, delta, mask, dq, *strides, *dq.stride(),
-        spec.q_heads, spec.kv_group, spec.seq_q, spec.seq_k, spec.head_dim, spec.scale, spec.scale * LOG2E,
+        q, k, v, do, stats, delta, mask, dq, delta_exact, *strides, *dq.stride(),
+        spec.q_heads, spec.kv_group, spec.seq_q, spec.seq_k, width, spec.scale, spec.causal_offset, **common,
+    )
+    kern.attention_bwd_dkdv[lambda meta: (triton.cdiv(spec.seq_k, meta["BLOCK_N"]), spec.batch * spec.kv_heads)](
+        q, k, v, do, stats, delta_exact, mask, dk, dv, *strides, *dk.stride(), *dv.stride(),
+        spec.q_heads, spec.kv_heads, spec.kv_group, spec.seq_q, spec.seq_k, width, spec.scale, spec.causal_offset,
         **common,
     )
-    return dq, dk, dv
+    return dq[..., :spec.head_dim], dk[..., :spec.head_dim], dv[..., :spec.head_dim_v]

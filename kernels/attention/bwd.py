@@ -1,20 +1,28 @@
-"""Flash-style attention backward of O (the tangent Ȯ is stop-gradient), recomputing P from the saved LSE.
+"""Flash-style attention backward of O (the tangent Ȯ is stop-gradient), recomputing P from the saved row statistics.
 
-With P = exp(S − LSE), dO the incoming gradient and Δᵢ = Σ_d dOᵢ_d·Oᵢ_d:
-    dV = Pᵀ dO,   dP = dO Vᵀ,   dS = P ⊙ (dP − Δ),   dQ = c·dS K,   dK = c·dSᵀ Q.
-Three kernels:
-* `attention_bwd_delta_kernel`: Δ, grid (cdiv(seq_q, BLOCK_M), batch·q_heads).
+With P = exp(S − m)·(1/l) (m the row max, l the row sum, both saved by the forward) and dO the incoming
+gradient:
+    dV = Pᵀ dO,   dP = dO Vᵀ,   Δᵢ = Σⱼ Pᵢⱼ dPᵢⱼ,   dS = P ⊙ (dP − Δ),   dQ = c·dS K,   dK = c·dSᵀ Q.
+Δ is the softmax backward's own row sum Σⱼ PᵢⱼdPᵢⱼ, not the shortcut Σ_d dOᵢ_d·Oᵢ_d (equal in exact arithmetic):
+with a near one-hot P (logits scaled by −1e4) dP − Δ must vanish exactly, and the two dot products dO·Vⱼ and dO·O
+differ by a rounding that c = −1e4 would blow up to a gradient error of 1e-2.
+Three kernels, run in this order:
+* `attention_bwd_delta_kernel`: the shortcut Δ̂ = Σ_d dO·O, grid (cdiv(seq_q, BLOCK_M), batch·q_heads).
+* `attention_bwd_dq_kernel`: one program per query tile walks the key tiles with dS = P ⊙ (dP − Δ̂), sums
+  Δ = Σⱼ P dP and B = Σⱼ P K on the way, and corrects at the end: dQ = c·(Σ dS K − (Δ − Δ̂)·B) (a small
+  correction: no cancellation); it stores Δ. Grid (cdiv(seq_q, BLOCK_M), batch·q_heads).
 * `attention_bwd_dkdv_kernel`: one program per key tile of one key/value head walks every query tile of every query
-  head of its GQA group, so dK and dV are summed over the group in registers (no atomics, deterministic);
-  grid (cdiv(seq_k, BLOCK_N), batch·kv_heads).
-* `attention_bwd_dq_kernel`: one program per query tile walks the key tiles; grid (cdiv(seq_q, BLOCK_M), batch·q_heads).
-Rows whose every key is removed have LSE = +inf, so P = 0 and every gradient they send is exactly 0.
+  head of its GQA group with that Δ, so dK and dV are summed over the group in registers (no atomics,
+  deterministic); grid (cdiv(seq_k, BLOCK_N), batch·kv_heads).
+Rows whose every key is removed have (m, 1/l) = (+inf, 0), so P = 0 and every gradient they send is exactly 0.
+S − m is formed first and l is divided out after the exponential: with a huge |m| (a −1e9 padding mask, logits
+scaled by −1e4) a saved log-sum-exp m + log l would round log l away and make P up to Nk× too large.
 """
 import triton
 import triton.language as tl
 
-from flowkern.kernels.attention.scores import masked_scores_log2
-from flowkern.kernels.utils import LOG2E, load_tile, mma, store_tile
+from flowkern.kernels.attention.scores import masked_scores
+from flowkern.kernels.utils import load_tile, mma, store_tile
 
 
 @triton.jit
@@ -36,7 +44,7 @@ def attention_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om, st
 
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, MASK, DK, DV,
+    Q, K, V, DO, ROW_STATS, DELTA, MASK, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -44,7 +52,7 @@ def attention_bwd_dkdv_kernel(
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    q_heads, kv_heads, kv_group, seq_q, seq_k, head_dim, scale, scale_log2,
+    q_heads, kv_heads, kv_group, seq_q, seq_k, head_dim, scale, causal_offset,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -67,7 +75,7 @@ def attention_bwd_dkdv_kernel(
 
     lo = 0
     if CAUSAL:  # query rows before this key tile's first key see none of it
-        lo = ((pid_n * BLOCK_N) // BLOCK_M) * BLOCK_M
+        lo = (tl.maximum(0, pid_n * BLOCK_N - causal_offset) // BLOCK_M) * BLOCK_M
     for g in range(0, kv_group):
         h = h_kv * kv_group + g
         q_base = Q + b * stride_qb + h * stride_qh
@@ -78,12 +86,13 @@ def attention_bwd_dkdv_kernel(
             offs_m = start_m + offs_m0
             q = load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, 0.0)  # [BLOCK_M, BLOCK_D]
             do = load_tile(do_base, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, 0.0)
-            lse = tl.load(LSE + row_base + offs_m, mask=offs_m < seq_q, other=float("inf"))  # [BLOCK_M]
+            row_max = tl.load(ROW_STATS + (row_base + offs_m) * 2, mask=offs_m < seq_q, other=float("inf"))
+            inv_l = tl.load(ROW_STATS + (row_base + offs_m) * 2 + 1, mask=offs_m < seq_q, other=0.0)
             delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < seq_q, other=0.0)  # [BLOCK_M]
             qk = mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
-            s = masked_scores_log2(qk, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k,
-                                   scale_log2, CAUSAL, MASK_KIND)
-            p = tl.math.exp2(s - lse[:, None] * LOG2E)  # [BLOCK_M, BLOCK_N]
+            s = masked_scores(qk, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k,
+                              scale, causal_offset, CAUSAL, MASK_KIND)
+            p = tl.exp(s - row_max[:, None]) * inv_l[:, None]  # [BLOCK_M, BLOCK_N]
             dv = mma(tl.trans(p).to(do.dtype), do, dv, UPCAST, INPUT_PRECISION)
             dp = mma(do, vT, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
             ds = p * (dp - delta[:, None])  # [BLOCK_M, BLOCK_N]
@@ -97,14 +106,14 @@ def attention_bwd_dkdv_kernel(
 
 @triton.jit
 def attention_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, MASK, DQ,
+    Q, K, V, DO, ROW_STATS, DELTA, MASK, DQ, DELTA_EXACT,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    q_heads, kv_group, seq_q, seq_k, head_dim, scale, scale_log2,
+    q_heads, kv_group, seq_q, seq_k, head_dim, scale, causal_offset,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -121,27 +130,33 @@ def attention_bwd_dq_kernel(
                   seq_q, head_dim, 0.0)  # [BLOCK_M, BLOCK_D]
     do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod,
                    seq_q, head_dim, 0.0)  # [BLOCK_M, BLOCK_D]
-    lse = tl.load(LSE + pid_bh * seq_q + offs_m, mask=offs_m < seq_q, other=float("inf"))  # [BLOCK_M]
-    delta = tl.load(DELTA + pid_bh * seq_q + offs_m, mask=offs_m < seq_q, other=0.0)  # [BLOCK_M]
+    row_max = tl.load(ROW_STATS + (pid_bh * seq_q + offs_m) * 2, mask=offs_m < seq_q, other=float("inf"))
+    inv_l = tl.load(ROW_STATS + (pid_bh * seq_q + offs_m) * 2 + 1, mask=offs_m < seq_q, other=0.0)
+    delta = tl.load(DELTA + pid_bh * seq_q + offs_m, mask=offs_m < seq_q, other=0.0)  # Δ̂, [BLOCK_M]
     k_base = K + b * stride_kb + h_kv * stride_kh
     v_base = V + b * stride_vb + h_kv * stride_vh
     mask_base = MASK + b * stride_maskb + h * stride_maskh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    pk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # B = Σ P K
+    delta_exact = tl.zeros([BLOCK_M], tl.float32)  # Δ = Σ P dP
 
     hi = seq_k
     if CAUSAL:
-        hi = tl.minimum(seq_k, (pid_m + 1) * BLOCK_M)
+        hi = tl.maximum(0, tl.minimum(seq_k, (pid_m + 1) * BLOCK_M + causal_offset))
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, seq_k, head_dim, 0.0)  # [BLOCK_N, BLOCK_D]
         v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim, 0.0)  # [BLOCK_N, BLOCK_D]
         qk = mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
-        s = masked_scores_log2(qk, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k,
-                               scale_log2, CAUSAL, MASK_KIND)
-        p = tl.math.exp2(s - lse[:, None] * LOG2E)  # [BLOCK_M, BLOCK_N]
+        s = masked_scores(qk, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k,
+                          scale, causal_offset, CAUSAL, MASK_KIND)
+        p = tl.exp(s - row_max[:, None]) * inv_l[:, None]  # [BLOCK_M, BLOCK_N]
         dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = mma(ds.to(k.dtype), k, dq, UPCAST, INPUT_PRECISION)
+        pk = mma(p.to(k.dtype), k, pk, UPCAST, INPUT_PRECISION)
+        delta_exact += tl.sum(p * dp, 1)
 
-    store_tile(DQ + b * stride_dqb + h * stride_dqh, dq * scale, offs_m, offs_d, stride_dqm, stride_dqd,
-               seq_q, head_dim)
+    dq = (dq - (delta_exact - delta)[:, None] * pk) * scale
+    store_tile(DQ + b * stride_dqb + h * stride_dqh, dq, offs_m, offs_d, stride_dqm, stride_dqd, seq_q, head_dim)
+    tl.store(DELTA_EXACT + pid_bh * seq_q + offs_m, delta_exact, mask=offs_m < seq_q)
