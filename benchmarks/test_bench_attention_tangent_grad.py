@@ -29,7 +29,7 @@ def tangent_grad_flops(b, h, nq, nk, d, causal=False):
 
 
 def _flowkern_attention(causal):
-    return lambda q, k, v: flowkern.attention(q, k, v, causal=causal)
+    return lambda q, k, v: flowkern.attention(q, k, v, is_causal=causal)
 
 
 def _math_attention(causal):

@@ -24,12 +24,14 @@ from flowkern._precision import accumulation_dtype
 from flowkern._validate import check_bool, check_finite_scalar, check_int
 
 
-def math_attention(q, k, v, *, is_causal=False, attn_mask=None, scale=None):
+def math_attention(q, k, v, *, is_causal=False, attn_mask=None, scale=None, enable_gqa=False):
     """Textbook softmax attention with an explicit [B, H, Nq, Nk] score matrix (O(N²) memory).
 
     Same semantics as `F.scaled_dot_product_attention` with the math backend (top-left causal alignment, bool masks
     keep True, additive masks are added after scaling, GQA by repeating k/v), except that a row with every key
     removed gives 0 (as SDPA's math backend). Differentiable in both modes (`torch.func.jvp`, autograd).
+    `enable_gqa` is accepted so one keyword set serves SDPA, `flowkern.attention` and this reference; k/v with fewer
+    heads are repeated either way.
     """
     group = q.shape[1] // k.shape[1]
     if group > 1:

@@ -58,7 +58,7 @@ def _explicit_grads(backend, inputs, g, g_t, **kw):
 
 def _case(b, hq, hkv, nq, nk, d, causal, mask_kind, seed, dtype=torch.float32, empty_row=None):
     inputs = make_inputs(b, hq, hkv, nq, nk, d, dtype=dtype, device=DEVICE, seed=seed)
-    kw = {"causal": causal}
+    kw = {"is_causal": causal, "enable_gqa": hq != hkv}
     mask = _mask(mask_kind, b, hq, nq, nk, seed, empty_row=empty_row)
     if mask is not None:
         kw["attn_mask"] = (mask if mask.dtype == torch.bool else mask.to(dtype)).to(DEVICE)
@@ -151,14 +151,14 @@ def test_gradcheck_of_the_reference():
 def test_reference_chunks_agree():
     """The chunked walk over the keys gives the same result whatever the chunk (a chunk smaller than Nk)."""
     q, k, v, q_t, k_t, v_t = make_inputs(1, 2, 1, 7, 9, 8, dtype=torch.float64, seed=4)
-    spec = AttentionSpec(1, 2, 1, 7, 9, 8, False, 8 ** -0.5, MASK_NONE, "torch")
+    spec = AttentionSpec(1, 2, 1, 7, 9, 8, 8, False, 0, 8 ** -0.5, MASK_NONE, "torch")
     with flowkern.use_backend("torch"):
-        o, o_t = flowkern.jvp_attention(q, k, v, q_t, k_t, v_t)
+        o, o_t = flowkern.jvp_attention(q, k, v, q_t, k_t, v_t, enable_gqa=True)
     from flowkern.attention import reference
 
-    lse = reference.attention_fwd(q, k, v, None, None, None, None, spec)[2]
+    stats = reference.attention_fwd(q, k, v, None, None, None, None, spec)[2]
     g, g_t = torch.randn_like(o), torch.randn_like(o)
-    one = tangent_backward.attention_tangent_bwd(q, k, v, q_t, k_t, v_t, o, o_t, lse, g, g_t, None, spec, chunk=2)
-    full = tangent_backward.attention_tangent_bwd(q, k, v, q_t, k_t, v_t, o, o_t, lse, g, g_t, None, spec, chunk=64)
+    one = tangent_backward.attention_tangent_bwd(q, k, v, q_t, k_t, v_t, o, o_t, stats, g, g_t, None, spec, chunk=2)
+    full = tangent_backward.attention_tangent_bwd(q, k, v, q_t, k_t, v_t, o, o_t, stats, g, g_t, None, spec, chunk=64)
     for a, b_ in zip(one, full):
         torch.testing.assert_close(a, b_)

@@ -13,7 +13,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
-from flowkern._autograd import _requires_grad
+from flowkern._autograd import requires_grad
 from flowkern.attention.spec import MASK_ADDITIVE, MASK_BOOL, MASK_NONE
 
 
@@ -63,7 +63,7 @@ def resolve_mask(attn_mask, is_causal: bool, query: torch.Tensor, score_shape: t
         raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the scores' shape "
                          f"(..., L, S) = {tuple(score_shape)}")
     unservable = None
-    if kind == MASK_ADDITIVE and _requires_grad(attn_mask) and torch.is_grad_enabled():
+    if kind == MASK_ADDITIVE and requires_grad(attn_mask) and torch.is_grad_enabled():
         unservable = "attn_mask requires grad (the fused op treats the mask as a constant)"
     elif kind == MASK_ADDITIVE and fwAD.unpack_dual(attn_mask).tangent is not None:
         unservable = "attn_mask carries a forward-mode tangent (the fused op treats the mask as a constant)"

@@ -54,16 +54,16 @@ class AttentionOp(FusedOp):
     def forward(self, inputs, tangents):
         q, k, v, attn_mask = inputs
         if tangents is None:
-            o, o_t, lse = _LAUNCHERS[self.backend].attention_fwd(q, k, v, None, None, None, attn_mask, self.spec)
+            o, o_t, stats = _LAUNCHERS[self.backend].attention_fwd(q, k, v, None, None, None, attn_mask, self.spec)
         else:
             q_t, k_t, v_t = (t if t is not None else _zero_like(x) for t, x in zip(tangents[:3], (q, k, v)))
-            o, o_t, lse = _LAUNCHERS[self.backend].attention_fwd(q, k, v, q_t, k_t, v_t, attn_mask, self.spec)
-        return o, o_t, (lse,)
+            o, o_t, stats = _LAUNCHERS[self.backend].attention_fwd(q, k, v, q_t, k_t, v_t, attn_mask, self.spec)
+        return o, o_t, (stats,)
 
     def backward(self, inputs, aux, dy, needs):
         q, k, v, attn_mask = inputs
-        lse, o = aux
-        return (*_LAUNCHERS[self.backend].attention_bwd(q, k, v, o, lse, dy.contiguous(), attn_mask, self.spec),
+        stats, o = aux
+        return (*_LAUNCHERS[self.backend].attention_bwd(q, k, v, o, stats, dy.contiguous(), attn_mask, self.spec),
                 None)
 
     def tangent_backward(self, inputs, tangents, aux, y_t, dy, dy_t, needs):
@@ -72,11 +72,11 @@ class AttentionOp(FusedOp):
         if dy_t is None:
             return super().tangent_backward(inputs, tangents, aux, y_t, dy, dy_t, needs)
         q, k, v, attn_mask = inputs
-        lse, o = aux
+        stats, o = aux
         q_t, k_t, v_t = (t if t is not None else _zero_like(x) for t, x in zip(tangents[:3], (q, k, v)))
         o_t = y_t if y_t is not None else _zero_like(o)
         grads = _TANGENT_BACKWARD[self.backend].attention_tangent_bwd(
-            q, k, v, q_t, k_t, v_t, o, o_t, lse, None if dy is None else dy.contiguous(), dy_t.contiguous(),
+            q, k, v, q_t, k_t, v_t, o, o_t, stats, None if dy is None else dy.contiguous(), dy_t.contiguous(),
             attn_mask, self.spec)
         grads = (*grads[:3], None, *grads[3:], None)
         return tuple(g if need else None for g, need in zip(grads, needs))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from flowkern._precision import accumulation_dtype
-from flowkern.attention.reference import KEY_CHUNK, _grouped, _key_chunk, _scores
+from flowkern.attention.reference import KEY_CHUNK, _grouped, _key_chunk, _p_chunk, _scores
 from flowkern.attention.spec import AttentionSpec, expand_mask
 
 
@@ -23,16 +23,18 @@ def _tangent_scores(q, q_t, k_chunk, kt_chunk, spec: AttentionSpec):
     return (q_t @ k_chunk.transpose(-1, -2) + q @ kt_chunk.transpose(-1, -2)) * spec.scale
 
 
-def attention_tangent_bwd(q, k, v, q_t, k_t, v_t, o, o_t, lse, do, do_t, attn_mask, spec: AttentionSpec, *,
+def attention_tangent_bwd(q, k, v, q_t, k_t, v_t, o, o_t, stats, do, do_t, attn_mask, spec: AttentionSpec, *,
                           chunk: int | None = None):
-    """(dQ, dK, dV, dQ̇, dK̇, dV̇) for cotangents do of O (None: only Ȯ is differentiated) and do_t of Ȯ."""
+    """(dQ, dK, dV, dQ̇, dK̇, dV̇) for cotangents do of O (None: only Ȯ is differentiated) and do_t of Ȯ; `stats` the
+    forward's row statistics [B, Hq, Nq, 2] (row max m, 1/l), so P = exp(S − m)/l exactly as the forward had it."""
     chunk = chunk or KEY_CHUNK
     acc = accumulation_dtype(q.dtype)
     mask = expand_mask(attn_mask, spec)
     qg, qtg, dotg = (_grouped(x, spec, acc) for x in (q, q_t, do_t))
     dog = None if do is None else _grouped(do, spec, acc)
     og = _grouped(o, spec, acc)
-    lse_g = lse.unflatten(1, (spec.kv_heads, spec.kv_group)).to(acc)[..., None]
+    stats_g = stats.unflatten(1, (spec.kv_heads, spec.kv_group)).to(acc)
+    row_max, inv_l = stats_g[..., 0], stats_g[..., 1]
     delta_t = (dotg * og).sum(-1)[..., None]  # δ̄ = Ḡ·O
     kappa = (dotg * _grouped(o_t, spec, acc)).sum(-1)  # κ = Ḡ·Ȯ + G·O
     if dog is not None:
@@ -41,10 +43,10 @@ def attention_tangent_bwd(q, k, v, q_t, k_t, v_t, o, o_t, lse, do, do_t, attn_ma
 
     def chunk_terms(start, stop):
         kc, vc, ktc, vtc = (_key_chunk(x, start, stop, acc) for x in (k, v, k_t, v_t))
-        p = torch.exp(_scores(qg, kc, mask, start, stop, spec) - lse_g)
+        p = _p_chunk(_scores(qg, kc, mask, start, stop, spec), row_max, inv_l)
         return kc, vc, ktc, vtc, p, _tangent_scores(qg, qtg, kc, ktc, spec)
 
-    mu = torch.zeros(lse_g.shape, dtype=acc, device=q.device)
+    mu = torch.zeros((*row_max.shape, 1), dtype=acc, device=q.device)
     for start in range(0, spec.seq_k, chunk):
         *_, p, s_t = chunk_terms(start, min(start + chunk, spec.seq_k))
         mu += (p * s_t).sum(-1, keepdim=True)

@@ -1,7 +1,7 @@
 """Flash-style backward of the attention tangent: gradients of (O, Ȯ) with respect to Q, K, V, Q̇, K̇, V̇ (reverse over
-forward), recomputing P and Ṡ per tile from the saved LSE, never storing an Nq×Nk matrix.
+forward), recomputing P and Ṡ per tile from the saved row statistics, never storing an Nq×Nk matrix.
 
-Per (batch, query head), with c the scale, P = exp(S − LSE), Ṡ = c·(Q̇Kᵀ + QK̇ᵀ), μᵢ = Σⱼ PᵢⱼṠᵢⱼ and
+Per (batch, query head), with c the scale, P = exp(S − m)/l, Ṡ = c·(Q̇Kᵀ + QK̇ᵀ), μᵢ = Σⱼ PᵢⱼṠᵢⱼ and
 Ȯ = (P ⊙ (Ṡ − μ))V + PV̇; the cotangents are Ḡ of Ȯ and G of O (G absent when only Ȯ is differentiated: HAS_DO).
 Differentiating L = ⟨G, O⟩ + ⟨Ḡ, Ȯ⟩ through W = P⊙(Ṡ − μ) and P = softmax(S):
     dV̇ = PᵀḠ,   dV = PᵀG + WᵀḠ,   dW = ḠVᵀ
@@ -10,8 +10,8 @@ Differentiating L = ⟨G, O⟩ + ⟨Ḡ, Ȯ⟩ through W = P⊙(Ṡ − μ) and 
 which simplifies to
     dS = (Ṡ − μ)⊙dṠ + P ⊙ (ḠV̇ᵀ + GVᵀ − κ),   κᵢ = Ḡᵢ·Ȯᵢ + Gᵢ·Oᵢ
     dQ = c·(dS K + dṠ K̇),  dK = c·(dSᵀQ + dṠᵀQ̇),  dQ̇ = c·dṠ K,  dK̇ = c·dṠᵀQ.
-Row reductions (per query row, O(N)): LSE (saved by the forward), δ̄ and κ (`tangent_bwd_rows_kernel`, from the saved O
-and Ȯ), μ (written by the dQ pass). Saved between forward and backward: Q, K, V, their tangents, O, Ȯ, LSE: O(N·D).
+Row reductions (per query row, O(N)): m and 1/l (saved by the forward), δ̄ and κ (`tangent_bwd_rows_kernel`, from the saved O
+and Ȯ), μ (written by the dQ pass). Saved between forward and backward: Q, K, V, their tangents, O, Ȯ, (m, 1/l): O(N·D).
 
 Three kernels:
 * `tangent_bwd_rows_kernel`: δ̄, κ; grid (cdiv(seq_q, BLOCK_M), batch·q_heads).
@@ -22,14 +22,14 @@ Three kernels:
 * `tangent_bwd_dkdv_kernel`: one program per key tile of one key/value head walks every query tile of every query
   head of its GQA group (dK, dV, dK̇, dV̇ summed in registers: no atomics, no copies of K/V); twelve tile GEMMs
   (QKᵀ, Q̇Kᵀ, QK̇ᵀ, ḠVᵀ, ḠV̇ᵀ, GVᵀ, dSᵀQ, dṠᵀQ̇, dṠᵀQ, WᵀḠ, PᵀG, PᵀḠ); grid (cdiv(seq_k, BLOCK_N), batch·kv_heads).
-Without G (HAS_DO=False) the GVᵀ and PᵀG products drop out. Rows whose every key is removed have LSE = +inf, so P = 0
+Without G (HAS_DO=False) the GVᵀ and PᵀG products drop out. Rows whose every key is removed have m = +inf and 1/l = 0, so P = 0
 and every gradient they send is exactly 0. Operands of the GEMMs are in the input dtype, accumulation in float32.
 """
 import triton
 import triton.language as tl
 
-from flowkern.kernels.attention.scores import masked_scores_log2
-from flowkern.kernels.utils import LOG2E, load_tile, mma, store_tile
+from flowkern.kernels.attention.scores import masked_scores
+from flowkern.kernels.utils import load_tile, mma, store_tile
 
 
 @triton.jit
@@ -64,17 +64,17 @@ def tangent_bwd_rows_kernel(O, OT, DO, DOT, DELTA_T, KAPPA,
 
 
 @triton.jit
-def _tile_terms(q, q_t, do, do_t, k, k_t, v, v_t, lse, delta_t, kappa, offs_m, offs_n, mask_base,
-                stride_maskm, stride_maskn, seq_q, seq_k, scale, scale_log2,
+def _tile_terms(q, q_t, do, do_t, k, k_t, v, v_t, row_max, inv_l, delta_t, kappa, offs_m, offs_n, mask_base,
+                stride_maskm, stride_maskn, seq_q, seq_k, scale, causal_offset,
                 HAS_DO: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, UPCAST: tl.constexpr,
                 INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(P, Ṡ, dṠ, A) of one [BLOCK_M, BLOCK_N] tile, float32 (module docstring; A = dS + μ⊙dṠ)."""
     zeros = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     kT = tl.trans(k)
     qk = mma(q, kT, zeros, UPCAST, INPUT_PRECISION)
-    s = masked_scores_log2(qk, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k, scale_log2,
-                           CAUSAL, MASK_KIND)
-    p = tl.math.exp2(s - lse[:, None] * LOG2E)  # [BLOCK_M, BLOCK_N], 0 where removed
+    s = masked_scores(qk, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k, scale, causal_offset,
+                      CAUSAL, MASK_KIND)
+    p = tl.exp(s - row_max[:, None]) * inv_l[:, None]  # [BLOCK_M, BLOCK_N], 0 where removed (the forward's P)
     s_t = mma(q, tl.trans(k_t), mma(q_t, kT, zeros, UPCAST, INPUT_PRECISION), UPCAST, INPUT_PRECISION) * scale
     dw = mma(do_t, tl.trans(v), zeros, UPCAST, INPUT_PRECISION)  # ḠVᵀ
     ds_t = p * (dw - delta_t[:, None])  # dṠ
@@ -87,7 +87,7 @@ def _tile_terms(q, q_t, do, do_t, k, k_t, v, v_t, lse, delta_t, kappa, offs_m, o
 
 @triton.jit
 def tangent_bwd_dq_kernel(
-    Q, K, V, QT, KT, VT, DO, DOT, LSE, DELTA_T, KAPPA, MU, MASK, DQ, DQT,
+    Q, K, V, QT, KT, VT, DO, DOT, ROW_STATS, DELTA_T, KAPPA, MU, MASK, DQ, DQT,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -99,7 +99,7 @@ def tangent_bwd_dq_kernel(
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_dqtb, stride_dqth, stride_dqtm, stride_dqtd,
-    q_heads, kv_group, seq_q, seq_k, head_dim, scale, scale_log2,
+    q_heads, kv_group, seq_q, seq_k, head_dim, scale, causal_offset,
     HAS_DO: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -123,7 +123,8 @@ def tangent_bwd_dq_kernel(
                        head_dim, 0.0)
     row = pid_bh * seq_q + offs_m
     in_rows = offs_m < seq_q
-    lse = tl.load(LSE + row, mask=in_rows, other=float("inf"))  # [BLOCK_M]
+    row_max = tl.load(ROW_STATS + row * 2, mask=in_rows, other=float("inf"))  # [BLOCK_M]
+    inv_l = tl.load(ROW_STATS + row * 2 + 1, mask=in_rows, other=0.0)
     delta_t = tl.load(DELTA_T + row, mask=in_rows, other=0.0)
     kappa = tl.load(KAPPA + row, mask=in_rows, other=0.0)
     k_base = K + b * stride_kb + h_kv * stride_kh
@@ -138,15 +139,15 @@ def tangent_bwd_dq_kernel(
     dstkt = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # Σ dṠ·K̇
     hi = seq_k
     if CAUSAL:
-        hi = tl.minimum(seq_k, (pid_m + 1) * BLOCK_M)
+        hi = tl.maximum(0, tl.minimum(seq_k, (pid_m + 1) * BLOCK_M + causal_offset))
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, seq_k, head_dim, 0.0)  # [BLOCK_N, BLOCK_D]
         v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim, 0.0)
         k_t = load_tile(kt_base, offs_n, offs_d, stride_ktn, stride_ktd, seq_k, head_dim, 0.0)
         v_t = load_tile(vt_base, offs_n, offs_d, stride_vtn, stride_vtd, seq_k, head_dim, 0.0)
-        p, s_t, ds_t, a = _tile_terms(q, q_t, do, do_t, k, k_t, v, v_t, lse, delta_t, kappa, offs_m, offs_n,
-                                      mask_base, stride_maskm, stride_maskn, seq_q, seq_k, scale, scale_log2,
+        p, s_t, ds_t, a = _tile_terms(q, q_t, do, do_t, k, k_t, v, v_t, row_max, inv_l, delta_t, kappa, offs_m, offs_n,
+                                      mask_base, stride_maskm, stride_maskn, seq_q, seq_k, scale, causal_offset,
                                       HAS_DO, CAUSAL, MASK_KIND, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
         mu += tl.sum(p * s_t, 1)
         ak = mma(a.to(k.dtype), k, ak, UPCAST, INPUT_PRECISION)
@@ -162,7 +163,7 @@ def tangent_bwd_dq_kernel(
 
 @triton.jit
 def tangent_bwd_dkdv_kernel(
-    Q, K, V, QT, KT, VT, DO, DOT, LSE, DELTA_T, KAPPA, MU, MASK, DK, DV, DKT, DVT,
+    Q, K, V, QT, KT, VT, DO, DOT, ROW_STATS, DELTA_T, KAPPA, MU, MASK, DK, DV, DKT, DVT,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -176,7 +177,7 @@ def tangent_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_dktb, stride_dkth, stride_dktn, stride_dktd,
     stride_dvtb, stride_dvth, stride_dvtn, stride_dvtd,
-    q_heads, kv_heads, kv_group, seq_q, seq_k, head_dim, scale, scale_log2,
+    q_heads, kv_heads, kv_group, seq_q, seq_k, head_dim, scale, causal_offset,
     HAS_DO: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -201,7 +202,7 @@ def tangent_bwd_dkdv_kernel(
 
     lo = 0
     if CAUSAL:  # query rows before this key tile's first key see none of it
-        lo = ((pid_n * BLOCK_N) // BLOCK_M) * BLOCK_M
+        lo = (tl.maximum(0, pid_n * BLOCK_N - causal_offset) // BLOCK_M) * BLOCK_M
     for g in range(0, kv_group):
         h = h_kv * kv_group + g
         q_base = Q + b * stride_qb + h * stride_qh
@@ -219,12 +220,13 @@ def tangent_bwd_dkdv_kernel(
             do = do_t
             if HAS_DO:
                 do = load_tile(do_base, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, 0.0)
-            lse = tl.load(LSE + row_base + offs_m, mask=in_rows, other=float("inf"))  # [BLOCK_M]
+            row_max = tl.load(ROW_STATS + (row_base + offs_m) * 2, mask=in_rows, other=float("inf"))  # [BLOCK_M]
+            inv_l = tl.load(ROW_STATS + (row_base + offs_m) * 2 + 1, mask=in_rows, other=0.0)
             delta_t = tl.load(DELTA_T + row_base + offs_m, mask=in_rows, other=0.0)
             kappa = tl.load(KAPPA + row_base + offs_m, mask=in_rows, other=0.0)
             mu = tl.load(MU + row_base + offs_m, mask=in_rows, other=0.0)
-            p, s_t, ds_t, a = _tile_terms(q, q_t, do, do_t, k, k_t, v, v_t, lse, delta_t, kappa, offs_m, offs_n,
-                                          mask_base, stride_maskm, stride_maskn, seq_q, seq_k, scale, scale_log2,
+            p, s_t, ds_t, a = _tile_terms(q, q_t, do, do_t, k, k_t, v, v_t, row_max, inv_l, delta_t, kappa, offs_m, offs_n,
+                                          mask_base, stride_maskm, stride_maskn, seq_q, seq_k, scale, causal_offset,
                                           HAS_DO, CAUSAL, MASK_KIND, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
             ds = a - mu[:, None] * ds_t  # dS
             ds_tT = tl.trans(ds_t)
