@@ -44,6 +44,7 @@ GAUSS, JOINT = fm.GaussianFlowMap(), fm.GaussianFlowMap(joint=True)
 
 PUBLIC_OPS = {
     "flowkern.attention": lambda: flowkern.attention(Q, Q, Q),
+    "flowkern.jvp": lambda: flowkern.jvp(lambda a: a * 2, (X,), (X,)),
     "flowkern.jvp_attention": lambda: flowkern.jvp_attention(Q, Q, Q, Q, Q, Q),
     "flowkern.ops.layer_norm": lambda: flowkern.ops.layer_norm(X, B, B),
     "flowkern.ops.rms_norm": lambda: flowkern.ops.rms_norm(X, B),

@@ -14,7 +14,7 @@ network is a flowkern network ``net(x, t, s)`` that always receives flowkern tim
   D(y, σ) = x_t − t·v(x_t, t) with x_t = y/(1 + σ), t = σ/(1 + σ); the EDM PF-ODE is dy/dσ = (y − D(y, σ))/σ.
 * The Euler/DDIM step of that ODE, (σ'/σ)·y + (1 − σ'/σ)·D, is in flowkern coordinates exactly the Euler step
   x_t + (s − t)·v of the flowkern ODE (s = σ'/(1 + σ')), and CTM's jump G(y, σ, σ') = (σ'/σ)·y + (1 − σ'/σ)·g is the
-  same map with g in place of D: `ddim_jump` does it with `flowkern.flow_map.jump` in flowkern time. Heun's
+  same map with g in place of D: `ddim_jump` does it with `flowkern.flow_map.jump` (its prevalidated form) in flowkern time. Heun's
   correction differs between the two coordinates; `heun_step` is EDM's (in σ), as CD and CTM prescribe.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from flowkern._precision import accumulation_dtype
 from flowkern._validate import check_finite_scalar, check_int, check_tensor
-from flowkern.flow_map import jump
+from flowkern.flow_map.jump import jump_prevalidated
 from flowkern.methods._util import check_choice
 from flowkern.methods.coupling import DEFAULT_BLOCK, check_coupling, couple
 
@@ -159,7 +159,7 @@ def ddim_jump(x: Tensor, x0_hat: Tensor, t: Tensor, s: Tensor) -> Tensor:
     It equals EDM's (σ_s/σ_t)·y + (1 − σ_s/σ_t)·x̂₀ mapped by y = x/(1 − t) (module docstring)."""
     acc = accumulation_dtype(x.dtype)
     u = (x.to(acc) - x0_hat.to(acc)) / col(t.to(acc), x)
-    return jump(x.to(acc), u, t.to(acc), s.to(acc))
+    return jump_prevalidated(x.to(acc), u, t.to(acc), s.to(acc))
 
 
 # ----------------------------------------------------------------------------------------------------- losses

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from flowkern._precision import accumulation_dtype
 from flowkern._validate import check_bool, check_tensor
-from flowkern.flow_map import jump
+from flowkern.flow_map.jump import jump_prevalidated
 from flowkern.flow_map import sample as flow_map_sample
 from flowkern.methods._util import check_positive_int, frozen_copy
 from flowkern.methods.base import Method
@@ -43,8 +43,8 @@ def two_step_target(teacher: Callable, x: Tensor, t: Tensor, delta: Tensor) -> T
     with torch.no_grad():
         x = x.to(acc)
         t_mid, t_end = t - delta, t - 2 * delta
-        x_mid = jump(x, teacher(x, t, t).to(acc), t, t_mid)
-        x_end = jump(x_mid, teacher(x_mid, t_mid, t_mid).to(acc), t_mid, t_end)
+        x_mid = jump_prevalidated(x, teacher(x, t, t).to(acc), t, t_mid)
+        x_end = jump_prevalidated(x_mid, teacher(x_mid, t_mid, t_mid).to(acc), t_mid, t_end)
         return (col(t, x) * x_end - col(t_end, x) * x) / col(2 * delta, x)
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from flowkern._fused import stop_gradient_tangents
+from flowkern._nvtx import nvtx_range
 from flowkern._validate import check_bool
 
 
@@ -121,6 +122,12 @@ def jvp(model, primals, tangents, *, kwargs: dict | None = None, preserve_rng_st
     check_bool("tangent_grad", tangent_grad)
     if not callable(model):
         raise TypeError(f"model must be callable, got {type(model).__name__}")
+    with nvtx_range("flowkern.jvp"):
+        return _run(model, primals, tangents, kwargs, preserve_rng_state, grad, tangent_grad)
+
+
+def _run(model, primals, tangents, kwargs, preserve_rng_state, grad, tangent_grad):
+    """The pass of `jvp` on validated arguments."""
     if grad or tangent_grad:
         # a stop-gradient target: the fused ops save nothing for a backward through their tangents
         tangent_mode = contextlib.nullcontext() if tangent_grad else stop_gradient_tangents()
