@@ -52,12 +52,12 @@ def _impl(name):
     from flowkern import baselines
 
     if name == "flowkern":
-        return lambda q, k, v, q_t, k_t, v_t, causal: flowkern.jvp_attention(q, k, v, q_t, k_t, v_t, causal=causal)
+        return lambda q, k, v, q_t, k_t, v_t, causal: flowkern.jvp_attention(q, k, v, q_t, k_t, v_t, is_causal=causal, enable_gqa=True)
     if name == "math_sdpa_jvp":
-        return lambda *args, causal: baselines.math_sdpa_jvp(*args, causal=causal)
+        return lambda *args, causal: baselines.math_sdpa_jvp(*args, is_causal=causal)
     if not baselines.jvp_flash_attention_available():
         return None
-    return lambda *args, causal: baselines.jvp_flash_attention_jvp(*args, causal=causal)
+    return lambda *args, causal: baselines.jvp_flash_attention_jvp(*args, is_causal=causal)
 
 
 def _inputs(case, device, dtype):

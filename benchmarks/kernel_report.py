@@ -38,7 +38,7 @@ def attention_launches(head_dim: int, causal: bool, seq: int = 8192, heads: int 
     from flowkern.attention import triton_launch
     from flowkern.attention.spec import AttentionSpec
 
-    spec = AttentionSpec(batch, heads, heads, seq, seq, head_dim, causal, head_dim ** -0.5, 0, "triton")
+    spec = AttentionSpec(batch, heads, heads, seq, seq, head_dim, head_dim, causal, 0, head_dim ** -0.5, 0, "triton")
     tensors = [torch.empty(batch, heads, seq, head_dim, dtype=dtype) for _ in range(6)]
     q, k, v, q_t, k_t, v_t = tensors
     lse = torch.empty(batch, heads, seq, dtype=torch.float32)

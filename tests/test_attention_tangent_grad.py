@@ -162,3 +162,20 @@ def test_reference_chunks_agree():
     full = tangent_backward.attention_tangent_bwd(q, k, v, q_t, k_t, v_t, o, o_t, stats, g, g_t, None, spec, chunk=64)
     for a, b_ in zip(one, full):
         torch.testing.assert_close(a, b_)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_value_head_dim_and_bottom_right_causal(backend):
+    """Ev ≠ E and `causal_lower_right` (keys j ≤ i + Nk − Nq) in the backward through the tangent."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    gen = torch.Generator().manual_seed(11)
+    nq, nk, e, ev = 5, 9, 8, 16
+    shapes = [(1, 2, nq, e), (1, 2, nk, e), (1, 2, nk, ev)]
+    inputs = [torch.randn(s, generator=gen, dtype=dtype).to(DEVICE) for s in shapes * 2]
+    g, g_t = (torch.randn(1, 2, nq, ev, generator=gen).to(DEVICE) for _ in range(2))
+    keep = torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq)
+    ref = reference_tangent_grads(*inputs, g, g_t, attn_mask=keep)
+    got = _explicit_grads(backend, inputs, g, g_t, attn_mask=causal_lower_right(nq, nk))
+    _check(got, ref, dtype, f"{backend} Ev != E, lower-right causal")
