@@ -2,6 +2,7 @@
 rank of a gloo DDP group. The single forward runs through the DDP wrapper, so the backward all-reduces."""
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -37,7 +38,7 @@ def train_one_pass(model, rank: int = 0, world: int = 1):
 
 def rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     try:
         results = {}
         with flowkern.use_backend("torch"):

@@ -5,6 +5,7 @@ THROUGH the wrapper (gradients all-reduced), with the RNG restored in between so
 """
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -62,7 +63,7 @@ def flat_params(model) -> torch.Tensor:
 
 def rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     try:
         with flowkern.use_backend("torch"):
             ddp = torch.nn.parallel.DistributedDataParallel(make_model())

@@ -18,12 +18,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def spawn_ranks(rank_main, world: int, out_dir) -> None:
+def spawn_ranks(rank_main, world: int, out_dir, deadline_s: float = 600.0) -> None:
     """torch.multiprocessing.spawn of rank_main(rank, world, port, out_dir) on a free port (retried: the port can be
-    taken between the probe and the bind)."""
+    taken between the probe and the bind); the ranks are killed and the test fails after `deadline_s` (a hung
+    collective must not hang the suite)."""
+    import time
+
     for attempt in range(3):
         try:
-            torch.multiprocessing.spawn(rank_main, args=(world, free_port(), str(out_dir)), nprocs=world, join=True)
+            ctx = torch.multiprocessing.spawn(rank_main, args=(world, free_port(), str(out_dir)), nprocs=world,
+                                              join=False)
+            end = time.monotonic() + deadline_s
+            while not ctx.join(timeout=5):
+                if time.monotonic() > end:
+                    for proc in ctx.processes:
+                        proc.kill()
+                    raise TimeoutError(f"the {world} ranks did not finish within {deadline_s:.0f} s")
             return
         except Exception as exc:
             if "address already in use" not in str(exc).lower() or attempt == 2:

@@ -11,6 +11,7 @@ from cli_helpers import TINY, fast_cli, with_flag  # noqa: F401  (fast_cli: auto
 from helpers import one_thread, torch_backend
 
 from flowkern.__main__ import main
+from flowkern.methods import get_method
 
 
 
@@ -135,7 +136,8 @@ def test_help_shows_every_default_and_teacher_only_where_it_is_taken():
             assert "default" in action.help, (name, action.option_strings)
         teacher = next(a for a in parser._actions if "--teacher" in a.option_strings) if name in methods else None
         if teacher is not None:
-            takes = name in ("pd", "cd", "ctm")
+            takes = getattr(get_method(name), "needs_teacher", False)
+            assert takes == (name in ("pd", "cd", "ctm", "scd", "f2d2")), name
             assert (teacher.help != argparse.SUPPRESS) == takes, name
     for flag in ("--batch", "--seed", "--warmup", "--grad-clip", "--log-every", "--checkpoint-every"):
         action = next(a for a in methods["fm"]._actions if flag in a.option_strings)

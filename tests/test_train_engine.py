@@ -28,9 +28,11 @@ def _trainer(method, steps=30, batch=64, **kw):
 
 
 def test_registry():
-    assert method_names() == ["fm", "pd", "cd", "ct", "ctm", "shortcut", "lsd", "esd", "psd", "f2d2"]
+    assert method_names() == ["fm", "pd", "cd", "ct", "ctm", "meanflow", "sct", "scd", "shortcut", "lsd", "esd", "psd",
+                              "f2d2"]
     assert get_method("fm") is FlowMatching
-    with pytest.raises(ValueError, match="unknown method 'nope'; known methods: fm, pd, cd, ct, ctm, shortcut, lsd, esd, psd, f2d2"):
+    with pytest.raises(ValueError, match="unknown method 'nope'; known methods: fm, pd, cd, ct, ctm, meanflow, sct, scd, shortcut, lsd, esd, psd, "
+                                             "f2d2"):
         get_method("nope")
 
 

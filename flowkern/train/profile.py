@@ -30,7 +30,7 @@ def add_flag(parser) -> None:
 
     parser.add_argument("--profile", type=steps, default=0, metavar="STEPS",
                         help=f"trace STEPS training steps (after {WARMUP_STEPS} warm-up step) with torch.profiler "
-                             "into <out>/trace.json and <out>/profile.txt (0: off)")
+                             "into <out>/trace.json and <out>/profile.txt (default: 0, off)")
 
 
 @contextlib.contextmanager
