@@ -101,6 +101,8 @@ class _CallUnwrapped(FastFunction):
 
 def call_unwrapped(fn, op: str, *args):
     """fn(*args) with every tensor argument unwrapped from torch.func's wrappers (see the module docstring)."""
+    if no_tangent_possible() and not torch.is_grad_enabled():
+        return fn(*args)  # nothing wrapped, nothing dual, nothing recorded: the plain call (an ordinary backward)
     if any(isinstance(a, torch.Tensor) and fwAD.unpack_dual(a).tangent is not None for a in args):
         if torch.is_grad_enabled():
             raise NotImplementedError(HIGHER_ORDER.format(

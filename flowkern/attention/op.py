@@ -3,7 +3,8 @@
 Inputs (q, k, v, attn_mask); outputs O (and Ȯ from the same pass when tangents are given); aux: the natural-log
 LSE [B, Hq, Nq]. With S = c·QKᵀ + mask, P = softmax(S), O = PV (docs/attention.md):
 * forward: one online-softmax pass; with tangents Ȯ = (P ⊙ (Ṡ − μ))V + PV̇, Ṡ = c·(Q̇Kᵀ + QK̇ᵀ), μᵢ = Σⱼ PᵢⱼṠᵢⱼ.
-* backward: flash backward of O from the saved O and LSE (P recomputed, never stored).
+* backward: flash backward of O from the saved O and row statistics (P recomputed, never stored); on the CPU, SDPA's
+  own CPU flash backward where it reads the call the same way (`cpu_sdpa_backward`).
 * vmap: the vmapped dim is folded into the batch (one launch for all of it).
 The PyTorch reference runs inside the Function too (`native_autograd_on_torch = False`): plain autograd through its
 key-chunk loop would keep every chunk's P alive, the Nq×Nk memory the chunking avoids.
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from flowkern._fused import FusedOp, fold_vmapped
-from flowkern.attention import reference, tangent_backward, tangent_triton_launch, triton_launch
+from flowkern.attention import cpu_sdpa_backward, reference, tangent_backward, tangent_triton_launch, triton_launch
 from flowkern.attention.spec import AttentionSpec
 
 _LAUNCHERS = {"torch": reference, "triton": triton_launch}
@@ -63,6 +64,8 @@ class AttentionOp(FusedOp):
     def backward(self, inputs, aux, dy, needs):
         q, k, v, attn_mask = inputs
         stats, o = aux
+        if cpu_sdpa_backward.serves(self.spec, q):
+            return (*cpu_sdpa_backward.attention_bwd(q, k, v, o, stats, dy.contiguous(), self.spec), None)
         return (*_LAUNCHERS[self.backend].attention_bwd(q, k, v, o, stats, dy.contiguous(), attn_mask, self.spec),
                 None)
 

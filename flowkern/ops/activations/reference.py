@@ -1,8 +1,9 @@
 """PyTorch backend of the activations family: y = f(x) and f'(x)·v elementwise, in the accumulation dtype.
 
-Same signature as `flowkern.ops.activations.triton_launch` (formulas in kernels/activations.py). Without a
-tangent, an input already in its accumulation dtype goes through the native `F.silu` / `F.gelu` (one op for
-autograd to differentiate).
+Same signature as `flowkern.ops.activations.triton_launch` (formulas in kernels/activations.py). An input already in
+its accumulation dtype (float32/float64) runs PyTorch's native kernels: `F.silu` / `F.gelu` for f(x) (one op for
+autograd to differentiate) and `aten.silu_backward` / `aten.gelu_backward` for f'(x)·v (one elementwise pass where
+the composite formula takes ten). Lower precisions are computed in float32 by the formulas below.
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import torch.nn.functional as F
 from flowkern._precision import accumulation_dtype
 
 _NATIVE = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+# f'(x)·v: the native backward kernels, with v in the place of the incoming gradient
+_NATIVE_JVP = {"silu": torch.ops.aten.silu_backward, "gelu": torch.ops.aten.gelu_backward,
+               "gelu_tanh": lambda v, x: torch.ops.aten.gelu_backward(v, x, approximate="tanh")}
 
 
 def _act_and_grad(x, kind: str):
@@ -31,8 +35,8 @@ def _act_and_grad(x, kind: str):
 def activation(x, v, *, kind: str, write_y: bool = True):
     """(f(x) if write_y else None, f'(x)·v if v is not None else None)."""
     acc = accumulation_dtype(x.dtype)
-    if v is None and x.dtype == acc:
-        return (_NATIVE[kind](x) if write_y else None), None
+    if x.dtype == acc and (v is None or v.dtype == acc):
+        return (_NATIVE[kind](x) if write_y else None), (_NATIVE_JVP[kind](v, x) if v is not None else None)
     f, df = _act_and_grad(x.to(acc), kind)
     y = f.to(x.dtype) if write_y else None
     yv = (df * v.to(acc)).to(v.dtype) if v is not None else None
