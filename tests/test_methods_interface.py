@@ -35,7 +35,7 @@ RECIPE = {
                  "jvp": "one_pass", "num_classes": 0, "cfg_scale": 1.0, "cfg_kappa": 0.0, "cfg_t_min": 0.0,
                  "cfg_t_max": 1.0, "label_dropout": 0.1},
     **{name: {"p_mean": None, "p_std": 1.4, "tangent_warmup": 1000, "tangent_c": 0.1, "adaptive_weighting": True,
-              "weighting_lr": 0.002, "mid_t": 1.1, "one_pass": True} for name in ("sct", "scd")},
+              "weighting_lr": 0.002, "mid_t": 1.1, "jvp": "one_pass"} for name in ("sct", "scd")},
     "shortcut": {"levels": 128, "bootstrap_fraction": 0.25, "target_ema": False, "target_decay": 0.999,
                  "target_clip": None},
     "lsd": {"off_diagonal_fraction": 0.25},

@@ -225,10 +225,10 @@ def test_one_pass_equals_two_passes_in_float64(cls):
     """The default one-pass JVP (one forward with the graph on) gives the two-pass form's loss and gradients, with
     the same dropout masks (float64, dropout on)."""
     results = []
-    for one_pass in (True, False):
+    for jvp in ("one_pass", "two_pass"):
         model = dropout_net().double()
         teacher = {"teacher": randomize(tiny_net(seed=1), std=0.2).double()} if cls is SCD else {}
-        method = build(cls, model, one_pass=one_pass, tangent_warmup=4, **teacher)
+        method = build(cls, model, jvp=jvp, tangent_warmup=4, **teacher)
         randomize(method.weight_net, std=0.1)
         method.train()
         torch.manual_seed(5)
@@ -242,7 +242,7 @@ def test_one_pass_equals_two_passes_in_float64(cls):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(w1, w2, atol=1e-12, rtol=1e-10)
     assert n1 == pytest.approx(n2, rel=1e-12) and n1 > 1e-3
-    assert SCT(tiny_net(), sigma_data=0.5).one_pass
+    assert SCT(tiny_net(), sigma_data=0.5).jvp == "one_pass"
 
 
 @pytest.mark.parametrize("cls", [SCT, SCD])

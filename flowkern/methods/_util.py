@@ -8,6 +8,10 @@ import torch
 
 from flowkern._validate import check_finite_scalar, check_int
 
+# how a method gets its network's JVP (flowkern.jvp): "one_pass", ONE forward with autograd on gives the output and
+# its stop-gradient tangent; "two_pass", a no-grad JVP pass, then an ordinary grad pass (one forward more)
+JVP_FORMS = typing.Literal["one_pass", "two_pass"]
+
 
 def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A deep copy with requires_grad off (a teacher or EMA target copy, checkpointed as a registered submodule)."""

@@ -23,19 +23,15 @@ Sampling: Φ along a uniform schedule, x ← x + (t_{i+1} − t_i)·u(x, t_i, t_
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor, nn
 
 import flowkern
 from flowkern._nvtx import nvtx_range
 from flowkern._validate import check_finite_scalar, check_int
-from flowkern.methods._util import check_choice, check_probability
+from flowkern.methods._util import JVP_FORMS, check_choice, check_probability
 from flowkern.methods.base import Method
 from flowkern.methods.flow_matching import interpolate, logit_normal
-
-JVP_FORMS = Literal["one_pass", "two_pass"]
 
 
 def mean_flow_times(n: int, *, mean: float, std: float, equal_fraction: float, device=None) -> tuple[Tensor, Tensor]:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from flowkern._precision import accumulation_dtype
 from flowkern._validate import check_bool, check_finite_scalar, check_int, check_tensor
+from flowkern.methods._util import JVP_FORMS, check_choice
 from flowkern.methods.base import Auxiliary, Method
 from flowkern.methods.consistency_training import scaled_p_mean
 from flowkern.methods.edm import col
@@ -54,8 +55,9 @@ SHARED_ARGS = """\
         adaptive_weighting: learn the weight w_φ(t) (an auxiliary network trained with its own Adam); off: w = 0.
         weighting_lr: learning rate of the adaptive weighting network's Adam.
         mid_t: intermediate TrigFlow time of the 2-step sampler (more steps space theirs evenly below it).
-        one_pass: take F_θ and its tangent from one forward-mode pass with the graph on; off: a no-grad JVP pass
-            plus an ordinary forward.
+        jvp: "one_pass": F_θ and its tangent from one forward-mode pass with the graph on
+            (flowkern.jvp(grad=True)); "two_pass": a no-grad JVP pass, then an ordinary forward (same loss and
+            gradients, one forward more).
 """     # the Args entries of both classes (their docstrings end with them)
 
 
@@ -66,7 +68,7 @@ class _ContinuousConsistency(Method):
 
     def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, sigma_data: float,
                  p_mean: float | None, p_std: float, tangent_warmup: int, tangent_c: float,
-                 adaptive_weighting: bool, weighting_lr: float, mid_t: float, one_pass: bool):
+                 adaptive_weighting: bool, weighting_lr: float, mid_t: float, jvp: JVP_FORMS):
         super().__init__(model, teacher=teacher)
         self.sigma_data = check_finite_scalar("sigma_data", sigma_data, positive=True)
         self.p_mean = scaled_p_mean(self.sigma_data, P_MEAN) if p_mean is None else \
@@ -79,7 +81,7 @@ class _ContinuousConsistency(Method):
         self.mid_t = check_finite_scalar("mid_t", mid_t, positive=True)
         if self.mid_t >= t_max(self.sigma_data):
             raise ValueError(f"mid_t must lie in (0, t_max) = (0, {t_max(self.sigma_data):.4f}), got {self.mid_t}")
-        self.one_pass = check_bool("one_pass", one_pass)
+        self.jvp = check_choice("jvp", jvp, JVP_FORMS)
         self.weight_net = AdaptiveWeight() if self.adaptive_weighting else None
 
     def auxiliary_networks(self) -> dict[str, Auxiliary]:
@@ -110,7 +112,7 @@ class _ContinuousConsistency(Method):
         cos, sin = col(torch.cos(t), x0), col(torch.sin(t), x0)
         x_t = cos * x0 + sin * z
         dx_dt = self.velocity(x0, z, x_t, t).to(acc)
-        if self.one_pass:
+        if self.jvp == "one_pass":
             pred, dF = network_jvp(net, x_t, t, dx_dt, self.sigma_data, grad=True)
             F_minus = pred.detach()
         else:
@@ -164,10 +166,10 @@ class SCT(_ContinuousConsistency):
 
     def __init__(self, model: nn.Module, *, sigma_data: float, p_mean: float | None = None, p_std: float = 1.4,
                  tangent_warmup: int = 1000, tangent_c: float = 0.1, adaptive_weighting: bool = True,
-                 weighting_lr: float = 2e-3, mid_t: float = MID_T, one_pass: bool = True):
+                 weighting_lr: float = 2e-3, mid_t: float = MID_T, jvp: JVP_FORMS = "one_pass"):
         super().__init__(model, sigma_data=sigma_data, p_mean=p_mean, p_std=p_std, tangent_warmup=tangent_warmup,
                          tangent_c=tangent_c, adaptive_weighting=adaptive_weighting, weighting_lr=weighting_lr,
-                         mid_t=mid_t, one_pass=one_pass)
+                         mid_t=mid_t, jvp=jvp)
 
     def velocity(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         return col(torch.cos(t), x0) * z - col(torch.sin(t), x0) * x0
@@ -188,12 +190,12 @@ class SCD(_ContinuousConsistency):
     def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, sigma_data: float,
                  p_mean: float | None = None, p_std: float = 1.4, tangent_warmup: int = 1000,
                  tangent_c: float = 0.1, adaptive_weighting: bool = True, weighting_lr: float = 2e-3,
-                 mid_t: float = MID_T, one_pass: bool = True):
+                 mid_t: float = MID_T, jvp: JVP_FORMS = "one_pass"):
         if teacher is None:
             raise ValueError("scd distils a teacher: pass teacher= (a flow-matching velocity network)")
         super().__init__(model, teacher=teacher, sigma_data=sigma_data, p_mean=p_mean, p_std=p_std,
                          tangent_warmup=tangent_warmup, tangent_c=tangent_c, adaptive_weighting=adaptive_weighting,
-                         weighting_lr=weighting_lr, mid_t=mid_t, one_pass=one_pass)
+                         weighting_lr=weighting_lr, mid_t=mid_t, jvp=jvp)
 
     def velocity(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         return teacher_velocity(self.teacher, x_t, t, self.sigma_data)
