@@ -434,3 +434,12 @@ class WithCritic(Method):
 
     def loss(self, net, x0, step):
         return self.terms(net, x0, step), {}
+
+
+def assert_ot_paired(x0: torch.Tensor, z: torch.Tensor) -> None:
+    """x0[i] is paired with z[i] by an optimal assignment of squared distances: no exchange of two rows' partners
+    lowers the total cost (2-opt, necessary for optimality), while the identity pairing of fresh noise would fail."""
+    cost = torch.cdist(x0.flatten(1).double(), z.flatten(1).double()).square()
+    diag = cost.diagonal()
+    gain = diag[:, None] + diag[None, :] - cost - cost.T     # > 0: swapping the partners of i and j is cheaper
+    assert float(gain.max()) <= 1e-9, f"pairing is not optimal: a swap gains {float(gain.max()):.3g}"

@@ -269,3 +269,19 @@ def test_loss_is_reproducible_from_the_seed():
     method = MeanFlow(tiny_net())
     x0 = gaussian_batch(64)
     assert fixed_loss(method, x0) == fixed_loss(method, x0)
+
+
+def test_ot_coupling_pairs_the_batch_by_minibatch_optimal_transport():
+    from helpers import assert_ot_paired
+
+    x0 = gaussian_batch(64)
+    method = MeanFlow(tiny_net(), coupling="ot", coupling_block=64)
+    torch.manual_seed(0)
+    z, t, r, v, _ = method.targets(x0)
+    assert_ot_paired(x0, v + x0)     # the noise ε = v + x₀
+    with pytest.raises(AssertionError):  # the default pairs independently
+        torch.manual_seed(0)
+        z, t, r, v, _ = MeanFlow(tiny_net()).targets(x0)
+        assert_ot_paired(x0, v + x0)
+    with pytest.raises(ValueError, match="coupling"):
+        MeanFlow(tiny_net(), coupling="sinkhorn")

@@ -411,3 +411,26 @@ def test_cli_teacher_errors_write_nothing(teacher_run, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.startswith("flowkern: error:"), err
         assert not out.exists()
+
+
+@pytest.mark.parametrize("cls", [SCT, SCD])
+def test_the_cli_offers_no_ode_nll_for_a_consistency_function(cls):
+    """A consistency function has no velocity field: `flowkern train sct` must not try the ODE NLL at its end (a
+    method attribute named `velocity` with another meaning once made it crash there)."""
+    from flowkern.data import get_dataset
+    from flowkern.train.evaluate import nll_unavailable
+
+    teacher = {"teacher": tiny_net(seed=1)} if cls is SCD else {}
+    method = build(cls, tiny_net(), **teacher)
+    assert "has no velocity field" in nll_unavailable(method, get_dataset("checkerboard"))
+
+
+def test_sct_ot_coupling_pairs_data_and_noise_by_minibatch_optimal_transport():
+    from helpers import assert_ot_paired
+
+    x0 = gaussian_batch(64)
+    method = build(SCT, tiny_net(), coupling="ot", coupling_block=64)
+    assert_ot_paired(x0, method.noise(x0))
+    assert method.noise(x0).std() == pytest.approx(method.sigma_data, rel=0.3)
+    with pytest.raises(ValueError, match="coupling"):
+        build(SCT, tiny_net(), coupling="sinkhorn")

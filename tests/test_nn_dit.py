@@ -124,3 +124,34 @@ def test_bad_inputs_raise(case, err, match):
             "y_without_classes": lambda: plain(x, t, s, torch.tensor([0, 1]))}[case]
     with flowkern.use_backend("torch"), pytest.raises(err, match=match):
         call()
+
+
+def test_divergence_head_is_a_sum_of_per_token_terms_zero_at_init_with_a_fused_tangent():
+    """divergence_head=True: (u, D [B]) with D = Σ_tokens w_D·h (h the final modulated features), zero at init
+    (like u); u unchanged by the head; D's tangent under flowkern.jvp equals a float64 central difference."""
+    torch.manual_seed(0)
+    kw = dict(patch=2, hidden=32, depth=1, heads=2, time_dim=8)
+    plain = DiT(8, 1, **kw).double()
+    joint = DiT(8, 1, divergence_head=True, **kw).double()
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    t, s = torch.rand(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
+    with flowkern.use_backend("torch"):
+        u0, d0 = joint(x, t, s)
+        assert d0.shape == (3,) and float(d0.abs().max()) == 0.0
+        randomize(joint, std=0.2)
+        joint_state = {k: v for k, v in joint.state_dict().items() if not k.startswith("div.")}
+        plain.load_state_dict(joint_state)
+        features = {}
+        hook = joint.final_norm.register_forward_hook(lambda m, a, out: features.update(h=out))
+        u, d = joint(x, t, s)
+        hook.remove()
+        torch.testing.assert_close(u, plain(x, t, s), rtol=0, atol=0)
+        manual = features["h"] @ joint.div.weight[0] + joint.div.bias[0]
+        torch.testing.assert_close(d, manual.sum(1), rtol=1e-12, atol=1e-12)
+        x_t = torch.randn_like(x)
+        (_, d_out), (_, d_tan) = flowkern.jvp(joint, (x, t, s), (x_t, torch.ones_like(t), torch.zeros_like(s)))
+        h = 1e-6
+        fd = (joint(x + h * x_t, t + h, s)[1] - joint(x - h * x_t, t - h, s)[1]) / (2 * h)
+    torch.testing.assert_close(d_out, d, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(d_tan, fd, rtol=1e-6, atol=1e-7)
+    assert float(d_tan.abs().max()) > 1e-3

@@ -144,7 +144,7 @@ class F2D2(Method):
         except RuntimeError as err:
             raise ValueError("warm_start: the model must have the teacher's architecture plus a D head: "
                              f"{err}") from None
-        if unexpected or any(not k.startswith("div.") for k in missing):
+        if unexpected or any(k.split(".")[-2] != "div" for k in missing):  # only the D head's div.weight/div.bias
             raise ValueError("warm_start: the model must have the teacher's architecture plus a D head; "
                              f"missing {missing}, unexpected {unexpected}")
 

@@ -31,6 +31,7 @@ from flowkern._nvtx import nvtx_range
 from flowkern._validate import check_finite_scalar, check_int
 from flowkern.methods._util import JVP_FORMS, check_choice, check_probability
 from flowkern.methods.base import Method
+from flowkern.methods.coupling import DEFAULT_BLOCK, Coupling, check_coupling, couple
 from flowkern.methods.flow_matching import interpolate, logit_normal
 
 
@@ -74,6 +75,9 @@ class MeanFlow(Method):
         cfg_t_min: the guidance applies for t in [cfg_t_min, cfg_t_max] (in [0, 1]).
         cfg_t_max: upper end of the guidance interval (in [0, 1], >= cfg_t_min).
         label_dropout: fraction of the rows trained on the null class (unconditional velocity), in [0, 1].
+        coupling: pairing of data and noise in a batch, "independent" (the paper's) or "ot" (minibatch optimal
+            transport, `flowkern.methods.coupling`: straighter paths, the flow map of the coupled process).
+        coupling_block: rows per minibatch-OT block.
     """
 
     name = "meanflow"
@@ -84,7 +88,8 @@ class MeanFlow(Method):
     def __init__(self, model: nn.Module, *, t_mean: float = -0.4, t_std: float = 1.0, equal_fraction: float = 0.75,
                  weight_power: float = 0.0, weight_eps: float = 1e-3, jvp: JVP_FORMS = "one_pass",
                  num_classes: int = 0, cfg_scale: float = 1.0, cfg_kappa: float = 0.0,
-                 cfg_t_min: float = 0.0, cfg_t_max: float = 1.0, label_dropout: float = 0.1):
+                 cfg_t_min: float = 0.0, cfg_t_max: float = 1.0, label_dropout: float = 0.1,
+                 coupling: Coupling = "independent", coupling_block: int = DEFAULT_BLOCK):
         super().__init__(model)
         self.t_mean = check_finite_scalar("t_mean", t_mean)
         self.t_std = check_finite_scalar("t_std", t_std, positive=True)
@@ -103,6 +108,8 @@ class MeanFlow(Method):
             raise ValueError(f"cfg_t_max must be >= cfg_t_min, got cfg_t_min={self.cfg_t_min}, "
                              f"cfg_t_max={self.cfg_t_max}")
         self.label_dropout = check_probability("label_dropout", label_dropout)
+        self.coupling = check_coupling(coupling)
+        self.coupling_block = check_int("coupling_block", coupling_block, minimum=1)
 
     # -- the pieces of one step -----------------------------------------------------------------------------------
     def _labels(self, labels, x0: Tensor) -> Tensor | None:
@@ -146,7 +153,7 @@ class MeanFlow(Method):
         n = x0.shape[0]
         t, r = mean_flow_times(n, mean=self.t_mean, std=self.t_std, equal_fraction=self.equal_fraction,
                                device=x0.device)
-        eps = torch.randn_like(x0)
+        eps = couple(x0, torch.randn_like(x0), self.coupling, self.coupling_block)
         z, v = interpolate(x0, eps, t), eps - x0
         if labels is None:
             return z, t, r, v, None

@@ -29,6 +29,7 @@ from flowkern._validate import check_bool, check_finite_scalar, check_int, check
 from flowkern.methods._util import JVP_FORMS, check_choice
 from flowkern.methods.base import Auxiliary, Method
 from flowkern.methods.consistency_training import scaled_p_mean
+from flowkern.methods.coupling import DEFAULT_BLOCK, Coupling, check_coupling, couple
 from flowkern.methods.edm import col
 from flowkern.methods.trigflow import (
     MID_T,
@@ -90,7 +91,11 @@ class _ContinuousConsistency(Method):
             return {}
         return {WEIGHTING: Auxiliary(self.weight_net, lr=self.weighting_lr)}
 
-    def velocity(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+    def noise(self, x0: Tensor) -> Tensor:
+        """z ~ N(0, σ_d²I) paired with x0 (independently)."""
+        return torch.randn_like(x0) * self.sigma_data
+
+    def dx_dt(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """dx_t/dt, [B, ...] in x0's dtype, no graph."""
         raise NotImplementedError
 
@@ -108,10 +113,10 @@ class _ContinuousConsistency(Method):
         acc = accumulation_dtype(x0.dtype)
         x0 = x0.to(acc)
         t = training_times(x0.shape[0], self.p_mean, self.p_std, self.sigma_data, x0.device).to(acc)
-        z = torch.randn_like(x0) * self.sigma_data
+        z = self.noise(x0)
         cos, sin = col(torch.cos(t), x0), col(torch.sin(t), x0)
         x_t = cos * x0 + sin * z
-        dx_dt = self.velocity(x0, z, x_t, t).to(acc)
+        dx_dt = self.dx_dt(x0, z, x_t, t).to(acc)
         if self.jvp == "one_pass":
             pred, dF = network_jvp(net, x_t, t, dx_dt, self.sigma_data, grad=True)
             F_minus = pred.detach()
@@ -159,19 +164,28 @@ class SCT(_ContinuousConsistency):
 
     Args:
         model: the network F_θ, a flowkern network net(x, t, s) (called at x_t/σ_d, τ(t), s = 0).
-""" + SHARED_ARGS
+""" + SHARED_ARGS + """        coupling: pairing of data and noise in a batch, "independent" (the paper's) or "ot" (minibatch optimal
+            transport of x₀ and z, `flowkern.methods.coupling`: straighter paths to jump along).
+        coupling_block: rows per minibatch-OT block.
+"""
 
     name: ClassVar[str] = "sct"
     needs_teacher: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, *, sigma_data: float, p_mean: float | None = None, p_std: float = 1.4,
                  tangent_warmup: int = 1000, tangent_c: float = 0.1, adaptive_weighting: bool = True,
-                 weighting_lr: float = 2e-3, mid_t: float = MID_T, jvp: JVP_FORMS = "one_pass"):
+                 weighting_lr: float = 2e-3, mid_t: float = MID_T, jvp: JVP_FORMS = "one_pass",
+                 coupling: Coupling = "independent", coupling_block: int = DEFAULT_BLOCK):
         super().__init__(model, sigma_data=sigma_data, p_mean=p_mean, p_std=p_std, tangent_warmup=tangent_warmup,
                          tangent_c=tangent_c, adaptive_weighting=adaptive_weighting, weighting_lr=weighting_lr,
                          mid_t=mid_t, jvp=jvp)
+        self.coupling = check_coupling(coupling)
+        self.coupling_block = check_int("coupling_block", coupling_block, minimum=1)
 
-    def velocity(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+    def noise(self, x0: Tensor) -> Tensor:
+        return couple(x0, torch.randn_like(x0) * self.sigma_data, self.coupling, self.coupling_block)
+
+    def dx_dt(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         return col(torch.cos(t), x0) * z - col(torch.sin(t), x0) * x0
 
 
@@ -197,5 +211,5 @@ class SCD(_ContinuousConsistency):
                          tangent_warmup=tangent_warmup, tangent_c=tangent_c, adaptive_weighting=adaptive_weighting,
                          weighting_lr=weighting_lr, mid_t=mid_t, jvp=jvp)
 
-    def velocity(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+    def dx_dt(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         return teacher_velocity(self.teacher, x_t, t, self.sigma_data)

@@ -70,13 +70,17 @@ class DiT(torch.nn.Module):
         tokens ← DiTBlock(tokens, c) × depth        adaLN-zero (modulate and gated residual fused), optional QK-norm,
                                                     `flowkern.attention` (fused JVP), GELU-tanh MLP
         u = unpatchify(W_out·(LN(h)(1 + a) + b))    W_out and every adaLN projection zero-initialised: u = 0 at init
+        D = Σ_tokens w_D·(LN(h)(1 + a) + b)          divergence_head=True only (F2D2's scalar head, zero-initialised):
+                                                    one log-density rate per sample, a sum of per-token terms as a
+                                                    divergence is a sum of per-pixel ones
 
     Arguments: img_size (int or (H, W)), in_ch, patch, hidden, depth, heads, mlp_ratio, num_classes (0: no labels),
     qk_norm, time_mode ('ts' | 't_delta'), time_dim (sinusoid width per time), time_scale (1000: t ∈ [0, 1] as DiT's
-    timesteps), out_ch (default in_ch). `DiT.from_config("S/2", img_size=32, in_ch=4)` builds the paper sizes
+    timesteps), out_ch (default in_ch), divergence_head (also return D [B], in log-density units per unit time: a
+    joint flow map for F2D2 and `flowkern.flow_map_log_likelihood`). `DiT.from_config("S/2", img_size=32, in_ch=4)` builds the paper sizes
     (tiny/2, S, B, L, XL with patch 2/4/8; keyword overrides allowed).
 
-    forward(x [B, in_ch, H, W], t, s, y=None) -> u [B, out_ch, H, W]; t, s as `MLPFlowMap` (float32/float64 [B],
+    forward(x [B, in_ch, H, W], t, s, y=None) -> u [B, out_ch, H, W], or (u, D [B]) with divergence_head; t, s as `MLPFlowMap` (float32/float64 [B],
     0-d or Python numbers broadcast; low-precision or integer times raise). Works unchanged under `torch.func.jvp`,
     `torch.autograd.forward_ad` and backward; run the JVP pass with `flowkern.jvp(model, (x, t, s), tangents,
     kwargs={"y": y})`.
@@ -84,7 +88,8 @@ class DiT(torch.nn.Module):
 
     def __init__(self, img_size, in_ch: int, *, patch: int = 2, hidden: int = 384, depth: int = 12, heads: int = 6,
                  mlp_ratio: float = 4.0, num_classes: int = 0, qk_norm: bool = False, time_mode: str = "ts",
-                 time_dim: int = 256, time_scale: float = 1000.0, out_ch: int | None = None):
+                 time_dim: int = 256, time_scale: float = 1000.0, out_ch: int | None = None,
+                 divergence_head: bool = False):
         super().__init__()
         h, w = (img_size, img_size) if not isinstance(img_size, (tuple, list)) else tuple(img_size)
         self.img_size = (check_int("img_size", h, minimum=1), check_int("img_size", w, minimum=1))
@@ -101,6 +106,7 @@ class DiT(torch.nn.Module):
         mlp_ratio = check_finite_scalar("mlp_ratio", mlp_ratio, positive=True)
         self.num_classes = check_int("num_classes", num_classes, minimum=0)
         self.qk_norm = check_bool("qk_norm", qk_norm)
+        self.divergence_head = check_bool("divergence_head", divergence_head)
 
         self.patch_embed = Linear(self.in_ch * patch * patch, hidden)
         grid = (h // patch, w // patch)
@@ -111,6 +117,7 @@ class DiT(torch.nn.Module):
         self.final_ada = AdaLNModulation(hidden, hidden, 2)
         self.final_norm = Modulate("layer", eps=1e-6)
         self.out = Linear(hidden, patch * patch * self.out_ch, zero_init=True)
+        self.div = Linear(hidden, 1, zero_init=True) if self.divergence_head else None
         self._init_weights()
 
     @classmethod
@@ -158,12 +165,15 @@ class DiT(torch.nn.Module):
             for block in self.blocks:
                 h = block(h, c)
             shift, scale = self.final_ada(c)
-            h = self.out(self.final_norm(h, shift, scale))
-            return unpatchify(h, self.patch, self.out_ch, *self.img_size)
+            h = self.final_norm(h, shift, scale)
+            u = unpatchify(self.out(h), self.patch, self.out_ch, *self.img_size)
+            if self.div is None:
+                return u
+            return u, self.div(h).sum((1, 2))
 
     def extra_repr(self) -> str:
         return (f"img_size={self.img_size}, in_ch={self.in_ch}, patch={self.patch}, tokens={self.num_tokens}, "
-                f"num_classes={self.num_classes}, qk_norm={self.qk_norm}")
+                f"num_classes={self.num_classes}, qk_norm={self.qk_norm}, divergence_head={self.divergence_head}")
 
 
 __all__ = ["CONFIGS", "DiT", "DiTBlock"]

@@ -258,9 +258,6 @@ def _architecture(run: Run, dataset, teacher, state) -> dict:
     except ValueError as err:
         raise CLIError(str(err)) from None
     if getattr(run.cls, "divergence_head", False):    # a joint flow map (u, D), e.g. f2d2
-        if arch["arch"] != "mlp":
-            raise CLIError(f"--arch {arch['arch']}: {run.method} needs a log-density head (D), which only "
-                           "--arch mlp has")
         arch["divergence_head"] = True
     return arch
 

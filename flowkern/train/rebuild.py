@@ -22,9 +22,16 @@ class FlatImageFlowMap(torch.nn.Module):
         super().__init__()
         self.dit = dit
 
+    @property
+    def divergence_head(self) -> bool:
+        return self.dit.divergence_head
+
     def forward(self, x, t, s, **kwargs):
         images = x.reshape(x.shape[0], self.dit.in_ch, *self.dit.img_size)
-        return self.dit(images, t, s, **kwargs).reshape(x.shape[0], -1)
+        out = self.dit(images, t, s, **kwargs)
+        if isinstance(out, tuple):  # (u, D) of a joint flow map
+            return out[0].reshape(x.shape[0], -1), out[1]
+        return out.reshape(x.shape[0], -1)
 
 
 def image_geometry(shape: tuple[int, ...]) -> tuple[int, int] | None:
@@ -66,7 +73,7 @@ def architecture(kind: str, train: dict, shape: tuple[int, ...], method_cls) -> 
 def network(arch: dict) -> torch.nn.Module:
     """The network of an architecture dict: {"arch": "mlp", dim, hidden, depth, time_dim, dropout, time_scale} (a
     dict without "arch" is an MLP, without "time_scale" at 1000) or {"arch": "dit", img_size, in_ch, patch, hidden,
-    depth, heads, time_dim, time_scale} (a DiT on the flattened images)."""
+    depth, heads, time_dim, time_scale} (a DiT on the flattened images); either may set divergence_head."""
     from flowkern.nn import DiT, MLPFlowMap
 
     kind = arch.get("arch", "mlp")
@@ -74,7 +81,7 @@ def network(arch: dict) -> torch.nn.Module:
     if kind == "dit":
         return FlatImageFlowMap(DiT(arch["img_size"], arch["in_ch"], patch=arch["patch"], hidden=arch["hidden"],
                                     depth=arch["depth"], heads=arch["heads"], time_dim=arch["time_dim"],
-                                    time_scale=time_scale))
+                                    time_scale=time_scale, divergence_head=arch.get("divergence_head", False)))
     if kind != "mlp":
         raise checkpoint.CheckpointError(f"unknown network arch {kind!r}; known: {', '.join(ARCHS)}")
     return MLPFlowMap(arch["dim"], hidden=arch["hidden"], depth=arch["depth"], time_dim=arch["time_dim"],
