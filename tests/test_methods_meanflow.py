@@ -33,9 +33,11 @@ class PerturbedFlowMap(torch.nn.Module):
 
 
 def theta_gradients(theta: float, batches: int = 16, rows: int = 2048, **kw) -> torch.Tensor:
-    """dL/dθ of the MeanFlow loss on `batches` independent batches of Gaussian data (one value per batch)."""
+    """dL/dθ of the MeanFlow loss on `batches` independent batches of Gaussian data (one value per batch). The
+    exact flow map is that of the independent pairing of data and noise (with minibatch OT, the default, the coupled
+    process of a finite batch has no closed form)."""
     model = PerturbedFlowMap(theta)
-    method = MeanFlow(model, **kw)
+    method = MeanFlow(model, **{"coupling": "independent", **kw})
     torch.manual_seed(0)
     grads = []
     for b in range(batches):
@@ -279,9 +281,24 @@ def test_ot_coupling_pairs_the_batch_by_minibatch_optimal_transport():
     torch.manual_seed(0)
     z, t, r, v, _ = method.targets(x0)
     assert_ot_paired(x0, v + x0)     # the noise ε = v + x₀
-    with pytest.raises(AssertionError):  # the default pairs independently
+    with pytest.raises(AssertionError):  # the paper's independent pairing
         torch.manual_seed(0)
-        z, t, r, v, _ = MeanFlow(tiny_net()).targets(x0)
+        z, t, r, v, _ = MeanFlow(tiny_net(), coupling="independent").targets(x0)
         assert_ot_paired(x0, v + x0)
     with pytest.raises(ValueError, match="coupling"):
         MeanFlow(tiny_net(), coupling="sinkhorn")
+
+
+def test_ot_coupling_of_a_class_conditional_batch_pairs_within_each_class():
+    """Across the whole batch OT would bias ε given the class away from N(0, I), the sampler's draw."""
+    from helpers import assert_ot_paired
+
+    x0 = gaussian_batch(64)
+    labels = torch.arange(64) % 2
+    method = MeanFlow(tiny_net(), coupling="ot", num_classes=2, label_dropout=0.0)
+    torch.manual_seed(0)
+    eps = method.noise(x0, labels)
+    for c in (0, 1):
+        assert_ot_paired(x0[labels == c], eps[labels == c])
+    with pytest.raises(AssertionError):
+        assert_ot_paired(x0, eps)

@@ -75,8 +75,9 @@ class MeanFlow(Method):
         cfg_t_min: the guidance applies for t in [cfg_t_min, cfg_t_max] (in [0, 1]).
         cfg_t_max: upper end of the guidance interval (in [0, 1], >= cfg_t_min).
         label_dropout: fraction of the rows trained on the null class (unconditional velocity), in [0, 1].
-        coupling: pairing of data and noise in a batch, "independent" (the paper's) or "ot" (minibatch optimal
-            transport, `flowkern.methods.coupling`: straighter paths, the flow map of the coupled process).
+        coupling: pairing of data and noise in a batch, "ot" (minibatch optimal transport,
+            `flowkern.methods.coupling`, within each class when conditional: straighter paths, the flow map of the
+            coupled process) or "independent" (the paper's).
         coupling_block: rows per minibatch-OT block.
     """
 
@@ -89,7 +90,7 @@ class MeanFlow(Method):
                  weight_power: float = 0.0, weight_eps: float = 1e-3, jvp: JVP_FORMS = "one_pass",
                  num_classes: int = 0, cfg_scale: float = 1.0, cfg_kappa: float = 0.0,
                  cfg_t_min: float = 0.0, cfg_t_max: float = 1.0, label_dropout: float = 0.1,
-                 coupling: Coupling = "independent", coupling_block: int = DEFAULT_BLOCK):
+                 coupling: Coupling = "ot", coupling_block: int = DEFAULT_BLOCK):
         super().__init__(model)
         self.t_mean = check_finite_scalar("t_mean", t_mean)
         self.t_std = check_finite_scalar("t_std", t_std, positive=True)
@@ -153,7 +154,7 @@ class MeanFlow(Method):
         n = x0.shape[0]
         t, r = mean_flow_times(n, mean=self.t_mean, std=self.t_std, equal_fraction=self.equal_fraction,
                                device=x0.device)
-        eps = couple(x0, torch.randn_like(x0), self.coupling, self.coupling_block)
+        eps = self.noise(x0, labels)
         z, v = interpolate(x0, eps, t), eps - x0
         if labels is None:
             return z, t, r, v, None
@@ -161,6 +162,19 @@ class MeanFlow(Method):
         v_tilde = self.guided_velocity(z, t, v, labels)
         v_tilde = torch.where(dropped.view((-1,) + (1,) * (v.dim() - 1)), v, v_tilde)
         return z, t, r, v_tilde, torch.where(dropped, torch.full_like(labels, self.num_classes), labels)
+
+    def noise(self, x0: Tensor, labels: Tensor | None) -> Tensor:
+        """ε ~ N(0, I) paired with x0 by `coupling`; with labels, OT pairs within each class (so that ε given the
+        class is still N(0, I), as the sampler draws it)."""
+        eps = torch.randn_like(x0)
+        if self.coupling == "independent":
+            return eps
+        if labels is None:
+            return couple(x0, eps, self.coupling, self.coupling_block)
+        for c in labels.unique().tolist():
+            rows = (labels == c).nonzero().squeeze(1)
+            eps[rows] = couple(x0[rows], eps[rows], self.coupling, self.coupling_block)
+        return eps
 
     def prediction_and_target(self, net, z, t, r, v, y):
         """(u, u_tgt): u differentiable, u_tgt = sg(v − (t − r)·du/dt) with du/dt along (v, 1, 0)."""
