@@ -82,7 +82,11 @@ def test_diffusers_dit_jvp_on_the_triton_kernel():
     f, x, x_t = _dit_call(model, 1, 4, torch.float32)
     model64 = _diffusers_dit(sample_size=4).double()
     f64, x64, xt64 = _dit_call(model64, 1, 4, torch.float64)
-    want = _math_jvp(f64, x64, xt64)
+    _assert_triton_jvp_is_math_sdpas(f, x, x_t, _math_jvp(f64, x64, xt64))
+
+
+def _assert_triton_jvp_is_math_sdpas(f, x, x_t, want):
+    """torch.func.jvp of f under the patch, on the Triton kernel (one fused call), equals the float64 math JVP."""
     with flowkern.patch_sdpa() as counts, flowkern.use_backend("triton"):
         counts.reset()
         got = torch.func.jvp(f, (x,), (x_t,))
@@ -124,13 +128,7 @@ def test_timm_vision_transformer_jvp_on_the_triton_kernel():
     """17 tokens (16 patches and the class token): a sequence length that is no multiple of any block size."""
     model, model64 = _timm_vit(), _timm_vit().double()
     x, x_t = _images(1, 8, torch.float32)
-    want = _math_jvp(model64, x.double(), x_t.double())
-    with flowkern.patch_sdpa() as counts, flowkern.use_backend("triton"):
-        counts.reset()
-        got = torch.func.jvp(model, (x,), (x_t,))
-        assert counts.fused == 1
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
+    _assert_triton_jvp_is_math_sdpas(model, x, x_t, _math_jvp(model64, x.double(), x_t.double()))
 
 
 def test_timm_vision_transformer_jvp_at_1024_tokens_needs_far_less_memory_than_math_sdpa():
