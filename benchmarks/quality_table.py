@@ -55,7 +55,7 @@ lanes.
 
 A recipe is what `flowkern train <method> --data D` does with no other flag: the train-level settings in
 `flowkern/train/recipes/<method>.toml` (batch 256, lr 2e-3 with a cosine decay; fm 8000 steps, pd 8000 at lr 5e-4
-without decay and an eval EMA of 0.99, cd 9000, ct 15 000, ctm 6000, meanflow 4000, sct and scd 1500) and the method-level settings
+without decay and an eval EMA of 0.99, cd 9000, ct 15 000, ctm 6000, meanflow 5000, sct and scd 1500) and the method-level settings
 as the method's constructor defaults; the network is `MLPFlowMap(2, hidden=128, depth=3)`.
 
 * **ct**: ECT's schedule in 6 stages (Δσ/σ halves each stage) with minibatch optimal-transport pairing of each batch's
@@ -79,20 +79,19 @@ as the method's constructor defaults; the network is `MLPFlowMap(2, hidden=128, 
   round is a 1-step model: its 2/4/8-step rows only show that it was not trained for them.
 * **ctm**: a DSM weight of 0.1 instead of 1.0 (0.113 → 0.077; 12 teacher Heun steps per target instead of 4 also gets
   there, 0.085, at twice the cost).
-* **meanflow**: 4000 steps (the README's main job, a few CPU minutes), data and noise paired by minibatch optimal
+* **meanflow**: 5000 steps (the README's main job, about 5 CPU minutes), data and noise paired by minibatch optimal
   transport (the paper pairs them independently: at 6000 steps on 8 Gaussians 1-step / 2-step SW2 0.113 / 0.088
-  independent, 0.074 / 0.067 with OT; docs/methods.md has the other settings tried), the plain squared error (p = 0:
-  on 2-D data the adaptive weight reweights single rows and biases the flow; p = 0.25 and 0.5 sharpen the 1-step
-  samples, 0.087 and 0.082, but leave 2 steps worse, 0.119 and 0.166), 75 % of the rows with r = t, the network's
-  time embedding scaled by 10 instead of 1000. Its 2-step samples are judged too: no worse than its 1-step ones.
-* **sct and scd** (TrigFlow, docs/methods.md): times enter the network unscaled (`network_time_scale` 1.0; with
-  the ×1000 embedding the tangent's norm before normalisation grows to thousands), tangent warm-up over 1000 steps,
-  c = 0.1, the learned adaptive weight, P_mean = −1.0 + ln(σ_d/0.5), P_std = 1.4; 1500 steps because one step costs
-  about 4 flow-matching steps on CPU (the forward-mode pass). At 1500 steps (seed 0) they are 0.11–0.14× one
-  teacher Euler step but 2.1–2.8× the teacher's 100-step SW2 (sct 0.219 / 0.150, scd 0.252 / 0.178 on the
-  checkerboard / 8 Gaussians): short of the 1.5× bar. Longer runs on 8 Gaussians (seed 0, 6000 steps, 1-step /
-  2-step SW2; bar 0.091): sct 0.132 / 0.091, sct with minibatch-OT pairing 0.113 / 0.269 (its sampler re-noises
-  independently), scd 0.206 / 0.184.
+  independent, 0.074 / 0.067 with OT; docs/methods.md lists the other settings tried), the plain squared error
+  (p = 0), 75 % of the rows with r = t, the network's time embedding scaled by 10 instead of 1000. At 4000 steps
+  the 8 Gaussians median was 0.097 (seeds 0.078 / 0.097 / 0.099), above the 0.091 bar; at 5000 it is 0.075. Its
+  2-step samples are judged too: no worse than its 1-step ones.
+* **sct and scd** (TrigFlow, docs/methods.md): times enter the network unscaled, tangent warm-up over 1000 steps,
+  c = 0.1, the learned adaptive weight, P_mean = −1.0 + ln(σ_d/0.5), P_std = 1.4; 1500 steps, seed 0 only (no rows
+  in this table yet). They are 0.11–0.14× one teacher Euler step but 2.1–2.8× the teacher's 100-step SW2 (sct
+  0.219 / 0.150, scd 0.252 / 0.178 on the checkerboard / 8 Gaussians), short of the 1.5× bar. Longer runs on 8
+  Gaussians (6000 steps, 1-step / 2-step SW2; bar 0.091) do not reach it either: sct 0.132 / 0.091, sct with
+  minibatch-OT pairing 0.113 / 0.269 (its sampler re-noises independently), scd 0.206 / 0.184. Their gradient
+  norms stay at 2–9 under the clip at 1.
 * **cd and ctm**: 40 Karras grid points, because the teacher's own 18-step Heun solve bounds CD (SW2 0.149 vs 0.100 at
   40 steps on the checkerboard); CD's multistep samples get worse with more steps (its consistency function is least
   accurate at σ ≈ 1–5).
