@@ -54,6 +54,13 @@ def junit_totals(paths: list[str]) -> dict:
     return totals
 
 
+def _default_sigint() -> None:
+    """In each shard: SIGINT back to its default disposition. A process started in the background by a
+    non-interactive shell (`cmd &`, as remote runners do) inherits SIGINT ignored, and a Python started with it
+    ignored never raises KeyboardInterrupt, so the deadline's SIGINT would be lost and no JUnit file written."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_shards(groups, out: str, timeout_s: float, grace_s: float, extra: list[str]) -> list[dict]:
     """Start every shard, wait until all end or the deadline; SIGINT then SIGKILL the late ones."""
     procs = []
@@ -61,7 +68,8 @@ def run_shards(groups, out: str, timeout_s: float, grace_s: float, extra: list[s
         log = open(os.path.join(out, f"tests-{i}.log"), "w")
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={out}/tests-{i}.xml",
                *extra, *files]
-        procs.append({"shard": i, "proc": subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT),
+        procs.append({"shard": i, "proc": subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                                           preexec_fn=_default_sigint),
                       "log": log, "interrupted": False})
     deadline = time.monotonic() + timeout_s
     while any(p["proc"].poll() is None for p in procs) and time.monotonic() < deadline:
