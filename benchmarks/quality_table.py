@@ -55,7 +55,7 @@ lanes.
 
 A recipe is what `flowkern train <method> --data D` does with no other flag: the train-level settings in
 `flowkern/train/recipes/<method>.toml` (batch 256, lr 2e-3 with a cosine decay; fm 8000 steps, pd 8000 at lr 5e-4
-without decay and an eval EMA of 0.99, cd 9000, ct 15 000, ctm 6000, meanflow 5000, sct and scd 1500) and the method-level settings
+without decay and an eval EMA of 0.99, cd 9000, ct 15 000, ctm 6000, meanflow 5000, sct 1500, scd 8000) and the method-level settings
 as the method's constructor defaults; the network is `MLPFlowMap(2, hidden=128, depth=3)`.
 
 * **ct**: ECT's schedule in 6 stages (Δσ/σ halves each stage) with minibatch optimal-transport pairing of each batch's
@@ -86,12 +86,20 @@ as the method's constructor defaults; the network is `MLPFlowMap(2, hidden=128, 
   the 8 Gaussians median was 0.097 (seeds 0.078 / 0.097 / 0.099), above the 0.091 bar; at 5000 it is 0.075. Its
   2-step samples are judged too: no worse than its 1-step ones.
 * **sct and scd** (TrigFlow, docs/methods.md): times enter the network unscaled, tangent warm-up over 1000 steps,
-  c = 0.1, the learned adaptive weight, P_mean = −1.0 + ln(σ_d/0.5), P_std = 1.4; 1500 steps, seed 0 only (no rows
-  in this table yet). They are 0.11–0.14× one teacher Euler step but 2.1–2.8× the teacher's 100-step SW2 (sct
-  0.219 / 0.150, scd 0.252 / 0.178 on the checkerboard / 8 Gaussians), short of the 1.5× bar. Longer runs on 8
-  Gaussians (6000 steps, 1-step / 2-step SW2; bar 0.091) do not reach it either: sct 0.132 / 0.091, sct with
-  minibatch-OT pairing 0.113 / 0.269 (its sampler re-noises independently), scd 0.206 / 0.184. Their gradient
-  norms stay at 2–9 under the clip at 1.
+  c = 0.1, P_mean = −1.0 + ln(σ_d/0.5), P_std = 1.4; sct 1500 steps with the learned adaptive weight, scd 8000
+  steps without it. Seed 0 only so far (no rows in this table yet; bars of this page's teacher: 0.149 / 0.085 SW2
+  on the checkerboard / 8 Gaussians). **scd** meets both 1-step bars at seed 0: checkerboard 0.126 (2 steps
+  0.113), 8 Gaussians 0.068 at 4000 steps (2 steps 0.062). With the adaptive weight it stayed at 0.19–0.21 on
+  8 Gaussians whatever the steps, batch (1024), LR (5e-4 was worse, 0.37) or network time scale (×10 worse,
+  0.39): a deterministic teacher drives the residual of a well-fitted time to 0, and e^{−w} = 1/E‖residual‖²
+  then amplifies what is left there. Its 4- and 8-step samples on the checkerboard are worse (0.185 / 0.295).
+  **sct** (8 Gaussians, batch 1024, 3000 steps, 1-step / 4-step SW2) is limited by the tangent normalisation
+  g/(‖g‖ + c): in two dimensions ‖g‖ varies a lot between the noise draws of one x_t, and for ‖g‖ ≫ c the
+  normalised loss is stationary where the *geometric median* of g given x_t vanishes, not its mean: c = 0.1
+  gives 0.121 / 0.060 with samples too concentrated on the modes, c = 1 0.097 / 0.051, c = 2 0.093 / 0.049,
+  c = 10 (almost linear, higher variance) 0.141 / 0.080 with samples too diffuse. Without the adaptive weight
+  sct is unchanged (0.120); OT pairing at batch 1024 was worse (0.148). No setting tried reaches 0.085 at one
+  step; its 4-step samples beat the teacher's 100 steps.
 * **cd and ctm**: 40 Karras grid points, because the teacher's own 18-step Heun solve bounds CD (SW2 0.149 vs 0.100 at
   40 steps on the checkerboard); CD's multistep samples get worse with more steps (its consistency function is least
   accurate at σ ≈ 1–5).

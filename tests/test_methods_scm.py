@@ -228,7 +228,7 @@ def test_one_pass_equals_two_passes_in_float64(cls):
     for jvp in ("one_pass", "two_pass"):
         model = dropout_net().double()
         teacher = {"teacher": randomize(tiny_net(seed=1), std=0.2).double()} if cls is SCD else {}
-        method = build(cls, model, jvp=jvp, tangent_warmup=4, **teacher)
+        method = build(cls, model, jvp=jvp, tangent_warmup=4, adaptive_weighting=True, **teacher)
         randomize(method.weight_net, std=0.1)
         method.train()
         torch.manual_seed(5)
@@ -257,8 +257,13 @@ def test_targets_shape_dtype_and_no_gradient_into_them_under_bf16(cls):
     assert d["pred"].shape == d["target"].shape == (64, 2)
     assert d["pred"].dtype == d["target"].dtype == torch.float32 and d["t"].dtype == torch.float32
     assert d["pred"].requires_grad and not d["target"].requires_grad
-    assert set(losses) == {"model", "weighting"} and losses["model"].dtype == torch.float32
-    losses["model"].backward()
+    if cls is SCT:      # sCD's default is without the adaptive weight
+        assert set(losses) == {"model", "weighting"} and losses["model"].dtype == torch.float32
+        losses = losses["model"]
+    assert losses.dtype == torch.float32
+    assert build(cls, tiny_net(), adaptive_weighting=cls is SCD, **({"teacher": teacher} if cls is SCD else {})
+                 ).auxiliary_networks().keys() == ({"weighting"} if cls is SCD else set())
+    losses.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None for p in method.model.parameters() if p.requires_grad)
     assert float(logs["nonfinite_tangents"]) == 0.0
@@ -392,7 +397,7 @@ def test_cli_trains_sct_and_scd(teacher_run, tmp_path):
         assert main(["train", method, "--data", "8gaussians", "--out", str(out), *TINY, *extra,
                      f"--{method}-tangent-warmup", "2"]) == 0
         lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        assert "nonfinite_tangents" in lines[-1] and "weighting_loss" in lines[-1]
+        assert "nonfinite_tangents" in lines[-1] and ("weighting_loss" in lines[-1]) == (method == "sct")
         assert (out / "quality.json").is_file()
 
 
@@ -434,3 +439,38 @@ def test_sct_ot_coupling_pairs_data_and_noise_by_minibatch_optimal_transport():
     assert method.noise(x0).std() == pytest.approx(method.sigma_data, rel=0.3)
     with pytest.raises(ValueError, match="coupling"):
         build(SCT, tiny_net(), coupling="sinkhorn")
+
+
+class _RecordingNet(nn.Module):
+    """F = x/2 at every time; keeps each call's input x/σ_d."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(0.5, dtype=F64))
+        self.inputs = []
+
+    def forward(self, x_in, tau, s):
+        self.inputs.append(x_in.detach().clone())
+        return self.w * x_in
+
+
+@pytest.mark.parametrize("coupling", ["independent", "ot"])
+def test_sct_sampler_re_noises_with_the_training_coupling(coupling):
+    """The 2-step sampler's re-noise z = (x_mid − cos t_mid·x̂₀)/sin t_mid is OT-paired with x̂₀ when sct was trained
+    with coupling='ot' (the coupled process's marginals), and not when it was trained independently."""
+    from helpers import assert_ot_paired
+
+    net = _RecordingNet()
+    method = build(SCT, net, coupling=coupling, coupling_block=64)
+    torch.manual_seed(0)
+    method.sample(net, torch.randn(64, 2, dtype=F64), 2)
+    first, second = (x * SIGMA_D for x in net.inputs)
+    t0 = torch.full((64,), t_max(SIGMA_D), dtype=F64)
+    x0_hat = consistency_function(lambda x, tau, s: 0.5 * x, first, t0, SIGMA_D)
+    z = (second - math.cos(MID_T) * x0_hat) / math.sin(MID_T)
+    assert z.std().item() == pytest.approx(SIGMA_D, rel=0.3)
+    if coupling == "ot":
+        assert_ot_paired(x0_hat, z)
+    else:
+        with pytest.raises(AssertionError, match="not optimal"):
+            assert_ot_paired(x0_hat, z)

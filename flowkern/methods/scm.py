@@ -165,8 +165,9 @@ class SCT(_ContinuousConsistency):
     Args:
         model: the network F_θ, a flowkern network net(x, t, s) (called at x_t/σ_d, τ(t), s = 0).
 """ + SHARED_ARGS + """        coupling: pairing of data and noise in a batch, "independent" (the paper's) or "ot" (minibatch optimal
-            transport of x₀ and z, `flowkern.methods.coupling`: straighter paths to jump along).
-        coupling_block: rows per minibatch-OT block.
+            transport of x₀ and z, `flowkern.methods.coupling`: straighter paths to jump along; the multistep
+            sampler then re-noises with the same coupling).
+        coupling_block: rows per minibatch-OT block, in training and sampling.
 """
 
     name: ClassVar[str] = "sct"
@@ -185,6 +186,11 @@ class SCT(_ContinuousConsistency):
     def noise(self, x0: Tensor) -> Tensor:
         return couple(x0, torch.randn_like(x0) * self.sigma_data, self.coupling, self.coupling_block)
 
+    def sample(self, model: nn.Module, noise: Tensor, steps: int) -> Tensor:
+        """`trigflow_sample`, re-noising with the training coupling."""
+        return trigflow_sample(model, noise, steps, self.sigma_data, self.mid_t, renoise=self.coupling,
+                               coupling_block=self.coupling_block)
+
     def dx_dt(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         return col(torch.cos(t), x0) * z - col(torch.sin(t), x0) * x0
 
@@ -196,14 +202,17 @@ class SCD(_ContinuousConsistency):
     Args:
         model: the network F_θ, a flowkern network net(x, t, s) (called at x_t/σ_d, τ(t), s = 0).
         teacher: a flow-matching velocity network teacher(x, t, t) (required).
-""" + SHARED_ARGS
+""" + SHARED_ARGS + """
+    adaptive_weighting is off by default for sCD (docs/methods.md): with a deterministic teacher the residual of a
+    well-fitted time goes to 0 and e^{−w} grows without bound there.
+"""
 
     name: ClassVar[str] = "scd"
     needs_teacher: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, sigma_data: float,
                  p_mean: float | None = None, p_std: float = 1.4, tangent_warmup: int = 1000,
-                 tangent_c: float = 0.1, adaptive_weighting: bool = True, weighting_lr: float = 2e-3,
+                 tangent_c: float = 0.1, adaptive_weighting: bool = False, weighting_lr: float = 2e-3,
                  mid_t: float = MID_T, jvp: JVP_FORMS = "one_pass"):
         if teacher is None:
             raise ValueError("scd distils a teacher: pass teacher= (a flow-matching velocity network)")

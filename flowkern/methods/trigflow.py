@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from flowkern import ops
 from flowkern._precision import accumulation_dtype
 from flowkern._validate import check_int
+from flowkern.methods.coupling import DEFAULT_BLOCK, check_coupling, couple
 from flowkern.methods.edm import SIGMA_MAX, check_sample_args, col
 from flowkern.nn.forward_mode import jvp
 
@@ -160,11 +161,14 @@ def sampling_times(steps: int, sigma_data: float, mid_t: float = MID_T) -> list[
 
 
 def trigflow_sample(model: Callable, noise: Tensor, steps: int, sigma_data: float, mid_t: float = MID_T,
-                    generator: torch.Generator | None = None) -> Tensor:
+                    generator: torch.Generator | None = None, renoise: str = "independent",
+                    coupling_block: int = DEFAULT_BLOCK) -> Tensor:
     """Multistep consistency sampling in TrigFlow, from flowkern noise (t = 1) to data (t = 0): x = σ_d·noise at
-    t_max, x̂₀ = f_θ(x, t_max); for each later time t_i of `sampling_times`: x = cos t_i·x̂₀ + sin t_i·σ_d·z (fresh
-    z ~ N(0, I)), x̂₀ = f_θ(x, t_i). Returns x̂₀ in the dtype of noise."""
+    t_max, x̂₀ = f_θ(x, t_max); for each later time t_i of `sampling_times`: x = cos t_i·x̂₀ + sin t_i·z (fresh
+    z ~ N(0, σ_d²I), paired with x̂₀ by `renoise`, the coupling the model was trained with: 'independent' or 'ot',
+    see `flowkern.methods.coupling`), x̂₀ = f_θ(x, t_i). Returns x̂₀ in the dtype of noise."""
     steps = check_sample_args(model, noise, steps)
+    renoise = check_coupling(renoise)
     acc = accumulation_dtype(noise.dtype)
     batch = noise.shape[0]
     times = sampling_times(steps, sigma_data, mid_t)
@@ -173,8 +177,9 @@ def trigflow_sample(model: Callable, noise: Tensor, steps: int, sigma_data: floa
         x0 = None
         for i, t in enumerate(times):
             if i:
-                z = torch.randn(noise.shape, dtype=acc, device=noise.device, generator=generator)
-                x = math.cos(t) * x0 + math.sin(t) * sigma_data * z
+                z = torch.randn(noise.shape, dtype=acc, device=noise.device, generator=generator) * sigma_data
+                z = couple(x0, z, renoise, coupling_block, generator)
+                x = math.cos(t) * x0 + math.sin(t) * z
             x0 = consistency_function(model, x.to(noise.dtype), torch.full((batch,), t, dtype=acc,
                                                                               device=noise.device), sigma_data)
     return x0.to(noise.dtype)
