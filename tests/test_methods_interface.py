@@ -34,8 +34,8 @@ RECIPE = {
     "meanflow": {"t_mean": -0.4, "t_std": 1.0, "equal_fraction": 0.75, "weight_power": 0.0, "weight_eps": 1e-3,
                  "jvp": "one_pass", "num_classes": 0, "cfg_scale": 1.0, "cfg_kappa": 0.0, "cfg_t_min": 0.0,
                  "cfg_t_max": 1.0, "label_dropout": 0.1, "coupling": "ot", "coupling_block": 256},
-    **{name: {"p_mean": None, "p_std": 1.4, "tangent_warmup": 1000, "tangent_c": 0.1, "adaptive_weighting": name == "sct",
-              "weighting_lr": 0.002, "mid_t": 1.1, "jvp": "one_pass",
+    **{name: {"p_mean": None, "p_std": 1.4, "tangent_warmup": 1000, "tangent_c": 0.1,
+              "adaptive_weighting": name == "sct", "weighting_lr": 0.002, "mid_t": 1.1, "jvp": "one_pass",
               **({"coupling": "independent", "coupling_block": 256} if name == "sct" else {})}
        for name in ("sct", "scd")},
     "shortcut": {"levels": 128, "bootstrap_fraction": 0.25, "target_ema": False, "target_decay": 0.999,

@@ -248,7 +248,7 @@ def test_one_pass_equals_two_passes_in_float64(cls):
 @pytest.mark.parametrize("cls", [SCT, SCD])
 def test_targets_shape_dtype_and_no_gradient_into_them_under_bf16(cls):
     teacher = tiny_net(seed=1)
-    method = build(cls, tiny_net(seed=2), **({"teacher": teacher} if cls is SCD else {}))
+    method = build(cls, tiny_net(seed=2), adaptive_weighting=True, **({"teacher": teacher} if cls is SCD else {}))
     randomize(method.model, std=0.2)
     x0 = gaussian_batch(64).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -257,13 +257,8 @@ def test_targets_shape_dtype_and_no_gradient_into_them_under_bf16(cls):
     assert d["pred"].shape == d["target"].shape == (64, 2)
     assert d["pred"].dtype == d["target"].dtype == torch.float32 and d["t"].dtype == torch.float32
     assert d["pred"].requires_grad and not d["target"].requires_grad
-    if cls is SCT:      # sCD's default is without the adaptive weight
-        assert set(losses) == {"model", "weighting"} and losses["model"].dtype == torch.float32
-        losses = losses["model"]
-    assert losses.dtype == torch.float32
-    assert build(cls, tiny_net(), adaptive_weighting=cls is SCD, **({"teacher": teacher} if cls is SCD else {})
-                 ).auxiliary_networks().keys() == ({"weighting"} if cls is SCD else set())
-    losses.backward()
+    assert set(losses) == {"model", "weighting"} and losses["model"].dtype == torch.float32
+    losses["model"].backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None for p in method.model.parameters() if p.requires_grad)
     assert float(logs["nonfinite_tangents"]) == 0.0
@@ -371,6 +366,7 @@ def test_p_mean_follows_the_data_scale_and_weighting_is_an_auxiliary():
     aux = method.auxiliary_networks()
     assert list(aux) == ["weighting"] and aux["weighting"].module is method.weight_net
     assert build(SCT, tiny_net(), adaptive_weighting=False).auxiliary_networks() == {}
+    assert SCD(tiny_net(), teacher=tiny_net(), sigma_data=2.0).auxiliary_networks() == {}   # sCD's default: off
     assert "weight_net.linear.weight" in method.state_dict()
 
 
