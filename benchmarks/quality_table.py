@@ -86,20 +86,21 @@ as the method's constructor defaults; the network is `MLPFlowMap(2, hidden=128, 
   the 8 Gaussians median was 0.097 (seeds 0.078 / 0.097 / 0.099), above the 0.091 bar; at 5000 it is 0.075. Its
   2-step samples are judged too: no worse than its 1-step ones.
 * **sct and scd** (TrigFlow, docs/methods.md): times enter the network unscaled, tangent warm-up over 1000 steps,
-  c = 0.1, P_mean = −1.0 + ln(σ_d/0.5), P_std = 1.4; sct 1500 steps with the learned adaptive weight, scd 8000
-  steps without it. Seed 0 only so far (no rows in this table yet; bars of this page's teacher: 0.149 / 0.085 SW2
-  on the checkerboard / 8 Gaussians). **scd** meets both 1-step bars at seed 0: checkerboard 0.126 (2 steps
-  0.113), 8 Gaussians 0.068 at 4000 steps (2 steps 0.062). With the adaptive weight it stayed at 0.19–0.21 on
-  8 Gaussians whatever the steps, batch (1024), LR (5e-4 was worse, 0.37) or network time scale (×10 worse,
-  0.39): a deterministic teacher drives the residual of a well-fitted time to 0, and e^{−w} = 1/E‖residual‖²
-  then amplifies what is left there. Its 4- and 8-step samples on the checkerboard are worse (0.185 / 0.295).
-  **sct** (8 Gaussians, batch 1024, 3000 steps, 1-step / 4-step SW2) is limited by the tangent normalisation
-  g/(‖g‖ + c): in two dimensions ‖g‖ varies a lot between the noise draws of one x_t, and for ‖g‖ ≫ c the
-  normalised loss is stationary where the *geometric median* of g given x_t vanishes, not its mean: c = 0.1
-  gives 0.121 / 0.060 with samples too concentrated on the modes, c = 1 0.097 / 0.051, c = 2 0.093 / 0.049,
-  c = 10 (almost linear, higher variance) 0.141 / 0.080 with samples too diffuse. Without the adaptive weight
-  sct is unchanged (0.120); OT pairing at batch 1024 was worse (0.148). No setting tried reaches 0.085 at one
-  step; its 4-step samples beat the teacher's 100 steps.
+  P_mean = −1.0 + ln(σ_d/0.5), P_std = 1.4. **sct**: 6000 steps at batch 1024, tangent normalisation c = 2.0 (the
+  paper's c = 0.1 is sCD's), the learned adaptive weight. **scd**: 8000 steps at batch 256, c = 0.1, no adaptive
+  weight. Both meet every 1-step bar over 3 seeds (rows above). Why sct's c is 2.0: in two dimensions ‖g‖ varies
+  a lot between the noise draws of one x_t, and for ‖g‖ ≫ c the normalised loss g/(‖g‖ + c) is stationary where the
+  *geometric median* of g given x_t vanishes, not its mean. On 8 Gaussians (batch 1024, 3000 steps, 1-step /
+  4-step SW2) c = 0.1 gives 0.121 / 0.060 with samples too concentrated on the modes, c = 1 0.097 / 0.051, c = 2
+  0.093 / 0.049, c = 10 (almost linear, higher variance) 0.141 / 0.080 with samples too diffuse; c = 2 at 6000
+  steps gives 0.080. Without the adaptive weight sct was unchanged (0.120 at c = 0.1); OT pairing at batch 1024
+  was worse (0.148). In high dimensions ‖g‖ concentrates and c = 2 differs little from 0.1. Why scd has no
+  adaptive weight: a deterministic teacher drives the residual of a well-fitted time to 0, and e^{−w} =
+  1/E‖residual‖² then amplifies what is left there; with it scd stayed at 0.19–0.21 on 8 Gaussians whatever the
+  steps, batch (1024), LR (5e-4 was worse, 0.37) or network time scale (×10 worse, 0.39), without it 0.064.
+  scd's 4- and 8-step samples on the checkerboard are worse than its 1- and 2-step ones (0.202 / 0.327): the fm
+  teacher's velocity is poor off its ODE paths (rms error 0.36–1.2 against the exact 8 Gaussians velocity, whose
+  speed is about 2.8), and re-noised states lie off them.
 * **cd and ctm**: 40 Karras grid points, because the teacher's own 18-step Heun solve bounds CD (SW2 0.149 vs 0.100 at
   40 steps on the checkerboard); CD's multistep samples get worse with more steps (its consistency function is least
   accurate at σ ≈ 1–5).

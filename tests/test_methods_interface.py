@@ -34,7 +34,7 @@ RECIPE = {
     "meanflow": {"t_mean": -0.4, "t_std": 1.0, "equal_fraction": 0.75, "weight_power": 0.0, "weight_eps": 1e-3,
                  "jvp": "one_pass", "num_classes": 0, "cfg_scale": 1.0, "cfg_kappa": 0.0, "cfg_t_min": 0.0,
                  "cfg_t_max": 1.0, "label_dropout": 0.1, "coupling": "ot", "coupling_block": 256},
-    **{name: {"p_mean": None, "p_std": 1.4, "tangent_warmup": 1000, "tangent_c": 0.1,
+    **{name: {"p_mean": None, "p_std": 1.4, "tangent_warmup": 1000, "tangent_c": 2.0 if name == "sct" else 0.1,
               "adaptive_weighting": name == "sct", "weighting_lr": 0.002, "mid_t": 1.1, "jvp": "one_pass",
               **({"coupling": "independent", "coupling_block": 256} if name == "sct" else {})}
        for name in ("sct", "scd")},

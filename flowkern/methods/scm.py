@@ -52,7 +52,8 @@ SHARED_ARGS = """\
         p_std: standard deviation P_std of τ.
         tangent_warmup: optimiser steps over which the tangent's second term rises from r = 0 to r = 1
             (0: r = 1 from the start).
-        tangent_c: constant c of the tangent normalisation g/(‖g‖ + c).
+        tangent_c: constant c of the tangent normalisation g/(‖g‖ + c) (sCM's 0.1 for sCD; 2.0 for sCT, whose
+            per-sample normalisation otherwise biases low-dimensional data: docs/methods.md).
         adaptive_weighting: learn the weight w_φ(t) (an auxiliary network trained with its own Adam); off: w = 0.
         weighting_lr: learning rate of the adaptive weighting network's Adam.
         mid_t: intermediate TrigFlow time of the 2-step sampler (more steps space theirs evenly below it).
@@ -174,7 +175,7 @@ class SCT(_ContinuousConsistency):
     needs_teacher: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, *, sigma_data: float, p_mean: float | None = None, p_std: float = 1.4,
-                 tangent_warmup: int = 1000, tangent_c: float = 0.1, adaptive_weighting: bool = True,
+                 tangent_warmup: int = 1000, tangent_c: float = 2.0, adaptive_weighting: bool = True,
                  weighting_lr: float = 2e-3, mid_t: float = MID_T, jvp: JVP_FORMS = "one_pass",
                  coupling: Coupling = "independent", coupling_block: int = DEFAULT_BLOCK):
         super().__init__(model, sigma_data=sigma_data, p_mean=p_mean, p_std=p_std, tangent_warmup=tangent_warmup,
