@@ -64,6 +64,24 @@ def test_few_step_nll_of_the_exact_joint_map_is_the_exact_log_density(steps):
     torch.testing.assert_close(logp, flow.log_prob(x, 0.0), atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("consistency", ["semigroup", "lagrangian"])
+def test_off_diagonal_rows_step_toward_the_noise_too(consistency):
+    """The few-step likelihood jumps from the data toward the noise (s > t): that fraction of the off-diagonal rows
+    is trained in that direction, and the diagonal grid includes t = 0, where those jumps start."""
+    method = F2D2(joint_net(), teacher=joint_net(1), consistency=consistency, warm_start=False)
+    torch.manual_seed(0)
+    t, s, n = method._times(torch.zeros(4000, 2))
+    n_off = 4000 - n
+    assert n_off == 1000 and bool((t[:n] == s[:n]).all()) and bool((t[:n] == 0).any())
+    assert int((s[n:] > t[n:]).sum()) == 500 and int((s[n:] < t[n:]).sum()) == 500 - int((s[n:] == t[n:]).sum())
+    one_way = F2D2(joint_net(), teacher=joint_net(1), consistency=consistency, warm_start=False,
+                   toward_noise_fraction=0.0)
+    t, s, n = one_way._times(torch.zeros(4000, 2))
+    assert bool((s[n:] <= t[n:]).all())
+    with pytest.raises(ValueError, match="toward_noise_fraction"):
+        F2D2(joint_net(), teacher=joint_net(1), toward_noise_fraction=1.5)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="divergence_head=True"):
         F2D2(tiny_net(), teacher=tiny_net())
@@ -108,7 +126,8 @@ def test_registry_defaults_round_trip_and_targets():
     method = F2D2(joint_net(), teacher=tiny_net())
     hp = method.hyperparameters()
     assert hp == {"levels": 128, "bootstrap_fraction": 0.25, "divergence": "hutchinson", "probes": 1,
-                  "divergence_scale": 10.0, "consistency": "semigroup", "warm_start": True, "target_clip": None}
+                  "divergence_scale": 10.0, "consistency": "semigroup", "warm_start": True, "target_clip": None,
+                  "toward_noise_fraction": 0.5}
     assert F2D2(joint_net(), teacher=tiny_net(), **hp).hyperparameters() == hp
     (u, d), (u_t, d_t), n = method.targets(method.model, gaussian_batch(64))
     assert n == 48 and u.requires_grad and d.requires_grad and not u_t.requires_grad and not d_t.requires_grad

@@ -44,7 +44,8 @@ RECIPE = {
     "esd": {"off_diagonal_fraction": 0.25},
     "psd": {"off_diagonal_fraction": 0.25, "intermediate": "uniform"},
     "f2d2": {"levels": 128, "bootstrap_fraction": 0.25, "divergence": "hutchinson", "probes": 1,
-             "divergence_scale": 10.0, "consistency": "semigroup", "warm_start": True, "target_clip": None},
+             "divergence_scale": 10.0, "consistency": "semigroup", "warm_start": True, "target_clip": None,
+             "toward_noise_fraction": 0.5},
 }
 REQUIRED_RUN_VALUES = {"fm": set(), "pd": {"total_steps"}, "cd": {"sigma_data"}, "ct": {"sigma_data", "total_steps"},
                        "ctm": {"sigma_data"}, "meanflow": set(), "sct": {"sigma_data"}, "scd": {"sigma_data"},

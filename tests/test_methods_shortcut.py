@@ -41,6 +41,9 @@ def test_two_half_steps_are_one_step_on_the_exact_map():
     assert torch.allclose(d, flow.log_rate(x, t, s), atol=1e-12, rtol=0)
     wrong = shortcut_target(flow, x, t, s, finest=1.0)               # Euler half steps: not the flow map
     assert (wrong - flow.velocity(x, t, s)).abs().max() > 1e-3
+    u, d = shortcut_target(joint, x, s, t)                            # toward the noise: from s up to t
+    assert torch.allclose(u, flow.velocity(x, s, t), atol=1e-12, rtol=0)
+    assert torch.allclose(d, flow.log_rate(x, s, t), atol=1e-12, rtol=0)
 
 
 def test_finest_half_steps_are_euler_steps_of_the_velocity():
@@ -89,9 +92,9 @@ def test_bad_input():
         Shortcut(tiny_net(), target_clip=0.0)
     flow = GaussianFlowMap(MU, SD)
     x = torch.randn(4, 2, dtype=F64)
-    with pytest.raises(ValueError, match="s < t"):
+    with pytest.raises(ValueError, match="s ≠ t"):
         shortcut_target(flow, x, 0.5, 0.5)
-    with pytest.raises(ValueError, match=r"r must lie in \[s, t\]"):
+    with pytest.raises(ValueError, match="r must lie between s and t"):
         shortcut_target(flow, x, 0.5, 0.25, r=0.75)
     with pytest.raises(ValueError, match="t"):
         shortcut_target(flow, x, 1.5, 0.25)

@@ -7,7 +7,7 @@ model as it is. The teacher is a flow-matching velocity v_T(x, t) = teacher(x, t
 
     L = L_VM + L_div + L_u + L_D
 
-* diagonal rows (t on the grid {1/M, …, 1}, M = `levels`):
+* diagonal rows (t on the grid {0, 1/M, …, 1}, M = `levels`):
       L_VM  = ‖u(x_t, t, t) − v_T(x_t, t)‖²
       L_div = ((D(x_t, t, t) − sg(−div v_T(x_t, t)))/κ)²
   with div v_T from `flowkern.divergence`: Hutchinson with `probes` Rademacher probes (1 by default; unbiased, so the
@@ -20,6 +20,9 @@ model as it is. The teacher is a flow-matching velocity v_T(x, t) = teacher(x, t
   (the half steps of size 1/M are the diagonal (u, D)(x, t, t)); `consistency="lagrangian"`: (t, s) uniform on the
   triangle, with ∂_s from one JVP in s whose tangent carries gradients,
       L_u = ‖∂_sΦ(x_t, t, s) − sg u(Φ, s, s)‖²,   L_D = ((∂_s[(s − t)·D(x_t, t, s)] − sg D(Φ, s, s))/κ)².
+  A fraction `toward_noise_fraction` (½) of the off-diagonal rows has t and s swapped: a step from the data side
+  toward the noise (s > t), the direction `flowkern.flow_map_log_likelihood` jumps in (data at 0 to noise at 1);
+  the rest step toward the data, the direction of sampling. Both conditions hold for either order of t and s.
 
 Each term is averaged over the whole batch (rows of the other kind count as zero), as in `shortcut`.
 """
@@ -111,6 +114,8 @@ class F2D2(Method):
         warm_start: start the model's velocity from the teacher's weights (same architecture plus the D head).
         target_clip: clip the intermediate state and the target velocity of the semigroup target to [-c, c]
             (None: no clipping).
+        toward_noise_fraction: fraction of the off-diagonal rows stepping toward the noise (s > t: the data-to-noise
+            jumps of the few-step likelihood); the rest step toward the data (sampling). 0: sampling steps only.
     """
 
     name: ClassVar[str] = "f2d2"
@@ -120,7 +125,7 @@ class F2D2(Method):
     def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, levels: int = 128,
                  bootstrap_fraction: float = 0.25, divergence: DivergenceMethod = "hutchinson", probes: int = 1,
                  divergence_scale: float = 10.0, consistency: Consistency = "semigroup", warm_start: bool = True,
-                 target_clip: float | None = None):
+                 target_clip: float | None = None, toward_noise_fraction: float = 0.5):
         if teacher is None:
             raise ValueError("f2d2 distils a teacher: pass teacher= (a flow-matching velocity network)")
         if not isinstance(teacher, nn.Module):
@@ -135,6 +140,7 @@ class F2D2(Method):
         self.consistency = check_choice("consistency", consistency, Consistency)
         self.warm_start = check_bool("warm_start", warm_start)
         self.target_clip = check_clip("target_clip", target_clip)
+        self.toward_noise_fraction = check_probability("toward_noise_fraction", toward_noise_fraction)
         if self.warm_start:
             self._load_teacher_weights()
 
@@ -153,11 +159,13 @@ class F2D2(Method):
         n_off = off_diagonal_rows(batch, self.bootstrap_fraction)
         n_diag = batch - n_off
         tdt = time_dtype(x0)
-        t_diag = grid_times(n_diag, self.levels, device=x0.device, dtype=tdt)
+        t_diag = grid_times(n_diag, self.levels, device=x0.device, dtype=tdt, include_zero=True)
         if self.consistency == "semigroup":
             t_off, s_off = shortcut_times(n_off, self.levels, device=x0.device, dtype=tdt)
         else:
             t_off, s_off = triangle_times(n_off, device=x0.device, dtype=tdt)
+        toward_noise = torch.arange(n_off, device=x0.device) >= n_off - round(self.toward_noise_fraction * n_off)
+        t_off, s_off = torch.where(toward_noise, s_off, t_off), torch.where(toward_noise, t_off, s_off)
         return torch.cat([t_diag, t_off]), torch.cat([t_diag, s_off]), n_diag
 
     def targets(self, net: Callable, x0: Tensor):

@@ -57,9 +57,10 @@ def check_clip(name: str, value) -> float | None:
     return None if value is None else check_finite_scalar(name, value, positive=True)
 
 
-def grid_times(n: int, levels: int, *, device, dtype) -> Tensor:
-    """n times uniform on the grid {1/M, 2/M, …, 1} (M = levels)."""
-    return torch.randint(1, levels + 1, (n,), device=device).to(dtype) / levels
+def grid_times(n: int, levels: int, *, device, dtype, include_zero: bool = False) -> Tensor:
+    """n times uniform on the grid {1/M, 2/M, …, 1} (M = levels), or on {0, 1/M, …, 1} with `include_zero` (a
+    ladder that also steps from the data toward the noise starts its finest legs at t = 0)."""
+    return torch.randint(0 if include_zero else 1, levels + 1, (n,), device=device).to(dtype) / levels
 
 
 def shortcut_times(n: int, levels: int, *, device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
@@ -80,7 +81,8 @@ def _call(model: Callable, x: Tensor, t: Tensor, s: Tensor):
 
 def shortcut_target(model: Callable, x: Tensor, t, s, *, r=None, finest: float | None = None,
                     clip: float | None = None):
-    """The semigroup (self-consistency) target of a step t → s through an intermediate time r (no grad):
+    """The semigroup (self-consistency) target of a step t → s through an intermediate time r (no grad); the step
+    goes toward the data (s < t) or toward the noise (s > t), row by row:
 
         u_target = w·u(x, t, r) + (1 − w)·u(x_r, r, s),   x_r = Φ(x, t, r),   w = (t − r)/(t − s)
 
@@ -91,8 +93,8 @@ def shortcut_target(model: Callable, x: Tensor, t, s, *, r=None, finest: float |
 
     Args:
         model: ``model(x, t, s)`` -> u or (u, D).
-        x: [B, ...] states at t; t, s: times in [0, 1] with s < t (numbers or [B] tensors).
-        r: the intermediate time, s ≤ r ≤ t (number or [B] tensor); None: (t + s)/2.
+        x: [B, ...] states at t; t, s: times in [0, 1] with s ≠ t (numbers or [B] tensors).
+        r: the intermediate time, between s and t (number or [B] tensor); None: (t + s)/2.
         finest: legs of at most this length use the velocity u(x, t, t) instead of u(x, t, t − d) (the finest
             level of a shortcut ladder is the flow-matching diagonal). None: never.
         clip: clip x_r and u_target to [−clip, clip] (None: no clipping).
@@ -105,20 +107,21 @@ def shortcut_target(model: Callable, x: Tensor, t, s, *, r=None, finest: float |
     batch, tdt = x.shape[0], time_dtype(x)
     t = check_times("t", t, batch, device=x.device, dtype=tdt)
     s = check_times("s", s, batch, device=x.device, dtype=tdt)
-    if not bool((s < t).all()):
-        raise ValueError("the target needs s < t in every row (a step toward the data)")
+    if not bool((s != t).all()):
+        raise ValueError("the target needs s ≠ t in every row (a step toward the data, s < t, or the noise, s > t)")
     if r is None:
         r = (t + s) * 0.5
     else:
         r = check_times("r", r, batch, device=x.device, dtype=tdt)
-        if not bool(((s <= r) & (r <= t)).all()):
-            raise ValueError("r must lie in [s, t] in every row (the intermediate time of the two jumps)")
+        if not bool(((torch.minimum(s, t) <= r) & (r <= torch.maximum(s, t))).all()):
+            raise ValueError("r must lie between s and t in every row (the intermediate time of the two jumps)")
     finest = None if finest is None else check_finite_scalar("finest", finest, positive=True)
     clip = check_clip("clip", clip)
     with torch.no_grad():
         w = (t - r) / (t - s)
-        first = torch.zeros_like(w, dtype=torch.bool) if finest is None else (t - r) <= finest * (1 + _LEVEL_SLACK)
-        second = torch.zeros_like(w, dtype=torch.bool) if finest is None else (r - s) <= finest * (1 + _LEVEL_SLACK)
+        first = torch.zeros_like(w, dtype=torch.bool) if finest is None else (t - r).abs() <= finest * (1 + _LEVEL_SLACK)
+        second = (torch.zeros_like(w, dtype=torch.bool) if finest is None
+                  else (r - s).abs() <= finest * (1 + _LEVEL_SLACK))
         u1, d1 = _call(model, x, t, torch.where(first, t, r))
         x_r = jump(x, u1, t, r)
         if clip is not None:
