@@ -55,7 +55,7 @@ lanes.
 
 A recipe is what `flowkern train <method> --data D` does with no other flag: the train-level settings in
 `flowkern/train/recipes/<method>.toml` (batch 256, lr 2e-3 with a cosine decay; fm 8000 steps, pd 8000 at lr 5e-4
-without decay and an eval EMA of 0.99, cd 9000, ct 15 000, ctm 6000, meanflow 5000, sct 1500, scd 8000) and the method-level settings
+without decay and an eval EMA of 0.99, cd 9000, ct 15 000, ctm 6000, meanflow 5000, sct 6000 at batch 1024, scd 8000) and the method-level settings
 as the method's constructor defaults; the network is `MLPFlowMap(2, hidden=128, depth=3)`.
 
 * **ct**: ECT's schedule in 6 stages (Δσ/σ halves each stage) with minibatch optimal-transport pairing of each batch's

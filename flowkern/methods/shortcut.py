@@ -119,9 +119,8 @@ def shortcut_target(model: Callable, x: Tensor, t, s, *, r=None, finest: float |
     clip = check_clip("clip", clip)
     with torch.no_grad():
         w = (t - r) / (t - s)
-        first = torch.zeros_like(w, dtype=torch.bool) if finest is None else (t - r).abs() <= finest * (1 + _LEVEL_SLACK)
-        second = (torch.zeros_like(w, dtype=torch.bool) if finest is None
-                  else (r - s).abs() <= finest * (1 + _LEVEL_SLACK))
+        limit = float("-inf") if finest is None else finest * (1 + _LEVEL_SLACK)   # legs taken as the velocity
+        first, second = (t - r).abs() <= limit, (r - s).abs() <= limit
         u1, d1 = _call(model, x, t, torch.where(first, t, r))
         x_r = jump(x, u1, t, r)
         if clip is not None:
