@@ -142,3 +142,19 @@ def test_esd_one_pass_target_equals_the_two_pass_target():
     torch.testing.assert_close(target[n:], esd_target(net, x_t[n:], t[n:], s[n:]), atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(pred, net(x_t, t, s), atol=1e-12, rtol=1e-12)
     assert pred.requires_grad and not target.requires_grad
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_ot_coupling_pairs_the_batch_by_minibatch_optimal_transport(name):
+    from helpers import assert_ot_paired
+
+    x0 = gaussian_batch(64)
+    torch.manual_seed(0)
+    *_, velocity, _ = METHODS[name](tiny_net(), coupling="ot", coupling_block=64).draw(x0)
+    assert_ot_paired(x0, velocity + x0)          # the noise ε = (ε − x₀) + x₀
+    torch.manual_seed(0)
+    *_, velocity, _ = METHODS[name](tiny_net()).draw(x0)
+    with pytest.raises(AssertionError):          # the paper's independent pairing
+        assert_ot_paired(x0, velocity + x0)
+    with pytest.raises(ValueError, match="coupling"):
+        METHODS[name](tiny_net(), coupling="sinkhorn")

@@ -106,7 +106,7 @@ def test_defaults_registry_and_round_trip():
     method = Shortcut(tiny_net())
     hp = method.hyperparameters()
     assert hp == {"levels": 128, "bootstrap_fraction": 0.25, "target_ema": False, "target_decay": 0.999,
-                  "target_clip": None}
+                  "target_clip": None, "coupling": "independent", "coupling_block": 256}
     assert Shortcut(tiny_net(), **hp).hyperparameters() == hp
     assert method.target is None and "target.inp.weight" not in method.state_dict()
     assert "target.inp.weight" in Shortcut(tiny_net(), target_ema=True).state_dict()
@@ -139,3 +139,21 @@ def test_sampler_with_the_exact_map_is_exact_in_one_step():
         for steps in (1, 2, 8):
             x0 = method.sample(method.model, noise, steps)
             assert torch.allclose(x0, flow.phi(noise, 1.0, 0.0), atol=1e-10, rtol=0), steps
+
+
+def test_ot_coupling_pairs_the_batch_by_minibatch_optimal_transport():
+    from helpers import assert_ot_paired
+
+    x0 = gaussian_batch(64)
+    for coupling, paired in (("ot", True), ("independent", False)):
+        torch.manual_seed(0)
+        method = Shortcut(tiny_net(), bootstrap_fraction=0.0, coupling=coupling, coupling_block=64)
+        _, target, n_diag = method.targets(method.model, x0)     # every row on the diagonal: target ε − x₀
+        assert n_diag == 64
+        if paired:
+            assert_ot_paired(x0, target + x0)
+        else:
+            with pytest.raises(AssertionError):
+                assert_ot_paired(x0, target + x0)
+    with pytest.raises(ValueError, match="coupling_block"):
+        Shortcut(tiny_net(), coupling_block=0)

@@ -46,8 +46,30 @@ def test_single_seed_bars(tmp_path, quality_table, capsys):
     assert "1.60× teacher@100 FAIL" in cd_row
     assert "median" not in table and (tmp_path / "table.md").read_text() == table
     page = (tmp_path / "results.md").read_text()
-    assert pd_row in page and "## The recipes" in page
+    assert page.startswith("# Few-step quality") and pd_row in page
     assert "`python3 benchmarks/quality_table.py --data moons --methods pd cd --out" in page
+
+
+def test_a_run_replaces_its_own_section_and_keeps_the_rest_of_the_page(tmp_path, quality_table, capsys):
+    """Prose and the other sections' tables survive; the section's old table does not; a new section is appended."""
+    teacher(tmp_path, "moons")
+    student(tmp_path, "pd-moons", "pd", 0.14)
+    student(tmp_path, "cd-moons", "cd", 0.12)
+    page = tmp_path / "results.md"
+    page.write_text("# Few-step quality\n\nintro\n\n<!-- quality_table: main -->\nold main table\n"
+                    "<!-- /quality_table: main -->\n\n## The recipes\n\nprose\n\n"
+                    "<!-- quality_table: other -->\nother table\n<!-- /quality_table: other -->\n\nlast words\n")
+    base = ["--data", "moons", "--out", str(tmp_path), "--results", str(page)]
+    assert quality_table.main(base + ["--methods", "pd"]) == 0
+    text = page.read_text()
+    assert "old main table" not in text and "| pd |" in text
+    assert all(kept in text for kept in ("intro", "## The recipes\n\nprose", "other table", "last words"))
+    assert text.index("| pd |") < text.index("## The recipes")           # replaced in place
+    assert quality_table.main(base + ["--methods", "cd", "--section", "flow maps"]) == 0
+    text = page.read_text()
+    assert "| pd |" in text and text.index("last words") < text.index("<!-- quality_table: flow maps -->")
+    assert text.rstrip().endswith("<!-- /quality_table: flow maps -->") and text.count("| cd |") == 1
+    capsys.readouterr()
 
 
 def test_runs_use_the_recipe_and_no_recipe_flags(tmp_path, quality_table, monkeypatch):

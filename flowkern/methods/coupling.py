@@ -84,3 +84,17 @@ def couple(x0: Tensor, z: Tensor, coupling: str, block: int = DEFAULT_BLOCK,
         paired = fresh[ot_permutation(x0[lo:], fresh)]
         out[full:] = paired[full - lo:]
     return out
+
+
+def paired_noise(x0: Tensor, coupling: str, block: int = DEFAULT_BLOCK, labels: Tensor | None = None) -> Tensor:
+    """Fresh noise ε ~ N(0, I) shaped like x0, paired with it by `coupling` (`couple`); with labels [B], OT pairs
+    within each class, so that ε given the class is still N(0, I), as a sampler draws it."""
+    eps = torch.randn_like(x0)
+    if check_coupling(coupling) == "independent":
+        return eps
+    if labels is None:
+        return couple(x0, eps, coupling, block)
+    for c in labels.unique().tolist():
+        rows = (labels == c).nonzero().squeeze(1)
+        eps[rows] = couple(x0[rows], eps[rows], coupling, block)
+    return eps

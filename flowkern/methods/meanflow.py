@@ -31,7 +31,7 @@ from flowkern._nvtx import nvtx_range
 from flowkern._validate import check_finite_scalar, check_int
 from flowkern.methods._util import JVP_FORMS, check_choice, check_probability
 from flowkern.methods.base import Method
-from flowkern.methods.coupling import DEFAULT_BLOCK, Coupling, check_coupling, couple
+from flowkern.methods.coupling import DEFAULT_BLOCK, Coupling, check_coupling, paired_noise
 from flowkern.methods.flow_matching import interpolate, logit_normal
 
 
@@ -164,17 +164,8 @@ class MeanFlow(Method):
         return z, t, r, v_tilde, torch.where(dropped, torch.full_like(labels, self.num_classes), labels)
 
     def noise(self, x0: Tensor, labels: Tensor | None) -> Tensor:
-        """ε ~ N(0, I) paired with x0 by `coupling`; with labels, OT pairs within each class (so that ε given the
-        class is still N(0, I), as the sampler draws it)."""
-        eps = torch.randn_like(x0)
-        if self.coupling == "independent":
-            return eps
-        if labels is None:
-            return couple(x0, eps, self.coupling, self.coupling_block)
-        for c in labels.unique().tolist():
-            rows = (labels == c).nonzero().squeeze(1)
-            eps[rows] = couple(x0[rows], eps[rows], self.coupling, self.coupling_block)
-        return eps
+        """ε ~ N(0, I) paired with x0 by `coupling` (within each class when conditional, `paired_noise`)."""
+        return paired_noise(x0, self.coupling, self.coupling_block, labels)
 
     def prediction_and_target(self, net, z, t, r, v, y):
         """(u, u_tgt): u differentiable, u_tgt = sg(v − (t − r)·du/dt) with du/dt along (v, 1, 0)."""

@@ -31,12 +31,13 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from flowkern._nvtx import nvtx_range
-from flowkern._validate import check_tensor
+from flowkern._validate import check_int, check_tensor
 from flowkern.flow_map import jump
 from flowkern.methods._flow_map_batch import (flow_map_velocity, noised, off_diagonal_rows, squared_error, time_dtype,
                                               triangle_times)
 from flowkern.methods._util import check_choice, check_probability
 from flowkern.methods.base import Method
+from flowkern.methods.coupling import DEFAULT_BLOCK, Coupling, check_coupling
 from flowkern.methods.edm import col
 from flowkern.methods.shortcut import shortcut_target
 from flowkern.nn import jvp
@@ -82,9 +83,12 @@ def time_derivative_of_jump(net: Callable, x: Tensor, t: Tensor, s: Tensor) -> t
 class _SelfDistillation(Method):
     """Diagonal flow matching plus one off-diagonal flow-map term (module docstring); subclasses give the term."""
 
-    def __init__(self, model: nn.Module, *, off_diagonal_fraction: float = 0.25):
+    def __init__(self, model: nn.Module, *, off_diagonal_fraction: float = 0.25,
+                 coupling: Coupling = "independent", coupling_block: int = DEFAULT_BLOCK):
         super().__init__(model)
         self.off_diagonal_fraction = check_probability("off_diagonal_fraction", off_diagonal_fraction)
+        self.coupling = check_coupling(coupling)
+        self.coupling_block = check_int("coupling_block", coupling_block, minimum=1)
 
     def draw(self, x0: Tensor):
         """(x_t, t, s, conditional velocity ε − x₀, number of diagonal rows); rows [0, n) have s = t."""
@@ -96,7 +100,7 @@ class _SelfDistillation(Method):
         t_diag = torch.rand(n_diag, device=x0.device, dtype=tdt)
         t_off, s_off = triangle_times(n_off, device=x0.device, dtype=tdt)
         t, s = torch.cat([t_diag, t_off]), torch.cat([t_diag, s_off])
-        x_t, velocity = noised(x0, t)
+        x_t, velocity = noised(x0, t, self.coupling, self.coupling_block)
         return x_t, t, s, velocity, n_diag
 
     def off_diagonal_target(self, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
@@ -133,13 +137,18 @@ class ProgressiveSelfDistillation(_SelfDistillation):
         model: the flow map network u(x, t, s).
         off_diagonal_fraction: fraction of each batch with s < t (the rest: flow matching on the diagonal).
         intermediate: the time r of the two-jump target, "uniform" in [s, t] or the "midpoint" (t + s)/2.
+        coupling: pairing of data and noise in a batch, "independent" (the paper's) or "ot" (minibatch optimal
+            transport, `flowkern.methods.coupling`: straighter paths, the flow map of the coupled process).
+        coupling_block: rows per minibatch-OT block.
     """
 
     name: ClassVar[str] = "psd"
 
     def __init__(self, model: nn.Module, *, off_diagonal_fraction: float = 0.25,
-                 intermediate: Intermediate = "uniform"):
-        super().__init__(model, off_diagonal_fraction=off_diagonal_fraction)
+                 intermediate: Intermediate = "uniform", coupling: Coupling = "independent",
+                 coupling_block: int = DEFAULT_BLOCK):
+        super().__init__(model, off_diagonal_fraction=off_diagonal_fraction, coupling=coupling,
+                         coupling_block=coupling_block)
         self.intermediate = check_choice("intermediate", intermediate, Intermediate)
 
     def off_diagonal_target(self, x, t, s):
@@ -155,6 +164,9 @@ class EulerianSelfDistillation(_SelfDistillation):
     Args:
         model: the flow map network u(x, t, s).
         off_diagonal_fraction: fraction of each batch with s < t (the rest: flow matching on the diagonal).
+        coupling: pairing of data and noise in a batch, "independent" (the paper's) or "ot" (minibatch optimal
+            transport, `flowkern.methods.coupling`: straighter paths, the flow map of the coupled process).
+        coupling_block: rows per minibatch-OT block.
     """
 
     name: ClassVar[str] = "esd"
@@ -182,6 +194,9 @@ class LagrangianSelfDistillation(_SelfDistillation):
     Args:
         model: the flow map network u(x, t, s).
         off_diagonal_fraction: fraction of each batch with s < t (the rest: flow matching on the diagonal).
+        coupling: pairing of data and noise in a batch, "independent" (the paper's) or "ot" (minibatch optimal
+            transport, `flowkern.methods.coupling`: straighter paths, the flow map of the coupled process).
+        coupling_block: rows per minibatch-OT block.
     """
 
     name: ClassVar[str] = "lsd"

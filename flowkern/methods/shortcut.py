@@ -38,6 +38,7 @@ from flowkern.methods._flow_map_batch import (flow_map_velocity, noised, off_dia
                                               time_dtype)
 from flowkern.methods._util import check_decay, check_probability, frozen_copy
 from flowkern.methods.base import Method
+from flowkern.methods.coupling import DEFAULT_BLOCK, Coupling, check_coupling
 from flowkern.methods.edm import col
 
 _LEVEL_SLACK = 1e-6  # relative slack when comparing a half step with the finest level
@@ -151,12 +152,16 @@ class Shortcut(Method):
             trained.
         target_decay: EMA decay of the target copy (with target_ema).
         target_clip: clip the intermediate state and the target velocity to [-c, c] (None: no clipping).
+        coupling: pairing of data and noise in a batch, "independent" (the paper's) or "ot" (minibatch optimal
+            transport, `flowkern.methods.coupling`: straighter paths, the flow map of the coupled process).
+        coupling_block: rows per minibatch-OT block.
     """
 
     name: ClassVar[str] = "shortcut"
 
     def __init__(self, model: nn.Module, *, levels: int = 128, bootstrap_fraction: float = 0.25,
-                 target_ema: bool = False, target_decay: float = 0.999, target_clip: float | None = None):
+                 target_ema: bool = False, target_decay: float = 0.999, target_clip: float | None = None,
+                 coupling: Coupling = "independent", coupling_block: int = DEFAULT_BLOCK):
         super().__init__(model)
         self.levels = check_levels(levels)
         self.bootstrap_fraction = check_probability("bootstrap_fraction", bootstrap_fraction)
@@ -164,6 +169,8 @@ class Shortcut(Method):
         self.target_decay = check_decay("target_decay", target_decay)
         self.target_clip = check_clip("target_clip", target_clip)
         self.target = frozen_copy(model) if self.target_ema else None
+        self.coupling = check_coupling(coupling)
+        self.coupling_block = check_int("coupling_block", coupling_block, minimum=1)
 
     def target_model(self) -> nn.Module:
         return self.target if self.target is not None else self.model
@@ -180,7 +187,7 @@ class Shortcut(Method):
             t_diag = grid_times(n_diag, self.levels, device=x0.device, dtype=tdt)
             t_off, s_off = shortcut_times(n_off, self.levels, device=x0.device, dtype=tdt)
             t, s = torch.cat([t_diag, t_off]), torch.cat([t_diag, s_off])
-            x_t, velocity = noised(x0, t)
+            x_t, velocity = noised(x0, t, self.coupling, self.coupling_block)
             target = velocity
             if n_off:
                 u_target = shortcut_target(self.target_model(), x_t[n_diag:], t_off, s_off, finest=1.0 / self.levels,
