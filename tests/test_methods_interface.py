@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The tuned recipe of every method (the README's quality table): `flowkern train`'s defaults before the constructors
 # owned them, with benchmarks/quality_table.py's method flags on top (ct: ECT in 6 stages with minibatch-OT pairing).
 EDM = {"sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0}
-INDEPENDENT = {"coupling": "independent", "coupling_block": 256}
+OT = {"coupling": "ot", "coupling_block": 256}
 RECIPE = {
     "fm": {"t_mean": 0.0, "t_std": 1.0},
     "pd": {"start_steps": 64, "round_steps": None, "min_steps": 1, "round_anneal": True},
@@ -40,10 +40,10 @@ RECIPE = {
               **({"coupling": "independent", "coupling_block": 256} if name == "sct" else {})}
        for name in ("sct", "scd")},
     "shortcut": {"levels": 128, "bootstrap_fraction": 0.25, "target_ema": False, "target_decay": 0.999,
-                 "target_clip": None, **INDEPENDENT},
-    "lsd": {"off_diagonal_fraction": 0.25, **INDEPENDENT},
-    "esd": {"off_diagonal_fraction": 0.25, **INDEPENDENT},
-    "psd": {"off_diagonal_fraction": 0.25, "intermediate": "uniform", **INDEPENDENT},
+                 "target_clip": None, **OT},
+    "lsd": {"off_diagonal_fraction": 0.25, **OT},
+    "esd": {"off_diagonal_fraction": 0.25, **OT},
+    "psd": {"off_diagonal_fraction": 0.25, "intermediate": "uniform", **OT},
     "f2d2": {"levels": 128, "bootstrap_fraction": 0.25, "divergence": "hutchinson", "probes": 1,
              "divergence_scale": 10.0, "consistency": "semigroup", "warm_start": True, "target_clip": None,
              "toward_noise_fraction": 0.5},

@@ -53,11 +53,12 @@ def test_lsd_time_derivative_is_the_velocity_at_the_end_point_on_the_exact_map()
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_exact_flow_map_is_a_stationary_point(name):
-    assert_stationary_and_restoring(METHODS[name](PerturbedExactMap()))
+    assert_stationary_and_restoring(METHODS[name](PerturbedExactMap(), coupling="independent"))
 
 
 def test_psd_midpoint_variant_is_stationary_too():
-    assert_stationary_and_restoring(ProgressiveSelfDistillation(PerturbedExactMap(), intermediate="midpoint"))
+    assert_stationary_and_restoring(ProgressiveSelfDistillation(PerturbedExactMap(), intermediate="midpoint",
+                                                                coupling="independent"))
 
 
 def test_lsd_fused_time_derivative_matches_torch_func_on_the_plain_twin(monkeypatch):
@@ -153,7 +154,7 @@ def test_ot_coupling_pairs_the_batch_by_minibatch_optimal_transport(name):
     *_, velocity, _ = METHODS[name](tiny_net(), coupling="ot", coupling_block=64).draw(x0)
     assert_ot_paired(x0, velocity + x0)          # the noise ε = (ε − x₀) + x₀
     torch.manual_seed(0)
-    *_, velocity, _ = METHODS[name](tiny_net()).draw(x0)
+    *_, velocity, _ = METHODS[name](tiny_net(), coupling="independent").draw(x0)
     with pytest.raises(AssertionError):          # the paper's independent pairing
         assert_ot_paired(x0, velocity + x0)
     with pytest.raises(ValueError, match="coupling"):

@@ -68,12 +68,12 @@ def test_clipping_bounds_the_target():
 
 def test_exact_flow_map_is_a_stationary_point():
     """levels = 2^16: the finest level's Euler half steps are then exact to ~1e-10."""
-    method = Shortcut(PerturbedExactMap(), levels=2 ** 16)
+    method = Shortcut(PerturbedExactMap(), levels=2 ** 16, coupling="independent")
     assert_stationary_and_restoring(method)
 
 
 def test_exact_flow_map_stationary_with_an_ema_target():
-    method = Shortcut(PerturbedExactMap(), levels=2 ** 16, target_ema=True)
+    method = Shortcut(PerturbedExactMap(), levels=2 ** 16, target_ema=True, coupling="independent")
     assert method.target is not method.model
     assert_stationary_and_restoring(method)
 
@@ -106,7 +106,7 @@ def test_defaults_registry_and_round_trip():
     method = Shortcut(tiny_net())
     hp = method.hyperparameters()
     assert hp == {"levels": 128, "bootstrap_fraction": 0.25, "target_ema": False, "target_decay": 0.999,
-                  "target_clip": None, "coupling": "independent", "coupling_block": 256}
+                  "target_clip": None, "coupling": "ot", "coupling_block": 256}
     assert Shortcut(tiny_net(), **hp).hyperparameters() == hp
     assert method.target is None and "target.inp.weight" not in method.state_dict()
     assert "target.inp.weight" in Shortcut(tiny_net(), target_ema=True).state_dict()

@@ -9,6 +9,7 @@ from nn_reference import randomize
 
 import flowkern
 from flowkern.__main__ import main
+from flowkern.methods import get_method
 from flowkern.train.rebuild import FlatImageFlowMap, architecture, image_geometry, network
 
 TINY_DIT = ["--data", "digits", "--arch", "dit", "--steps", "3", "--batch", "8", "--hidden", "32", "--depth", "1",
@@ -77,10 +78,10 @@ def test_architecture_dicts_and_networks():
 
     mlp = architecture("mlp", train, (2,), object)
     assert mlp == {"arch": "mlp", "dim": 2, "hidden": 64, "depth": 2, "time_dim": 16, "dropout": 0.0,
-                   "time_scale": 1000.0}
+                   "time_scale": 1000.0, "time_mode": "ts"}
     dit = architecture("dit", train, (64,), Unscaled)
     assert dit == {"arch": "dit", "img_size": 8, "in_ch": 1, "patch": 2, "hidden": 64, "depth": 2, "heads": 2,
-                   "time_dim": 16, "time_scale": 1.0}
+                   "time_dim": 16, "time_scale": 1.0, "time_mode": "ts"}
     net = network(dit)
     assert isinstance(net, FlatImageFlowMap) and net.dit.num_tokens == 16 and net.dit.time.time_scale == 1.0
     x = torch.randn(3, 64)
@@ -88,7 +89,12 @@ def test_architecture_dicts_and_networks():
         assert net(x, torch.rand(3), torch.rand(3)).shape == (3, 64)
     # a checkpoint written before the arch key existed is an MLP at the networks' default time scale
     legacy = network({"dim": 2, "hidden": 8, "depth": 1, "time_dim": 4})
-    assert type(legacy).__name__ == "MLPFlowMap" and legacy.time.time_scale == 1000.0
+    assert type(legacy).__name__ == "MLPFlowMap" and legacy.time.time_scale == 1000.0 and legacy.time.mode == "ts"
+    # the flow-map methods' networks embed (t, t − s); flow matching's (t, s)
+    for name, mode in (("psd", "t_delta"), ("shortcut", "t_delta"), ("fm", "ts"), ("f2d2", "ts")):
+        arch = architecture("mlp", train, (2,), get_method(name))
+        assert arch["time_mode"] == mode and network(arch).time.mode == mode, name
+        assert network(architecture("dit", train, (64,), get_method(name))).dit.time.mode == mode, name
     assert image_geometry((64,)) == (1, 8) and image_geometry((2,)) is None and image_geometry((63,)) is None
     with pytest.raises(ValueError, match="--dropout applies to --arch mlp only"):
         architecture("dit", {**train, "dropout": 0.1}, (64,), object)

@@ -48,12 +48,15 @@ class Method(torch.nn.Module):
     a run value (its name in `flowkern.methods.RUN_VALUES`) or a hyperparameter with one default, documented in the
     class docstring's ``Args:`` block and stored as an attribute of the same name (`hyperparameters`).
     `needs_teacher`: the method takes ``teacher=`` (a flow-matching velocity network); `init_from_teacher`: the
-    student starts from the teacher's weights.
+    student starts from the teacher's weights. `network_time_scale` and `network_time_mode`: how the network that
+    `flowkern train` builds for the method embeds its times (`flowkern.nn.TimePairEmbedding`'s time_scale and mode).
     """
 
     name: ClassVar[str]
     needs_teacher: ClassVar[bool] = False
     init_from_teacher: ClassVar[bool] = False
+    network_time_scale: ClassVar[float] = 1000.0
+    network_time_mode: ClassVar[str] = "ts"
 
     def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None):
         super().__init__()

@@ -83,8 +83,10 @@ def time_derivative_of_jump(net: Callable, x: Tensor, t: Tensor, s: Tensor) -> t
 class _SelfDistillation(Method):
     """Diagonal flow matching plus one off-diagonal flow-map term (module docstring); subclasses give the term."""
 
+    network_time_mode: ClassVar[str] = "t_delta"   # embed (t, t − s): the jump size is an input of its own
+
     def __init__(self, model: nn.Module, *, off_diagonal_fraction: float = 0.25,
-                 coupling: Coupling = "independent", coupling_block: int = DEFAULT_BLOCK):
+                 coupling: Coupling = "ot", coupling_block: int = DEFAULT_BLOCK):
         super().__init__(model)
         self.off_diagonal_fraction = check_probability("off_diagonal_fraction", off_diagonal_fraction)
         self.coupling = check_coupling(coupling)
@@ -137,15 +139,16 @@ class ProgressiveSelfDistillation(_SelfDistillation):
         model: the flow map network u(x, t, s).
         off_diagonal_fraction: fraction of each batch with s < t (the rest: flow matching on the diagonal).
         intermediate: the time r of the two-jump target, "uniform" in [s, t] or the "midpoint" (t + s)/2.
-        coupling: pairing of data and noise in a batch, "independent" (the paper's) or "ot" (minibatch optimal
-            transport, `flowkern.methods.coupling`: straighter paths, the flow map of the coupled process).
+        coupling: pairing of data and noise in a batch, "ot" (minibatch optimal transport,
+            `flowkern.methods.coupling`: straighter paths, the flow map of the coupled process) or "independent"
+            (the paper's).
         coupling_block: rows per minibatch-OT block.
     """
 
     name: ClassVar[str] = "psd"
 
     def __init__(self, model: nn.Module, *, off_diagonal_fraction: float = 0.25,
-                 intermediate: Intermediate = "uniform", coupling: Coupling = "independent",
+                 intermediate: Intermediate = "uniform", coupling: Coupling = "ot",
                  coupling_block: int = DEFAULT_BLOCK):
         super().__init__(model, off_diagonal_fraction=off_diagonal_fraction, coupling=coupling,
                          coupling_block=coupling_block)
@@ -164,8 +167,9 @@ class EulerianSelfDistillation(_SelfDistillation):
     Args:
         model: the flow map network u(x, t, s).
         off_diagonal_fraction: fraction of each batch with s < t (the rest: flow matching on the diagonal).
-        coupling: pairing of data and noise in a batch, "independent" (the paper's) or "ot" (minibatch optimal
-            transport, `flowkern.methods.coupling`: straighter paths, the flow map of the coupled process).
+        coupling: pairing of data and noise in a batch, "ot" (minibatch optimal transport,
+            `flowkern.methods.coupling`: straighter paths, the flow map of the coupled process) or "independent"
+            (the paper's).
         coupling_block: rows per minibatch-OT block.
     """
 
@@ -194,8 +198,9 @@ class LagrangianSelfDistillation(_SelfDistillation):
     Args:
         model: the flow map network u(x, t, s).
         off_diagonal_fraction: fraction of each batch with s < t (the rest: flow matching on the diagonal).
-        coupling: pairing of data and noise in a batch, "independent" (the paper's) or "ot" (minibatch optimal
-            transport, `flowkern.methods.coupling`: straighter paths, the flow map of the coupled process).
+        coupling: pairing of data and noise in a batch, "ot" (minibatch optimal transport,
+            `flowkern.methods.coupling`: straighter paths, the flow map of the coupled process) or "independent"
+            (the paper's).
         coupling_block: rows per minibatch-OT block.
     """
 

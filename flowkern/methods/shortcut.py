@@ -152,16 +152,18 @@ class Shortcut(Method):
             trained.
         target_decay: EMA decay of the target copy (with target_ema).
         target_clip: clip the intermediate state and the target velocity to [-c, c] (None: no clipping).
-        coupling: pairing of data and noise in a batch, "independent" (the paper's) or "ot" (minibatch optimal
-            transport, `flowkern.methods.coupling`: straighter paths, the flow map of the coupled process).
+        coupling: pairing of data and noise in a batch, "ot" (minibatch optimal transport,
+            `flowkern.methods.coupling`: straighter paths, the flow map of the coupled process) or "independent"
+            (the paper's).
         coupling_block: rows per minibatch-OT block.
     """
 
     name: ClassVar[str] = "shortcut"
+    network_time_mode: ClassVar[str] = "t_delta"   # embed (t, t − s), the paper's (x, t, d) conditioning
 
     def __init__(self, model: nn.Module, *, levels: int = 128, bootstrap_fraction: float = 0.25,
                  target_ema: bool = False, target_decay: float = 0.999, target_clip: float | None = None,
-                 coupling: Coupling = "independent", coupling_block: int = DEFAULT_BLOCK):
+                 coupling: Coupling = "ot", coupling_block: int = DEFAULT_BLOCK):
         super().__init__(model)
         self.levels = check_levels(levels)
         self.bootstrap_fraction = check_probability("bootstrap_fraction", bootstrap_fraction)

@@ -12,6 +12,7 @@ RUN_KEYS = (*checkpoint.ENGINE_KEYS, "arch", "data")
 
 ARCHS = ("mlp", "dit")
 DEFAULT_TIME_SCALE = 1000.0  # MLPFlowMap's and DiT's default: t ∈ [0, 1] embedded as DiT's timesteps
+DEFAULT_TIME_MODE = "ts"     # MLPFlowMap's and DiT's default: embed (t, s)
 
 
 class FlatImageFlowMap(torch.nn.Module):
@@ -49,15 +50,17 @@ def dit_heads(hidden: int) -> int:
 
 def architecture(kind: str, train: dict, shape: tuple[int, ...], method_cls) -> dict:
     """The network's constructor arguments for `--arch kind` ("mlp" | "dit"), the run's --hidden/--depth/--time-dim/
-    --dropout, data of `shape`, and the method's network time scale (`network_time_scale`, default 1000).
+    --dropout, data of `shape`, and the method's network time scale and time mode (`network_time_scale`, default
+    1000; `network_time_mode`, default "ts").
     ValueError for a DiT on data that is not a square image, or a patch that does not divide it."""
     if kind not in ARCHS:
         raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {kind!r}")
     time_scale = float(getattr(method_cls, "network_time_scale", DEFAULT_TIME_SCALE))
+    time_mode = getattr(method_cls, "network_time_mode", DEFAULT_TIME_MODE)
     if kind == "mlp":
         return {"arch": "mlp", "dim": math.prod(shape), "hidden": train["hidden"],
                 "depth": train["depth"], "time_dim": train["time_dim"], "dropout": train["dropout"],
-                "time_scale": time_scale}
+                "time_scale": time_scale, "time_mode": time_mode}
     geometry = image_geometry(tuple(shape))
     if geometry is None or geometry[1] % 2:
         raise ValueError(f"--arch dit needs square image data with an even side (patch 2), got samples of shape "
@@ -67,25 +70,28 @@ def architecture(kind: str, train: dict, shape: tuple[int, ...], method_cls) -> 
     in_ch, side = geometry
     return {"arch": "dit", "img_size": side, "in_ch": in_ch, "patch": 2, "hidden": train["hidden"],
             "depth": train["depth"], "heads": dit_heads(train["hidden"]), "time_dim": train["time_dim"],
-            "time_scale": time_scale}
+            "time_scale": time_scale, "time_mode": time_mode}
 
 
 def network(arch: dict) -> torch.nn.Module:
-    """The network of an architecture dict: {"arch": "mlp", dim, hidden, depth, time_dim, dropout, time_scale} (a
-    dict without "arch" is an MLP, without "time_scale" at 1000) or {"arch": "dit", img_size, in_ch, patch, hidden,
-    depth, heads, time_dim, time_scale} (a DiT on the flattened images); either may set divergence_head."""
+    """The network of an architecture dict: {"arch": "mlp", dim, hidden, depth, time_dim, dropout, time_scale,
+    time_mode} (a dict without "arch" is an MLP, without "time_scale" at 1000, without "time_mode" in "ts") or
+    {"arch": "dit", img_size, in_ch, patch, hidden, depth, heads, time_dim, time_scale, time_mode} (a DiT on the
+    flattened images); either may set divergence_head."""
     from flowkern.nn import DiT, MLPFlowMap
 
     kind = arch.get("arch", "mlp")
     time_scale = arch.get("time_scale", DEFAULT_TIME_SCALE)
+    time_mode = arch.get("time_mode", DEFAULT_TIME_MODE)
     if kind == "dit":
         return FlatImageFlowMap(DiT(arch["img_size"], arch["in_ch"], patch=arch["patch"], hidden=arch["hidden"],
                                     depth=arch["depth"], heads=arch["heads"], time_dim=arch["time_dim"],
-                                    time_scale=time_scale, divergence_head=arch.get("divergence_head", False)))
+                                    time_scale=time_scale, time_mode=time_mode,
+                                    divergence_head=arch.get("divergence_head", False)))
     if kind != "mlp":
         raise checkpoint.CheckpointError(f"unknown network arch {kind!r}; known: {', '.join(ARCHS)}")
     return MLPFlowMap(arch["dim"], hidden=arch["hidden"], depth=arch["depth"], time_dim=arch["time_dim"],
-                      dropout=arch.get("dropout", 0.0), time_scale=time_scale,
+                      dropout=arch.get("dropout", 0.0), time_scale=time_scale, time_mode=time_mode,
                       divergence_head=arch.get("divergence_head", False))
 
 
