@@ -1,6 +1,7 @@
 """The one exponential-moving-average update, shared by the training engine's EMA copies and the methods' EMA targets.
 
-θ̄ ← d·θ̄ + (1 − d)·θ, as one fused `torch._foreach_lerp_` over every parameter (no per-parameter Python loop).
+θ̄ ← d·θ̄ + (1 − d)·θ, as one fused `torch._foreach_lerp_` over every parameter (no per-parameter Python loop); on
+FSDP-sharded parameters over this rank's shards.
 """
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ def ema_update_(averages: list[torch.Tensor], values: list[torch.Tensor], decay:
     if not averages:
         return
     values = [v.detach() if v.dtype == a.dtype else v.detach().to(a.dtype) for a, v in zip(averages, values)]
-    torch._foreach_lerp_(averages, values, 1.0 - decay)
+    torch._foreach_lerp_([_shard(a) for a in averages], [_shard(v) for v in values], 1.0 - decay)
+
+
+def _shard(x: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP: an average and its parameter are sharded alike), a tensor as it is."""
+    return x.to_local() if hasattr(x, "to_local") else x
 
 
 @torch.no_grad()

@@ -90,8 +90,9 @@ def test_architecture_dicts_and_networks():
     # a checkpoint written before the arch key existed is an MLP at the networks' default time scale
     legacy = network({"dim": 2, "hidden": 8, "depth": 1, "time_dim": 4})
     assert type(legacy).__name__ == "MLPFlowMap" and legacy.time.time_scale == 1000.0 and legacy.time.mode == "ts"
-    # the flow-map methods' networks embed (t, t − s); flow matching's (t, s)
-    for name, mode in (("psd", "t_delta"), ("shortcut", "t_delta"), ("fm", "ts"), ("f2d2", "ts")):
+    # shortcut's, lsd's and psd's networks embed (t, t − s); esd's and flow matching's (t, s)
+    for name, mode in (("psd", "t_delta"), ("shortcut", "t_delta"), ("lsd", "t_delta"), ("esd", "ts"),
+                       ("fm", "ts"), ("f2d2", "ts")):
         arch = architecture("mlp", train, (2,), get_method(name))
         assert arch["time_mode"] == mode and network(arch).time.mode == mode, name
         assert network(architecture("dit", train, (64,), get_method(name))).dit.time.mode == mode, name

@@ -20,6 +20,12 @@ def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
     return out
 
 
+def whole_state_dict(module: torch.nn.Module) -> dict:
+    """module.state_dict() with every sharded entry (a DTensor, under FSDP) gathered whole: loadable into an
+    unsharded copy. Under FSDP a collective, called on every rank."""
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in module.state_dict().items()}
+
+
 def check_decay(name: str, value) -> float:
     value = check_finite_scalar(name, value)
     if not 0.0 <= value < 1.0:

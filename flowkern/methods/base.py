@@ -50,6 +50,8 @@ class Method(torch.nn.Module):
     `needs_teacher`: the method takes ``teacher=`` (a flow-matching velocity network); `init_from_teacher`: the
     student starts from the teacher's weights. `network_time_scale` and `network_time_mode`: how the network that
     `flowkern train` builds for the method embeds its times (`flowkern.nn.TimePairEmbedding`'s time_scale and mode).
+    `model_copies`: the attributes holding copies of the model that follow its weights (an EMA target; None where
+    the method keeps none), sharded like it under FSDP (`flowkern.train.fsdp`).
     """
 
     name: ClassVar[str]
@@ -57,6 +59,7 @@ class Method(torch.nn.Module):
     init_from_teacher: ClassVar[bool] = False
     network_time_scale: ClassVar[float] = 1000.0
     network_time_mode: ClassVar[str] = "ts"
+    model_copies: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None):
         super().__init__()

@@ -56,6 +56,7 @@ class ConsistencyDistillation(Method):
     """
 
     name: ClassVar[str] = "cd"
+    model_copies: ClassVar[tuple[str, ...]] = ("target",)
     needs_teacher: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, sigma_data: float,

@@ -132,6 +132,7 @@ class CTM(Method):
     """
 
     name: ClassVar[str] = "ctm"
+    model_copies: ClassVar[tuple[str, ...]] = ("target",)
     needs_teacher: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, sigma_data: float,

@@ -30,7 +30,7 @@ from flowkern._precision import accumulation_dtype
 from flowkern._validate import check_bool, check_tensor
 from flowkern.flow_map.jump import jump_prevalidated
 from flowkern.flow_map import sample as flow_map_sample
-from flowkern.methods._util import check_positive_int, frozen_copy
+from flowkern.methods._util import check_positive_int, frozen_copy, whole_state_dict
 from flowkern.methods.base import Method
 from flowkern.methods.edm import check_sample_args, col
 
@@ -139,7 +139,7 @@ class ProgressiveDistillation(Method):
     def on_step_end(self, step: int) -> None:
         """At the end of a round the student becomes the teacher (N halves at the next step)."""
         if self.student_steps(step + 1) < self.student_steps(step):
-            self.teacher.load_state_dict(self.model.state_dict())
+            self.teacher.load_state_dict(whole_state_dict(self.model))
 
     def sample(self, model: nn.Module, noise: Tensor, steps: int) -> Tensor:
         """`steps` Euler/DDIM steps of the student velocity on the uniform grid from t = 1 to t = 0."""

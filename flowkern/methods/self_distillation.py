@@ -174,6 +174,7 @@ class EulerianSelfDistillation(_SelfDistillation):
     """
 
     name: ClassVar[str] = "esd"
+    network_time_mode: ClassVar[str] = "ts"   # (t, t − s) makes du/dt blow up: docs/methods.md
 
     def targets(self, net: Callable, x0: Tensor):
         """(prediction, target, number of diagonal rows). One no-grad pass gives v = u(x_t, t, t) on the

@@ -159,6 +159,7 @@ class Shortcut(Method):
     """
 
     name: ClassVar[str] = "shortcut"
+    model_copies: ClassVar[tuple[str, ...]] = ("target",)
     network_time_mode: ClassVar[str] = "t_delta"   # embed (t, t − s), the paper's (x, t, d) conditioning
 
     def __init__(self, model: nn.Module, *, levels: int = 128, bootstrap_fraction: float = 0.25,

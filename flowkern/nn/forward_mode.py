@@ -153,7 +153,68 @@ def _one_pass(model, primals, tangents, kwargs):
         return torch.func.jvp(lambda *p: fn(*p, **kwargs), primals, tangents)
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return _ddp_dual_jvp(model, primals, tangents, kwargs)
+    sharded = _fsdp_modules(model)
+    if sharded:
+        with _duals_hidden_from_fsdp(sharded):
+            return _dual_jvp(model, primals, tangents, kwargs)
     return _dual_jvp(model, primals, tangents, kwargs)
+
+
+def _fsdp_modules(model) -> list:
+    """The FSDP2-sharded modules (`fully_shard`) in `model`, outermost first (none without FSDP2)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    if not isinstance(model, torch.nn.Module):
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def _duals_hidden_from_fsdp(modules):
+    """FSDP2's forward hooks see primals only; each sharded module's own forward sees the duals.
+
+    FSDP2's pre-forward routes the inputs that require grad through an autograd Function without a forward-mode
+    rule (to trigger its post-backward), and its post-forward registers the outputs' pre-backward hooks. Around
+    each sharded module, a hook before FSDP's unpacks the dual inputs (the primals keep their graph) and one after
+    it makes them dual again; the outputs likewise around its post-forward."""
+    held: dict[int, list] = {}
+
+    def _hide(module, tensors):
+        pairs = [fwAD.unpack_dual(a) if isinstance(a, torch.Tensor) else (a, None) for a in tensors]
+        held.setdefault(id(module), []).append([t for _, t in pairs])
+        return tuple(p for p, _ in pairs)
+
+    def _reveal(module, tensors):
+        tangents = held[id(module)].pop()
+        return tuple(a if t is None else fwAD.make_dual(a, t.to(a.dtype)) for a, t in zip(tensors, tangents))
+
+    def hide_inputs(module, args, kw):
+        return _hide(module, args), kw
+
+    def reveal_inputs(module, args, kw):
+        return _reveal(module, args), kw
+
+    def hide_outputs(module, args, output):
+        single = isinstance(output, torch.Tensor)
+        return _hide(module, (output,) if single else output)[0] if single else type(output)(_hide(module, output))
+
+    def reveal_outputs(module, args, output):
+        single = isinstance(output, torch.Tensor)
+        return _reveal(module, (output,))[0] if single else type(output)(_reveal(module, output))
+
+    handles = []
+    try:
+        for m in modules:
+            handles += [m.register_forward_pre_hook(hide_inputs, with_kwargs=True, prepend=True),
+                        m.register_forward_pre_hook(reveal_inputs, with_kwargs=True),
+                        m.register_forward_hook(hide_outputs, prepend=True),
+                        m.register_forward_hook(reveal_outputs)]
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _ddp_dual_jvp(ddp, primals, tangents, kwargs):

@@ -229,7 +229,7 @@ def _train_config(run: Run):
                            ema_decays=tuple(t["ema"]), eval_ema=t["eval_ema"], log_every=t["log_every"],
                            checkpoint_every=t["checkpoint_every"], checkpoint_minutes=t["checkpoint_minutes"],
                            max_consecutive_skips=t["max_consecutive_skips"], ddp_timeout=t["ddp_timeout"],
-                           seed=t["seed"])
+                           fsdp=t["fsdp"], seed=t["seed"])
     except (TypeError, ValueError) as err:
         raise CLIError(str(err)) from None
 
@@ -337,14 +337,14 @@ def _halving_rounds(method) -> int:
     return int(math.log2(start // end)) + 1 if end > 0 and start >= end else 0
 
 
-def _report(run: Run, trainer, method, dataset, teacher, seconds: float) -> None:
-    """Rank 0: the quality table (printed and in quality.json), samples.png and loss.png."""
+def _report(run: Run, trainer, method, model, dataset, teacher, seconds: float) -> None:
+    """Rank 0: the quality table of `model` (printed and in quality.json), samples.png and loss.png."""
     from flowkern.train import metrics_log
     from flowkern.train.plots import plot_loss, plot_report
 
     out = run.out
     nll = run.train["nll"] and nll_unavailable(method, dataset) is None
-    result = quality(method, trainer.eval_model(), dataset, run.train["samples"],
+    result = quality(method, model, dataset, run.train["samples"],
                      teacher=None if teacher is None else teacher[0], nll=nll, progress=run.train["progress"])
     plot_report(result, out / "samples.png", title=f"{run.method} on {run.train['data']} (step {trainer.step_count})")
     plot_loss(trainer.losses, out / "loss.png", title=f"{run.method} loss on {run.train['data']}",
@@ -432,11 +432,12 @@ def _fit_and_report(run, trainer, state, changes, method, dataset, teacher, trai
         with profile.profile_steps(trainer, traced, run.out) if traced else contextlib.nullcontext():
             trainer.fit()
     seconds = time.perf_counter() - start
+    model = trainer.eval_model() if run.train["eval"] else None     # every rank: gathered from the shards (FSDP)
     if trainer.rank == 0:
         print(f"trained {run.method} on {run.train['data']}: {trainer.step_count} steps in {seconds:.1f} s "
               f"({trainer.skipped} skipped); run directory {run.out}")
-        if run.train["eval"]:
-            _report(run, trainer, method, dataset, teacher, seconds)
+        if model is not None:
+            _report(run, trainer, method, model, dataset, teacher, seconds)
     return 0
 
 

@@ -22,7 +22,9 @@ class TrainConfig:
     (0: none between); checkpoint_minutes: minutes between checkpoints (0: none by time); both only with an
     out_dir, and always at the end; max_consecutive_skips: stop the run when this many consecutive steps were
     skipped by the NaN/Inf guard (0: never; checked when a metrics line is written); ddp_timeout: seconds a DDP
-    collective waits for the other ranks before the run fails naming the silent rank; seed: seeds every RNG."""
+    collective waits for the other ranks before the run fails naming the silent rank; fsdp: shard the model with
+    FSDP2 instead of replicating it under DDP (`flowkern.train.fsdp`; needs a torchrun launch with WORLD_SIZE > 1);
+    seed: seeds every RNG."""
 
     steps: int = 2000
     batch: int = 512
@@ -42,6 +44,7 @@ class TrainConfig:
     checkpoint_minutes: float = 10.0
     max_consecutive_skips: int = 20
     ddp_timeout: float = 300.0
+    fsdp: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -77,6 +80,7 @@ class TrainConfig:
         check_int("max_consecutive_skips", self.max_consecutive_skips, minimum=0)
         if not check_finite_scalar("ddp_timeout", self.ddp_timeout) > 0:
             raise ValueError(f"ddp_timeout must be > 0 seconds, got {self.ddp_timeout}")
+        check_bool("fsdp", self.fsdp)
         check_int("seed", self.seed, minimum=0)
 
     def to_dict(self) -> dict:

@@ -35,7 +35,7 @@ from torch import nn
 from flowkern._nvtx import nvtx_range
 from flowkern.methods.base import Method
 from flowkern import _rng as rng
-from flowkern.train import checkpoint, distributed, metrics_log
+from flowkern.train import checkpoint, distributed, fsdp, metrics_log
 from flowkern.train.signals import stop_requests
 from flowkern.train.stops import RankTimeout, TrainingDiverged, TrainingInterrupted
 from flowkern.train.config import TrainConfig, lr_factor
@@ -169,7 +169,15 @@ class Trainer:
         self.data_generator = torch.Generator().manual_seed(config.seed)   # the same stream on every rank
         self.method = method.to(self.device)
         self.net = method.model
-        if distributed.is_distributed():
+        self._template = None    # under FSDP: a whole copy of the model, for eval_model
+        if config.fsdp:
+            if not distributed.is_distributed():
+                raise ValueError("fsdp shards the model across processes: launch with torchrun and WORLD_SIZE > 1")
+            if not fsdp.available():
+                raise ValueError(f"fsdp needs torch.distributed.fsdp.fully_shard (FSDP2), which torch "
+                                 f"{torch.__version__} lacks")
+            self._template = fsdp.shard(method)
+        elif distributed.is_distributed():
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(method.model, device_ids=ids)
         self.auxiliaries = _auxiliary_networks(method)
@@ -247,7 +255,16 @@ class Trainer:
         (the all-reduced gradient's, so every rank sees the same)."""
         names = list(terms)
         for i, name in enumerate(names):
-            torch.autograd.backward(terms[name], inputs=self.param_groups[name], retain_graph=i < len(names) - 1)
+            if self.config.fsdp and name == MODEL:
+                # FSDP2's gradients accumulate in the whole parameters it gathers, not in the sharded leaves that
+                # `inputs=` would name: backward in full, then drop what reached the auxiliary networks
+                torch.autograd.backward(terms[name], retain_graph=i < len(names) - 1)
+                for aux in names[1:]:
+                    for p in self.param_groups[aux]:
+                        p.grad = None
+            else:
+                torch.autograd.backward(terms[name], inputs=self.param_groups[name],
+                                        retain_graph=i < len(names) - 1)
         max_norm = self.config.grad_clip if self.config.grad_clip is not None else math.inf
         norms = {}
         for name in names:
@@ -255,7 +272,7 @@ class Trainer:
             module = self.auxiliaries[name].module if name != MODEL else None
             if module is not None and not isinstance(module, nn.parallel.DistributedDataParallel):
                 _mean_gradients_over_ranks(params)
-            norms[name] = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            norms[name] = fsdp.local(torch.nn.utils.clip_grad_norm_(params, max_norm))
         return norms
 
     def _step(self) -> dict:
@@ -273,6 +290,8 @@ class Trainer:
         self.coordinator.heartbeat(step)
         with nvtx_range("flowkern.train.backward"):
             norms = self._backward(terms)
+            if self._template is not None:
+                fsdp.reshard(self.method)
         with nvtx_range("flowkern.train.optimizer"):
             means = {name: distributed.mean_over_ranks(loss.detach()) for name, loss in terms.items()}
             # gradients are all-reduced, so every rank takes the same decision; one bad term skips the whole step
@@ -411,9 +430,10 @@ class Trainer:
         states = distributed.gather_objects({**rng.get_state(), "data": self.data_generator.get_state()})
         kwargs = self.method.hyperparameters() if hasattr(self.method, "hyperparameters") else \
             self.extra.get("method_kwargs", {})
+        full = fsdp.full_state if self.config.fsdp else (lambda x: x)    # sharded tensors gathered: full weights
         return {**self.extra, "method": self.method.name, "method_kwargs": kwargs,
-                "method_state": self.method.state_dict(), "ema": self.ema.state_dict(),
-                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "method_state": full(self.method.state_dict()), "ema": full(self.ema.state_dict()),
+                "optimizers": {k: full(o.state_dict()) for k, o in self.optimizers.items()},
                 "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
                 "step": self.step_count, "skipped": self.skipped, "skip_run": int(self._skip_run),
                 "losses": list(self.losses), "rng": states, "config": self.config.to_dict()}
@@ -439,9 +459,15 @@ class Trainer:
         if state.get("method") != self.method.name:
             raise checkpoint.CheckpointError(f"checkpoint was written by method {state.get('method')!r}, "
                                              f"not {self.method.name!r}")
+        method_state, ema_state = state["method_state"], state["ema"]
+        if self.config.fsdp:   # a checkpoint holds full tensors: shard them as this run's
+            method_state = fsdp.sharded_state_dict(self.method, method_state)
+            ema_state = {**ema_state, "shadow": {
+                k: [fsdp.shard_like(v, ref) for v, ref in zip(vals, self.ema.shadow.get(float(k), vals))]
+                for k, vals in ema_state["shadow"].items()}}
         try:
-            self.method.load_state_dict(state["method_state"])
-            self.ema.load_state_dict(state["ema"])
+            self.method.load_state_dict(method_state)
+            self.ema.load_state_dict(ema_state)
         except (RuntimeError, ValueError, KeyError) as err:
             raise checkpoint.CheckpointError(f"checkpoint does not fit this run's networks: "
                                              f"{str(err).strip().splitlines()[0]}") from None
@@ -450,7 +476,10 @@ class Trainer:
             if missing:
                 raise checkpoint.CheckpointError(f"checkpoint has no {group[:-1]} state for {missing}")
             for name, obj in getattr(self, group).items():
-                obj.load_state_dict(state[group][name])
+                if self.config.fsdp and group == "optimizers":
+                    fsdp.load_optimizer_state(obj, state[group][name])
+                else:
+                    obj.load_state_dict(state[group][name])
         self.step_count = state["step"]
         self._skipped.fill_(int(state["skipped"]))
         self._skip_run.fill_(int(state.get("skip_run", 0)))
@@ -466,5 +495,10 @@ class Trainer:
             rng.seed_all(self.config.seed + 1000 * self.rank + self.step_count)
 
     def eval_model(self) -> nn.Module:
-        """A frozen copy of the model with the `config.eval_ema` weights (the raw weights when it is None)."""
-        return self.ema.averaged(self.config.eval_ema)
+        """A frozen copy of the model with the `config.eval_ema` weights (the raw weights when it is None). Under
+        FSDP a whole copy gathered from the shards: a collective, every rank calls it."""
+        if self._template is None:
+            return self.ema.averaged(self.config.eval_ema)
+        decay = self.config.eval_ema
+        params = self.ema.shadow[decay] if decay is not None else list(self.method.model.parameters())
+        return fsdp.eval_copy(self._template, [fsdp.local(p.detach()) for p in params], self.device)

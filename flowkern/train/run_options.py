@@ -111,6 +111,9 @@ def _train_options() -> dict[str, Option]:
         Option("ddp_timeout", _number(float, 0, strict=True), "value", 300.0,
                help="seconds a DDP collective waits for the other ranks before the run fails naming the silent "
                     "one"),
+        Option("fsdp", bool, "bool", False,
+               help="shard the model with FSDP2 across the torchrun processes instead of replicating it (DDP); "
+                    "checkpoints hold full weights"),
         Option("device", device, "value", "auto", help="auto (CUDA when available), cpu, cuda or cuda:N"),
         Option("threads", positive_int, "value", 1,
                help="torch CPU threads (these small MLPs gain little from more, and spinning threads on a busy "
@@ -131,7 +134,7 @@ def _train_options() -> dict[str, Option]:
 TRAIN_OPTIONS = _train_options()
 # the settings a resumed run may change (the rest is the run's and stays as stored)
 RESUMABLE = ("steps", "out", "samples", "log_every", "checkpoint_every", "checkpoint_minutes",
-             "max_consecutive_skips", "ddp_timeout", "device", "threads", "progress", "eval", "nll", "tensorboard")
+             "max_consecutive_skips", "ddp_timeout", "fsdp", "device", "threads", "progress", "eval", "nll", "tensorboard")
 
 
 def flag(name: str) -> str:
