@@ -96,6 +96,7 @@ def test_architecture_dicts_and_networks():
         arch = architecture("mlp", train, (2,), get_method(name))
         assert arch["time_mode"] == mode and network(arch).time.mode == mode, name
         assert network(architecture("dit", train, (64,), get_method(name))).dit.time.mode == mode, name
+    assert architecture("mlp", train, (2,), get_method("esd"))["time_scale"] == 1.0   # du/dt in its target
     assert image_geometry((64,)) == (1, 8) and image_geometry((2,)) is None and image_geometry((63,)) is None
     with pytest.raises(ValueError, match="--dropout applies to --arch mlp only"):
         architecture("dit", {**train, "dropout": 0.1}, (64,), object)

@@ -175,6 +175,7 @@ class EulerianSelfDistillation(_SelfDistillation):
 
     name: ClassVar[str] = "esd"
     network_time_mode: ClassVar[str] = "ts"   # (t, t − s) makes du/dt blow up: docs/methods.md
+    network_time_scale: ClassVar[float] = 1.0   # unscaled times: du/dt in the target not inflated ×1000
 
     def targets(self, net: Callable, x0: Tensor):
         """(prediction, target, number of diagonal rows). One no-grad pass gives v = u(x_t, t, t) on the
