@@ -73,6 +73,7 @@ def _worker(rank: int, world: int, port: int, out_path: str, form: str):
             _train(model, form, rank, world)
         full = torch.cat([p.full_tensor().reshape(-1) for p in model.parameters()])   # every rank gathers
         torch.save({"params": full, "sharded": sharded}, f"{out_path}.{rank}")
+        torch.distributed.barrier()   # no rank tears gloo down while the other still talks to it
     finally:
         torch.distributed.destroy_process_group()
 

@@ -68,6 +68,7 @@ def _engine_worker(rank: int, world: int, port: int, out: str, critic: bool):
             resumed_state = resumed.state_dict()
         torch.save({"losses": losses, "sharded": sharded, "state": state, "eval": eval_params,
                     "resumed": resumed_state}, f"{out}.{rank}")
+        torch.distributed.barrier()   # no rank tears gloo down while the other still talks to it
     finally:
         torch.distributed.destroy_process_group()
 
