@@ -10,8 +10,9 @@ tile of a wider grid). Per kernel and config it prints, from the cubin (the cuob
 * regs, stack bytes and spill instructions (STL stores / LDL loads to local memory);
 * shared memory bytes per program;
 * the matrix instructions: HGMMA (wgmma, sm_90's warpgroup MMA) vs HMMA (mma.sync, the Ampere path);
-* the main loop: the SASS instructions between the target and the backward branch of the loop holding the most
-  matrix instructions, i.e. instructions per thread per key (or query) tile; `loops` counts backward branches;
+* the main loop: the SASS instructions between the target and the backward branch of the first loop holding the
+  most matrix instructions, i.e. instructions per thread per interior key (or query) tile; `edge` the same for the
+  loop over the masked edge tiles, where the kernel has one; `loops` counts backward branches;
   `warp instr/kscore` = loop instructions × warps × 1000 / (BLOCK_M·BLOCK_N), the warp instructions issued per
   thousand score elements: the figure that compares tiles of different sizes (lower is better).
 
@@ -101,7 +102,7 @@ def _compile_job(item):
 
 
 HEADER = (f"{'kernel':<24}{'BM,BN,warps,stages':>20}{'regs':>6}{'STL':>5}{'LDL':>5}{'smem KiB':>9}"
-          f"{'wgmma':>7}{'mma.sync':>9}{'loop instr':>11}{'loops':>6}{'warp instr/kscore':>18}")
+          f"{'wgmma':>7}{'mma.sync':>9}{'loop instr':>11}{'edge':>6}{'loops':>6}{'warp instr/kscore':>18}")
 
 
 def warp_instructions_per_kscore(row: dict, config) -> float:
@@ -113,7 +114,8 @@ def format_row(label: str, config, row) -> str:
     if isinstance(row, str):
         return f"{label:<24}{config_label:>20}  FAILED: {row}"
     return (f"{label:<24}{config_label:>20}{row['regs']:>6}{row['stl']:>5}{row['ldl']:>5}{row['smem'] / 1024:>9.1f}"
-            f"{row['wgmma']:>7}{row['mma_sync']:>9}{row['loop_instructions']:>11}{row['loops']:>6}"
+            f"{row['wgmma']:>7}{row['mma_sync']:>9}{row['loop_instructions']:>11}{row['edge_instructions'] or '':>6}"
+            f"{row['loops']:>6}"
             f"{warp_instructions_per_kscore(row, config):>18.1f}")
 
 

@@ -5,9 +5,11 @@ Uses the cuobjdump bundled with Triton (or the one on PATH). No side effects on 
 * regs, stack: `cuobjdump --dump-resource-usage`;
 * stl / ldl: SASS stores to and loads from local memory (register spills, or arrays indexed at run time);
 * wgmma / mma_sync: HGMMA (sm_90's warpgroup MMA) and HMMA (mma.sync, the pre-Hopper tensor-core path) counts;
-* loop_instructions: SASS instructions (NOPs excluded) between the target and the backward branch of the loop
-  holding the most matrix instructions: what one thread issues per iteration of the kernel's main loop;
-  loop_mma its matrix instructions; loops the number of backward branches.
+* loop_instructions: SASS instructions (NOPs excluded) between the target and the backward branch of the main loop:
+  what one thread issues per iteration of it. The main loop is the first (in code order) of the loops holding the
+  most matrix instructions: the attention kernels walk their unmasked interior tiles in a first loop and the
+  masked edge tiles (causal diagonal band, last partial tile) in a second one, whose count is edge_instructions
+  (0 without one); loop_mma the main loop's matrix instructions; loops the number of backward branches.
 """
 from __future__ import annotations
 
@@ -47,8 +49,9 @@ def _opcode(text: str) -> str:
 
 
 def main_loop(instructions) -> dict:
-    """The loop (backward branch → its target) holding the most matrix instructions: its instruction count (NOPs
-    excluded) and its matrix instructions; and how many loops the kernel has."""
+    """The main loop (the first of the loops holding the most matrix instructions) and the edge loop (the next one
+    holding as many): their instruction counts (NOPs excluded), the main loop's matrix instructions, and how many
+    loops (backward branches) the kernel has."""
     loops = []
     for addr, text in instructions:
         match = re.search(r"\bBRA\s+(?:`?\(?)0x([0-9a-f]+)", text)
@@ -56,14 +59,14 @@ def main_loop(instructions) -> dict:
             target = int(match.group(1), 16)
             if target < addr:
                 loops.append((target, addr))
-    best = {"loop_instructions": 0, "loop_mma": 0, "loops": len(loops)}
-    for start, end in loops:
+    counted = []
+    for start, end in sorted(loops):
         body = [_opcode(t) for a, t in instructions if start <= a <= end]
-        mma = sum(op.startswith(("HGMMA", "HMMA")) for op in body)
-        count = sum(op != "NOP" for op in body)
-        if (mma, count) > (best["loop_mma"], best["loop_instructions"]):
-            best.update(loop_instructions=count, loop_mma=mma)
-    return best
+        counted.append((sum(op.startswith(("HGMMA", "HMMA")) for op in body), sum(op != "NOP" for op in body)))
+    most = max((mma for mma, _ in counted), default=0)
+    hot = [count for mma, count in counted if mma == most]
+    return {"loop_instructions": hot[0] if hot else 0, "edge_instructions": max(hot[1:], default=0),
+            "loop_mma": most, "loops": len(loops)}
 
 
 def resource_usage(cubin: bytes) -> dict:

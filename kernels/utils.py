@@ -1,6 +1,9 @@
 """Helpers shared by every Triton kernel family."""
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+from flowkern._config import triton_interpreting
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x·log2 e)
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
@@ -20,11 +23,27 @@ def mma(a, b, acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def load_tile(base, rows, cols, stride_row, stride_col, n_rows, n_cols, other: tl.constexpr):
-    """Load base[rows[:, None], cols[None, :]] (strided, int64 offsets), `other` outside [0, n_rows) x [0, n_cols)."""
-    ptrs = base + rows[:, None].to(tl.int64) * stride_row + cols[None, :].to(tl.int64) * stride_col
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    return tl.load(ptrs, mask=mask, other=other)
+def tile_pointers(base, rows, cols, stride_row, stride_col):
+    """Pointers base[rows[:, None], cols[None, :]] (int64 offsets)."""
+    return base + rows[:, None].to(tl.int64) * stride_row + cols[None, :].to(tl.int64) * stride_col
+
+
+@triton.jit
+def tile_mask(rows, cols, n_rows, n_cols, CHECK_ROWS: tl.constexpr = True):
+    """[rows, cols] True inside [0, n_rows) x [0, n_cols); CHECK_ROWS=False tests the columns only ([1, cols])."""
+    if CHECK_ROWS:
+        return (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    else:
+        return (cols < n_cols)[None, :]
+
+
+@triton.jit
+def load_tile(base, rows, cols, stride_row, stride_col, n_rows, n_cols, other: tl.constexpr,
+              CHECK_ROWS: tl.constexpr = True):
+    """Load base[rows[:, None], cols[None, :]] (strided, int64 offsets), `other` outside [0, n_rows) x [0, n_cols).
+    CHECK_ROWS=False: the caller knows every row is inside [0, n_rows); only the columns are tested."""
+    return tl.load(tile_pointers(base, rows, cols, stride_row, stride_col),
+                   mask=tile_mask(rows, cols, n_rows, n_cols, CHECK_ROWS), other=other)
 
 
 @triton.jit
@@ -33,3 +52,39 @@ def store_tile(base, value, rows, cols, stride_row, stride_col, n_rows, n_cols):
     ptrs = base + rows[:, None].to(tl.int64) * stride_row + cols[None, :].to(tl.int64) * stride_col
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     tl.store(ptrs, value.to(base.dtype.element_ty), mask=mask)
+
+
+
+if triton_interpreting():  # no libdevice there; NumPy neither flushes subnormals nor contracts into FMAs
+    @triton.jit
+    def exp2_ftz(x):
+        """2**x."""
+        return tl.exp2(x)
+
+    @triton.jit
+    def mul_rn(x, y):
+        """x·y rounded on its own."""
+        return x * y
+else:
+    @triton.jit
+    def mul_rn(x, y):
+        """x·y rounded on its own (PTX `mul.rn.f32`): never contracted into an FMA with a later add, so that a
+        difference of two such products is exactly 0 where they are equal."""
+        return libdevice.mul_rn(x, y)
+
+    @triton.jit
+    def exp2_ftz(x):
+        """2**x as one MUFU.EX2, float32 subnormal results flushed to zero.
+
+        `tl.exp2`/`tl.exp` lower to PTX `ex2.approx.f32`, which keeps subnormal results: ptxas wraps every
+        MUFU.EX2 in a range test and two conditional multiplies (four instructions an element). libdevice's exp2
+        under the backend's flush-to-zero reflection is `ex2.approx.ftz.f32`: one instruction. For softmax weights
+        2**x ≤ 1 a result below 2⁻¹²⁶ is 0 either way at any precision a row sum can resolve.
+        """
+        return libdevice.exp2(x)
+
+
+@triton.jit
+def exp_ftz(x):
+    """e**x = 2**(x·log₂e), subnormal results flushed to zero (`exp2_ftz`)."""
+    return exp2_ftz(x * LOG2E)

@@ -62,16 +62,24 @@ def test_rows_padded_with_a_huge_finite_value_are_sdpas_uniform_average(backend,
         torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# Unmasked, the PyTorch backend hands the call to SDPA's own CPU kernels; the Triton kernels run their interior tiles.
+_HUGE_LOGIT_CASES = [pytest.param(b.values[0], True, id=f"{b.id}-mask", marks=b.marks) for b in BACKENDS] + [
+    pytest.param("triton", False, id="triton-no_mask", marks=b.marks) for b in BACKENDS if b.values[0] == "triton"]
+
+
+@pytest.mark.parametrize("backend,masked", _HUGE_LOGIT_CASES)
 @pytest.mark.parametrize("scale", [-1e4, 1e4])
-def test_huge_logits_give_sdpas_vanishing_gradients(backend, scale):
+def test_huge_logits_give_sdpas_vanishing_gradients(backend, masked, scale):
     """scale = ±1e4 makes P one-hot: the output is one value row, dq, dk and the tangent's Ṗ part are
-    below 1e-30. dP − Δ must cancel exactly (Δ = Σ P dP, not dO·O), or c = 1e4 amplifies a rounding into 1e-2."""
+    below 1e-30. dP − Δ must cancel exactly (Δ = Σ P dP, not dO·O), or c = 1e4 amplifies a rounding into 1e-2; and
+    S − m must be exactly 0 at the max (c·QKᵀ rounded before m is subtracted, never one FMA), on the kernels'
+    unmasked interior tiles as on the masked ones."""
     dtype = _dtype(backend)
-    q, k, v = _rand(1, 2, 6, 8, seed=4), _rand(1, 2, 7, 8, seed=5), _rand(1, 2, 7, 8, seed=6)
+    # 37 keys: two whole key tiles of the interpreter's 16-key config, then a partial edge tile
+    q, k, v = _rand(1, 2, 6, 8, seed=4), _rand(1, 2, 37, 8, seed=7), _rand(1, 2, 37, 8, seed=6)
     tangents = tuple(_rand(*x.shape, seed=30 + i) for i, x in enumerate((q, k, v)))
     grad_out = _rand(1, 2, 6, 8, seed=40)
-    keep = torch.ones(6, 7, dtype=torch.bool)  # a mask keeps the PyTorch backend on the fused path
+    keep = torch.ones(6, 37, dtype=torch.bool) if masked else None  # a mask keeps the PyTorch backend fused
     with flowkern.use_backend(backend):
         got = _all_results(lambda a, b_, c: flowkern.attention(a, b_, c, attn_mask=keep, scale=scale),
                            *(x.to(dtype) for x in (q, k, v)), tuple(t.to(dtype) for t in tangents), grad_out.to(dtype))

@@ -284,4 +284,18 @@ def test_main_loop_is_the_backward_branch_with_the_matrix_instructions():
             (0x40, "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24"), (0x50, "NOP"),
             (0x60, "FMUL R6, R7, R8"), (0x70, "@P1 BRA 0x40"),           # the main loop: 3 instructions + NOP
             (0x80, "EXIT"), (0x90, "BRA 0x90")]                          # the trailing self-branch
-    assert main_loop(code) == {"loop_instructions": 3, "loop_mma": 1, "loops": 2}
+    assert main_loop(code) == {"loop_instructions": 3, "edge_instructions": 0, "loop_mma": 1, "loops": 2}
+
+
+def test_main_loop_is_the_first_of_the_loops_with_the_most_matrix_instructions():
+    """The attention kernels walk their unmasked interior tiles first and the masked edge tiles in a second loop
+    of the same GEMMs and more instructions: the first is the main loop, the second the edge loop."""
+    from sass import main_loop
+
+    code = [(0x00, "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24"), (0x10, "FMUL R6, R7, R8"),
+            (0x20, "@P1 BRA 0x00"),                                      # interior: 3 instructions
+            (0x30, "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24"), (0x40, "FSEL R6, R7, R8, P0"),
+            (0x50, "ISETP.GE.AND P0, PT, R1, R2, PT"), (0x60, "FMUL R6, R7, R8"),
+            (0x70, "@P1 BRA 0x30"),                                      # edge: 5 instructions
+            (0x80, "EXIT"), (0x90, "BRA 0x90")]
+    assert main_loop(code) == {"loop_instructions": 3, "edge_instructions": 5, "loop_mma": 1, "loops": 2}

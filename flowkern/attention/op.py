@@ -1,7 +1,7 @@
 """The fused op behind `flowkern.attention` and `flowkern.jvp_attention`, on the shared contract (`flowkern._fused`).
 
-Inputs (q, k, v, attn_mask); outputs O (and Ȯ from the same pass when tangents are given); aux: the natural-log
-LSE [B, Hq, Nq]. With S = c·QKᵀ + mask, P = softmax(S), O = PV (docs/attention.md):
+Inputs (q, k, v, attn_mask); outputs O (and Ȯ from the same pass when tangents are given); aux: the row
+statistics (m, 1/l) [B, Hq, Nq, 2]. With S = c·QKᵀ + mask, P = softmax(S), O = PV (docs/attention.md):
 * forward: one online-softmax pass; with tangents Ȯ = (P ⊙ (Ṡ − μ))V + PV̇, Ṡ = c·(Q̇Kᵀ + QK̇ᵀ), μᵢ = Σⱼ PᵢⱼṠᵢⱼ.
 * backward: flash backward of O from the saved O and row statistics (P recomputed, never stored); on the CPU, SDPA's
   own CPU flash backward where it reads the call the same way (`cpu_sdpa_backward`).

@@ -21,8 +21,8 @@ scaled by −1e4) a saved log-sum-exp m + log l would round log l away and make 
 import triton
 import triton.language as tl
 
-from flowkern.kernels.attention.scores import masked_scores
-from flowkern.kernels.utils import load_tile, mma, store_tile
+from flowkern.kernels.attention.scores import key_tile_ranges, masked_scores, query_tile_ranges, softmax_exp
+from flowkern.kernels.utils import load_tile, mma, store_tile, tile_mask, tile_pointers
 
 
 @triton.jit
@@ -40,6 +40,66 @@ def attention_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om, st
     do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, 0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # [BLOCK_M]
     tl.store(DELTA + pid_bh * seq_q + offs_m, delta, mask=offs_m < seq_q)
+
+
+@triton.jit
+def _query_walk(n_tiles, band, first, second, q_base, do_base, ROW_STATS, DELTA, mask_base, row_base, kT, vT, dk, dv,
+                offs_m0, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
+                seq_q, seq_k, head_dim, scale, causal_offset, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                EDGE: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """dK (before its factor c) and dV of one key tile, summed over n_tiles query tiles: tile i < band starts at
+    row first + i·BLOCK_M, the others at second + (i − band)·BLOCK_M. EDGE tiles test the row and key bounds and
+    the causal diagonal, unpipelined (as in the forward's `_key_walk`); interior ones neither."""
+    for i in tl.range(0, n_tiles, num_stages=1 if EDGE else None):
+        offs_m = tl.where(i < band, first + i * BLOCK_M, second + (i - band) * BLOCK_M) + offs_m0  # [BLOCK_M]
+        q = load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, 0.0, EDGE)  # [BLOCK_M, BLOCK_D]
+        do = load_tile(do_base, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, 0.0, EDGE)
+        stats = ROW_STATS + (row_base + offs_m) * 2
+        if EDGE:
+            rows_in = offs_m < seq_q
+            row_max = tl.load(stats, mask=rows_in, other=float("inf"))  # [BLOCK_M]
+            inv_l = tl.load(stats + 1, mask=rows_in, other=0.0)
+            delta = tl.load(DELTA + row_base + offs_m, mask=rows_in, other=0.0)  # [BLOCK_M]
+        else:
+            row_max = tl.load(stats)
+            inv_l = tl.load(stats + 1)
+            delta = tl.load(DELTA + row_base + offs_m)
+        qk = mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
+        s = masked_scores(qk, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k, scale,
+                          causal_offset, CAUSAL, MASK_KIND, EDGE)
+        p = softmax_exp(s, row_max) * inv_l[:, None]  # [BLOCK_M, BLOCK_N]
+        dv = mma(tl.trans(p).to(do.dtype), do, dv, UPCAST, INPUT_PRECISION)
+        dp = mma(do, vT, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])  # [BLOCK_M, BLOCK_N]
+        dk = mma(tl.trans(ds).to(q.dtype), q, dk, UPCAST, INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dq_walk(start, end, q, do, k_ptrs, v_ptrs, row_max, inv_l, delta, dq, pk, delta_exact, mask_base, offs_m,
+             offs_n0, offs_d, stride_kn, stride_vn, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale,
+             causal_offset, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr, UPCAST: tl.constexpr,
+             INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles [start, end) of the dQ walk: Σ dS K, B = Σ P K and Δ = Σ P dP updated, pointers advanced. EDGE
+    tiles test the key bounds and the causal diagonal, unpipelined (as in the forward's `_key_walk`)."""
+    for start_n in tl.range(start, end, BLOCK_N, num_stages=1 if EDGE else None):
+        offs_n = start_n + offs_n0
+        k_in = tile_mask(offs_n, offs_d, seq_k, head_dim, EDGE)
+        k = tl.load(k_ptrs, mask=k_in, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_ptrs, mask=k_in, other=0.0)  # [BLOCK_N, BLOCK_D]
+        qk = mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
+        s = masked_scores(qk, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k, scale,
+                          causal_offset, CAUSAL, MASK_KIND, EDGE)
+        p = softmax_exp(s, row_max) * inv_l[:, None]  # [BLOCK_M, BLOCK_N]
+        dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = mma(ds.to(k.dtype), k, dq, UPCAST, INPUT_PRECISION)
+        pk = mma(p.to(k.dtype), k, pk, UPCAST, INPUT_PRECISION)
+        delta_exact += tl.sum(p * dp, 1)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return dq, pk, delta_exact, k_ptrs, v_ptrs
 
 
 @triton.jit
@@ -73,30 +133,24 @@ def attention_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
-    lo = 0
-    if CAUSAL:  # query rows before this key tile's first key see none of it
-        lo = (tl.maximum(0, pid_n * BLOCK_N - causal_offset) // BLOCK_M) * BLOCK_M
+    lo, interior_lo, interior_hi = query_tile_ranges(pid_n * BLOCK_N, seq_q, seq_k, causal_offset, CAUSAL,
+                                                     BLOCK_M, BLOCK_N)
+    band = (interior_lo - lo) // BLOCK_M  # edge query tiles before the interior ones (the causal diagonal band)
+    n_edge = band + tl.cdiv(seq_q - interior_hi, BLOCK_M)  # and after them (the last partial tile)
     for g in range(0, kv_group):
         h = h_kv * kv_group + g
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         row_base = (b * q_heads + h) * seq_q
         mask_base = MASK + b * stride_maskb + h * stride_maskh
-        for start_m in range(lo, seq_q, BLOCK_M):
-            offs_m = start_m + offs_m0
-            q = load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, 0.0)  # [BLOCK_M, BLOCK_D]
-            do = load_tile(do_base, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, 0.0)
-            row_max = tl.load(ROW_STATS + (row_base + offs_m) * 2, mask=offs_m < seq_q, other=float("inf"))
-            inv_l = tl.load(ROW_STATS + (row_base + offs_m) * 2 + 1, mask=offs_m < seq_q, other=0.0)
-            delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < seq_q, other=0.0)  # [BLOCK_M]
-            qk = mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
-            s = masked_scores(qk, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k,
-                              scale, causal_offset, CAUSAL, MASK_KIND)
-            p = tl.exp(s - row_max[:, None]) * inv_l[:, None]  # [BLOCK_M, BLOCK_N]
-            dv = mma(tl.trans(p).to(do.dtype), do, dv, UPCAST, INPUT_PRECISION)
-            dp = mma(do, vT, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
-            ds = p * (dp - delta[:, None])  # [BLOCK_M, BLOCK_N]
-            dk = mma(tl.trans(ds).to(q.dtype), q, dk, UPCAST, INPUT_PRECISION)
+        dk, dv = _query_walk((interior_hi - interior_lo) // BLOCK_M, 0, 0, interior_lo, q_base, do_base, ROW_STATS,
+                             DELTA, mask_base, row_base, kT, vT, dk, dv, offs_m0, offs_n, offs_d, stride_qm,
+                             stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn, seq_q, seq_k, head_dim,
+                             scale, causal_offset, CAUSAL, MASK_KIND, False, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
+        dk, dv = _query_walk(n_edge, band, lo, interior_hi, q_base, do_base, ROW_STATS,
+                             DELTA, mask_base, row_base, kT, vT, dk, dv, offs_m0, offs_n, offs_d, stride_qm,
+                             stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn, seq_q, seq_k, head_dim,
+                             scale, causal_offset, CAUSAL, MASK_KIND, True, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
 
     store_tile(DK + b * stride_dkb + h_kv * stride_dkh, dk * scale, offs_n, offs_d, stride_dkn, stride_dkd,
                seq_k, head_dim)
@@ -133,29 +187,22 @@ def attention_bwd_dq_kernel(
     row_max = tl.load(ROW_STATS + (pid_bh * seq_q + offs_m) * 2, mask=offs_m < seq_q, other=float("inf"))
     inv_l = tl.load(ROW_STATS + (pid_bh * seq_q + offs_m) * 2 + 1, mask=offs_m < seq_q, other=0.0)
     delta = tl.load(DELTA + pid_bh * seq_q + offs_m, mask=offs_m < seq_q, other=0.0)  # Δ̂, [BLOCK_M]
-    k_base = K + b * stride_kb + h_kv * stride_kh
-    v_base = V + b * stride_vb + h_kv * stride_vh
     mask_base = MASK + b * stride_maskb + h * stride_maskh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     pk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # B = Σ P K
     delta_exact = tl.zeros([BLOCK_M], tl.float32)  # Δ = Σ P dP
 
-    hi = seq_k
-    if CAUSAL:
-        hi = tl.maximum(0, tl.minimum(seq_k, (pid_m + 1) * BLOCK_M + causal_offset))
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, seq_k, head_dim, 0.0)  # [BLOCK_N, BLOCK_D]
-        v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim, 0.0)  # [BLOCK_N, BLOCK_D]
-        qk = mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
-        s = masked_scores(qk, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k,
-                          scale, causal_offset, CAUSAL, MASK_KIND)
-        p = tl.exp(s - row_max[:, None]) * inv_l[:, None]  # [BLOCK_M, BLOCK_N]
-        dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = mma(ds.to(k.dtype), k, dq, UPCAST, INPUT_PRECISION)
-        pk = mma(p.to(k.dtype), k, pk, UPCAST, INPUT_PRECISION)
-        delta_exact += tl.sum(p * dp, 1)
+    k_ptrs = tile_pointers(K + b * stride_kb + h_kv * stride_kh, offs_n0, offs_d, stride_kn, stride_kd)
+    v_ptrs = tile_pointers(V + b * stride_vb + h_kv * stride_vh, offs_n0, offs_d, stride_vn, stride_vd)
+    interior, hi = key_tile_ranges(pid_m * BLOCK_M, seq_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
+    dq, pk, delta_exact, k_ptrs, v_ptrs = _dq_walk(
+        0, interior, q, do, k_ptrs, v_ptrs, row_max, inv_l, delta, dq, pk, delta_exact, mask_base, offs_m, offs_n0,
+        offs_d, stride_kn, stride_vn, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale, causal_offset,
+        CAUSAL, MASK_KIND, False, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
+    dq, pk, delta_exact, k_ptrs, v_ptrs = _dq_walk(
+        interior, hi, q, do, k_ptrs, v_ptrs, row_max, inv_l, delta, dq, pk, delta_exact, mask_base, offs_m, offs_n0,
+        offs_d, stride_kn, stride_vn, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale, causal_offset,
+        CAUSAL, MASK_KIND, True, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
 
     dq = (dq - (delta_exact - delta)[:, None] * pk) * scale
     store_tile(DQ + b * stride_dqb + h * stride_dqh, dq, offs_m, offs_d, stride_dqm, stride_dqd, seq_q, head_dim)

@@ -2,14 +2,15 @@
 
 The candidate lists come from the compile-level report (`python3 benchmarks/kernel_report.py --sweep`, no GPU
 needed): every (BLOCK_M, BLOCK_N, warps) compiled for sm_90 with the JIT's own specialisation at B=1, H=32, N=8192,
-bf16, keeping the configs with no spills (in the causal compile too; one that spills only there comes last), only
+bf16, keeping the configs with no spills in both the full and the causal compile, only
 wgmma (HGMMA) matrix instructions and shared memory within the 227 KiB a program may take, ranked by main-loop warp
 instructions per thousand score elements (lower first). The first
 candidate is the pinned config (FLOWKERN_AUTOTUNE=0, the GPU check's headline); where the best-ranked tile needs
 nearly all the shared memory it comes second. Pipelining depth 3 comes before 2 (two stages leave the next tile's
 loads exposed). Head dim 256 is not re-derived yet (its lists predate the report). On a GPU the autotuner picks
 among the candidates of the call's padded head dim, per (sequence lengths, flags); in Triton's interpreter there is
-one small config, with BLOCK_M ≠ BLOCK_N so the causal tile bounds are exercised.
+one small config, with BLOCK_M ≠ BLOCK_N so the causal tile bounds are exercised (and, from 32 rows and 16 keys on,
+both interior and edge tiles).
 """
 import triton
 
@@ -25,16 +26,16 @@ _INTERPRETER = triton_interpreting()
 # (BLOCK_M, BLOCK_N, num_warps) by padded head dim (≤ 64, 128, 256), best first; each with 3 then 2 stages.
 # sm_90 report (regs, warp instructions per 1000 scores, non-causal, 3 stages) in benchmarks/RESULTS.md.
 _FWD_TANGENT = {64: [(128, 64, 8), (64, 64, 4), (128, 32, 8), (64, 32, 4)],
-                128: [(128, 32, 8), (64, 32, 4)],
+                128: [(128, 32, 8), (64, 16, 4)],   # every wider tile spills; (64,16,4) issues 1.5x per score
                 256: [(32, 16, 8), (64, 16, 8)]}
-_FWD = {64: [(128, 128, 8), (128, 64, 4), (64, 128, 4), (128, 64, 8)],
-        128: [(128, 64, 8), (128, 128, 8), (64, 64, 4), (128, 32, 8)],
+_FWD = {64: [(128, 128, 8), (64, 128, 4), (128, 64, 4), (128, 64, 8)],
+        128: [(128, 64, 8), (64, 64, 4), (128, 32, 8), (64, 32, 4)],
         256: [(32, 16, 8), (32, 32, 8), (64, 16, 8)]}
-_BWD_DKDV = {64: [(128, 64, 4), (64, 64, 4), (128, 64, 8), (128, 128, 8)],   # (128,128,8) spills when causal
-             128: [(64, 64, 8), (64, 64, 4)],   # (64,64,4) spills when causal
+_BWD_DKDV = {64: [(64, 64, 4), (128, 64, 8), (64, 64, 8)],
+             128: [(64, 64, 8)],   # (64,64,4) spills; (128,64,8) needs 243 KiB of shared memory
              256: [(32, 16, 8), (32, 32, 8)]}
-_BWD_DQ = {64: [(128, 64, 4), (128, 128, 8), (64, 128, 4), (128, 64, 8)],
-           128: [(128, 64, 8), (64, 64, 4), (64, 128, 4), (128, 32, 8)],
+_BWD_DQ = {64: [(128, 64, 8), (64, 64, 4), (128, 32, 8), (64, 32, 4)],
+           128: [(128, 32, 8), (64, 32, 4)],
            256: [(32, 16, 8), (32, 32, 8)]}
 _STAGES = (3, 2)
 

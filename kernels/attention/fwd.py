@@ -22,6 +22,11 @@ Triton lowers it to exp2 of log₂e·(S − m), after the subtraction).
 A row whose every key is removed has l = 0: it gets O = 0, Ȯ = 0 and statistics (m, 1/l) = (+∞, 0), which make
 the backward's P exactly 0 there.
 
+The key tiles run in two loops: first the interior ones (inside [0, seq_k) and, when causal, wholly on or below the
+diagonal of the query tile), which need no bounds or causal test, then the few edge tiles (the diagonal band, the
+last partial tile) with them. Exponentials are MUFU.EX2 with subnormal results flushed (`exp_ftz`); Ṡ's scale c
+rides in the FMA that centres it, Ṡ − μ̂ = c·(Q̇Kᵀ + QK̇ᵀ) − μ̂, and the tile moves μ̂ by δ = Σ p̃(Ṡ − μ̂)/l'.
+
 Cost: six tile GEMMs (QKᵀ, Q̇Kᵀ, QK̇ᵀ, p̃V, p̃V̇, p̃(Ṡ − μ̂)V), 12·Nq·Nk·D FLOPs per head. HAS_TANGENT=False gives the
 plain flash forward (two GEMMs) from the same code.
 
@@ -31,8 +36,72 @@ Grid: (cdiv(seq_q, BLOCK_M), batch·q_heads). The program of query head h reads 
 import triton
 import triton.language as tl
 
-from flowkern.kernels.attention.scores import masked_scores
-from flowkern.kernels.utils import load_tile, mma, store_tile
+from flowkern.kernels.attention.scores import key_tile_ranges, masked_scores, softmax_exp
+from flowkern.kernels.utils import exp_ftz, load_tile, mma, store_tile, tile_mask, tile_pointers
+
+
+@triton.jit
+def _key_tile(q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, mask_base, offs_m, offs_n, offs_d,
+              m_i, l_i, acc, mu_i, acc_t,
+              stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale, causal_offset,
+              HAS_TANGENT: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr,
+              UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key tile of the online softmax: (m, l, Õ, μ̂, T̃) updated (module docstring). EDGE tiles test the key
+    bounds and the causal diagonal; interior ones (EDGE=False) load and score without either."""
+    k_in = tile_mask(offs_n, offs_d, seq_k, head_dim, EDGE)
+    k = tl.load(k_ptrs, mask=k_in, other=0.0)  # [BLOCK_N, BLOCK_D]
+    v = tl.load(v_ptrs, mask=k_in, other=0.0)  # [BLOCK_N, BLOCK_D]
+    kT = tl.trans(k)  # [BLOCK_D, BLOCK_N]
+    qk = mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
+    s = masked_scores(qk, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k, scale,
+                      causal_offset, CAUSAL, MASK_KIND, EDGE)  # [BLOCK_M, BLOCK_N]
+
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if EDGE or MASK_KIND != 0:  # a row with nothing kept so far: avoid −inf − −inf
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = exp_ftz(m_i - m_new)  # [BLOCK_M]
+    p = softmax_exp(s, m_new)  # [BLOCK_M, BLOCK_N], 0 where removed
+    l_old = l_i * alpha
+    l_i = l_old + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if HAS_TANGENT:
+        k_t = tl.load(kt_ptrs, mask=k_in, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v_t = tl.load(vt_ptrs, mask=k_in, other=0.0)  # [BLOCK_N, BLOCK_D]
+        s_t = mma(q_t, kT, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
+        s_t = mma(q, tl.trans(k_t), s_t, UPCAST, INPUT_PRECISION)  # Ṡ / c
+        mu_sum = l_old * mu_i + scale * tl.sum(p * s_t, 1)
+        if EDGE or MASK_KIND != 0:
+            mu_new = tl.where(l_i > 0.0, mu_sum / tl.where(l_i > 0.0, l_i, 1.0), mu_i)
+        else:
+            mu_new = mu_sum / l_i  # l' ≥ 1: the row max's p̃ is exactly 1
+        acc_t = acc_t * alpha[:, None] - (mu_new - mu_i)[:, None] * acc  # re-centre T̃ on μ̂'
+        acc_t = mma(p.to(v_t.dtype), v_t, acc_t, UPCAST, INPUT_PRECISION)
+        acc_t = mma((p * (s_t * scale - mu_new[:, None])).to(v.dtype), v, acc_t, UPCAST, INPUT_PRECISION)
+        mu_i = mu_new
+    acc = mma(p.to(v.dtype), v, acc, UPCAST, INPUT_PRECISION)
+    return m_new, l_i, acc, mu_i, acc_t
+
+
+@triton.jit
+def _key_walk(start, end, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, mask_base, offs_m, offs_n0, offs_d,
+              m_i, l_i, acc, mu_i, acc_t, stride_kn, stride_vn, stride_ktn, stride_vtn, stride_maskm, stride_maskn,
+              seq_q, seq_k, head_dim, scale, causal_offset,
+              HAS_TANGENT: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr,
+              UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key tiles [start, end), pointers advanced by BLOCK_N rows a tile. Interior tiles are software-pipelined;
+    the few edge tiles (EDGE) are not: a second pipelined loop made ptxas serialise the first one's wgmma (C7515:
+    accumulator registers defined between the start and end of a pipeline stage)."""
+    for start_n in tl.range(start, end, BLOCK_N, num_stages=1 if EDGE else None):
+        m_i, l_i, acc, mu_i, acc_t = _key_tile(
+            q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, mask_base, offs_m, start_n + offs_n0, offs_d,
+            m_i, l_i, acc, mu_i, acc_t, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale, causal_offset,
+            HAS_TANGENT, CAUSAL, MASK_KIND, EDGE, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+        if HAS_TANGENT:
+            kt_ptrs += BLOCK_N * stride_ktn
+            vt_ptrs += BLOCK_N * stride_vtn
+    return m_i, l_i, acc, mu_i, acc_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs
 
 
 @triton.jit
@@ -64,53 +133,36 @@ def attention_fwd_kernel(
 
     q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd,
                   seq_q, head_dim, 0.0)  # [BLOCK_M, BLOCK_D]
-    k_base = K + b * stride_kb + h_kv * stride_kh
-    v_base = V + b * stride_vb + h_kv * stride_vh
+    # Pointers of the first key tile, advanced by BLOCK_N rows per tile (no per-tile index arithmetic).
+    k_ptrs = tile_pointers(K + b * stride_kb + h_kv * stride_kh, offs_n0, offs_d, stride_kn, stride_kd)
+    v_ptrs = tile_pointers(V + b * stride_vb + h_kv * stride_vh, offs_n0, offs_d, stride_vn, stride_vd)
     mask_base = MASK + b * stride_maskb + h * stride_maskh
+    q_t = q
+    kt_ptrs = k_ptrs
+    vt_ptrs = v_ptrs
     if HAS_TANGENT:
         q_t = load_tile(QT + b * stride_qtb + h * stride_qth, offs_m, offs_d, stride_qtm, stride_qtd,
                         seq_q, head_dim, 0.0)  # [BLOCK_M, BLOCK_D]
-        kt_base = KT + b * stride_ktb + h_kv * stride_kth
-        vt_base = VT + b * stride_vtb + h_kv * stride_vth
+        kt_ptrs = tile_pointers(KT + b * stride_ktb + h_kv * stride_kth, offs_n0, offs_d, stride_ktn, stride_ktd)
+        vt_ptrs = tile_pointers(VT + b * stride_vtb + h_kv * stride_vth, offs_n0, offs_d, stride_vtn, stride_vtd)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of s (natural units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # Σ p̃
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # Õ = Σ p̃V
-    if HAS_TANGENT:
-        mu_i = tl.zeros([BLOCK_M], tl.float32)  # μ̂, the running estimate of μ
-        acc_t = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # T̃ = Σ p̃V̇ + p̃⊙(Ṡ − μ̂)V
+    mu_i = tl.zeros([BLOCK_M], tl.float32)  # μ̂, the running estimate of μ (tangent only)
+    acc_t = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # T̃ = Σ p̃V̇ + p̃⊙(Ṡ − μ̂)V (tangent only)
 
-    hi = seq_k
-    if CAUSAL:  # keys beyond the tile's last query row (+ offset) are all removed
-        hi = tl.maximum(0, tl.minimum(seq_k, (pid_m + 1) * BLOCK_M + causal_offset))
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, seq_k, head_dim, 0.0)  # [BLOCK_N, BLOCK_D]
-        v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim, 0.0)  # [BLOCK_N, BLOCK_D]
-        kT = tl.trans(k)  # [BLOCK_D, BLOCK_N]
-        qk = mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
-        s = masked_scores(qk, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k,
-                          scale, causal_offset, CAUSAL, MASK_KIND)  # [BLOCK_M, BLOCK_N]
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing kept so far: avoid −inf − −inf
-        alpha = tl.exp(m_i - m_safe)  # [BLOCK_M]
-        p = tl.exp(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N], 0 where removed
-        l_old = l_i * alpha
-        l_i = l_old + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if HAS_TANGENT:
-            k_t = load_tile(kt_base, offs_n, offs_d, stride_ktn, stride_ktd, seq_k, head_dim, 0.0)
-            v_t = load_tile(vt_base, offs_n, offs_d, stride_vtn, stride_vtd, seq_k, head_dim, 0.0)
-            s_t = mma(q_t, kT, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
-            s_t = mma(q, tl.trans(k_t), s_t, UPCAST, INPUT_PRECISION) * scale  # Ṡ, [BLOCK_M, BLOCK_N]
-            mu_new = tl.where(l_i > 0.0, (l_old * mu_i + tl.sum(p * s_t, 1)) / tl.where(l_i > 0.0, l_i, 1.0), mu_i)
-            acc_t = acc_t * alpha[:, None] - (mu_new - mu_i)[:, None] * acc  # re-centre T̃ on μ̂'
-            acc_t = mma(p.to(v_t.dtype), v_t, acc_t, UPCAST, INPUT_PRECISION)
-            acc_t = mma((p * (s_t - mu_new[:, None])).to(v.dtype), v, acc_t, UPCAST, INPUT_PRECISION)
-            mu_i = mu_new
-        acc = mma(p.to(v.dtype), v, acc, UPCAST, INPUT_PRECISION)
-        m_i = m_new
+    interior, hi = key_tile_ranges(pid_m * BLOCK_M, seq_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
+    m_i, l_i, acc, mu_i, acc_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs = _key_walk(
+        0, interior, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, mask_base, offs_m, offs_n0, offs_d,
+        m_i, l_i, acc, mu_i, acc_t, stride_kn, stride_vn, stride_ktn, stride_vtn, stride_maskm, stride_maskn,
+        seq_q, seq_k, head_dim, scale, causal_offset,
+        HAS_TANGENT, CAUSAL, MASK_KIND, False, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
+    m_i, l_i, acc, mu_i, acc_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs = _key_walk(
+        interior, hi, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, mask_base, offs_m, offs_n0, offs_d,
+        m_i, l_i, acc, mu_i, acc_t, stride_kn, stride_vn, stride_ktn, stride_vtn, stride_maskm, stride_maskn,
+        seq_q, seq_k, head_dim, scale, causal_offset,
+        HAS_TANGENT, CAUSAL, MASK_KIND, True, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
 
     empty = l_i == 0.0  # every key removed
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))  # [BLOCK_M]

@@ -28,7 +28,7 @@ and every gradient they send is exactly 0. Operands of the GEMMs are in the inpu
 import triton
 import triton.language as tl
 
-from flowkern.kernels.attention.scores import masked_scores
+from flowkern.kernels.attention.scores import key_tile_ranges, masked_scores, query_tile_ranges, softmax_exp
 from flowkern.kernels.utils import load_tile, mma, store_tile
 
 
@@ -66,15 +66,16 @@ def tangent_bwd_rows_kernel(O, OT, DO, DOT, DELTA_T, KAPPA,
 @triton.jit
 def _tile_terms(q, q_t, do, do_t, k, k_t, v, v_t, row_max, inv_l, delta_t, kappa, offs_m, offs_n, mask_base,
                 stride_maskm, stride_maskn, seq_q, seq_k, scale, causal_offset,
-                HAS_DO: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, UPCAST: tl.constexpr,
-                INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(P, Ṡ, dṠ, A) of one [BLOCK_M, BLOCK_N] tile, float32 (module docstring; A = dS + μ⊙dṠ)."""
+                HAS_DO: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr,
+                UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(P, Ṡ, dṠ, A) of one [BLOCK_M, BLOCK_N] tile, float32 (module docstring; A = dS + μ⊙dṠ). EDGE tiles test
+    the key bounds and the causal diagonal (`masked_scores`), interior ones neither."""
     zeros = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     kT = tl.trans(k)
     qk = mma(q, kT, zeros, UPCAST, INPUT_PRECISION)
     s = masked_scores(qk, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k, scale, causal_offset,
-                      CAUSAL, MASK_KIND)
-    p = tl.exp(s - row_max[:, None]) * inv_l[:, None]  # [BLOCK_M, BLOCK_N], 0 where removed (the forward's P)
+                      CAUSAL, MASK_KIND, EDGE)
+    p = softmax_exp(s, row_max) * inv_l[:, None]  # [BLOCK_M, BLOCK_N], 0 where removed (the forward's P)
     s_t = mma(q, tl.trans(k_t), mma(q_t, kT, zeros, UPCAST, INPUT_PRECISION), UPCAST, INPUT_PRECISION) * scale
     dw = mma(do_t, tl.trans(v), zeros, UPCAST, INPUT_PRECISION)  # ḠVᵀ
     ds_t = p * (dw - delta_t[:, None])  # dṠ
@@ -83,6 +84,80 @@ def _tile_terms(q, q_t, do, do_t, k, k_t, v, v_t, row_max, inv_l, delta_t, kappa
         inner = mma(do, tl.trans(v), inner, UPCAST, INPUT_PRECISION)  # + GVᵀ
     a = s_t * ds_t + p * (inner - kappa[:, None])
     return p, s_t, ds_t, a
+
+
+@triton.jit
+def _key_walk(start, end, q, q_t, do, do_t, k_base, v_base, kt_base, vt_base, row_max, inv_l, delta_t, kappa, mu, ak,
+              dstk, dstkt, offs_m, offs_n0, offs_d, mask_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_ktn,
+              stride_ktd, stride_vtn, stride_vtd, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale,
+              causal_offset, HAS_DO: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr,
+              UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles [start, end) of the dQ walk: μ, Σ A·K, Σ dṠ·K and Σ dṠ·K̇ updated. EDGE as in `_tile_terms`;
+    edge tiles run unpipelined (as in the forward's `_key_walk`)."""
+    for start_n in tl.range(start, end, BLOCK_N, num_stages=1 if EDGE else None):
+        offs_n = start_n + offs_n0
+        k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, seq_k, head_dim, 0.0, EDGE)  # [BLOCK_N, BLOCK_D]
+        v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim, 0.0, EDGE)
+        k_t = load_tile(kt_base, offs_n, offs_d, stride_ktn, stride_ktd, seq_k, head_dim, 0.0, EDGE)
+        v_t = load_tile(vt_base, offs_n, offs_d, stride_vtn, stride_vtd, seq_k, head_dim, 0.0, EDGE)
+        p, s_t, ds_t, a = _tile_terms(q, q_t, do, do_t, k, k_t, v, v_t, row_max, inv_l, delta_t, kappa, offs_m,
+                                      offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k, scale,
+                                      causal_offset, HAS_DO, CAUSAL, MASK_KIND, EDGE, UPCAST, INPUT_PRECISION,
+                                      BLOCK_M, BLOCK_N)
+        mu += tl.sum(p * s_t, 1)
+        ak = mma(a.to(k.dtype), k, ak, UPCAST, INPUT_PRECISION)
+        dstk = mma(ds_t.to(k.dtype), k, dstk, UPCAST, INPUT_PRECISION)
+        dstkt = mma(ds_t.to(k_t.dtype), k_t, dstkt, UPCAST, INPUT_PRECISION)
+    return mu, ak, dstk, dstkt
+
+
+@triton.jit
+def _query_walk(n_tiles, band, first, second, q_base, qt_base, do_base, dot_base, ROW_STATS, DELTA_T, KAPPA, MU,
+                row_base, k, k_t, v, v_t, dk, dv, dkt, dvt, offs_m0, offs_n, offs_d, mask_base, stride_qm, stride_qd,
+                stride_qtm, stride_qtd, stride_dom, stride_dod, stride_dotm, stride_dotd, stride_maskm, stride_maskn,
+                seq_q, seq_k, head_dim, scale, causal_offset, HAS_DO: tl.constexpr, CAUSAL: tl.constexpr,
+                MASK_KIND: tl.constexpr, EDGE: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV, dK̇, dV̇ of the program's key tile summed over n_tiles query tiles: tile i < band starts at row
+    first + i·BLOCK_M, the others at second + (i − band)·BLOCK_M. EDGE tiles also test the rows, unpipelined (as in
+    the forward's `_key_walk`)."""
+    for i in tl.range(0, n_tiles, num_stages=1 if EDGE else None):
+        offs_m = tl.where(i < band, first + i * BLOCK_M, second + (i - band) * BLOCK_M) + offs_m0  # [BLOCK_M]
+        q = load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, 0.0, EDGE)  # [BM, BLOCK_D]
+        q_t = load_tile(qt_base, offs_m, offs_d, stride_qtm, stride_qtd, seq_q, head_dim, 0.0, EDGE)
+        do_t = load_tile(dot_base, offs_m, offs_d, stride_dotm, stride_dotd, seq_q, head_dim, 0.0, EDGE)
+        do = do_t
+        if HAS_DO:
+            do = load_tile(do_base, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, 0.0, EDGE)
+        rows = row_base + offs_m
+        if EDGE:
+            in_rows = offs_m < seq_q
+            row_max = tl.load(ROW_STATS + rows * 2, mask=in_rows, other=float("inf"))  # [BLOCK_M]
+            inv_l = tl.load(ROW_STATS + rows * 2 + 1, mask=in_rows, other=0.0)
+            delta_t = tl.load(DELTA_T + rows, mask=in_rows, other=0.0)
+            kappa = tl.load(KAPPA + rows, mask=in_rows, other=0.0)
+            mu = tl.load(MU + rows, mask=in_rows, other=0.0)
+        else:
+            row_max = tl.load(ROW_STATS + rows * 2)  # [BLOCK_M]
+            inv_l = tl.load(ROW_STATS + rows * 2 + 1)
+            delta_t = tl.load(DELTA_T + rows)
+            kappa = tl.load(KAPPA + rows)
+            mu = tl.load(MU + rows)
+        p, s_t, ds_t, a = _tile_terms(q, q_t, do, do_t, k, k_t, v, v_t, row_max, inv_l, delta_t, kappa, offs_m,
+                                      offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k, scale,
+                                      causal_offset, HAS_DO, CAUSAL, MASK_KIND, EDGE, UPCAST, INPUT_PRECISION,
+                                      BLOCK_M, BLOCK_N)
+        ds = a - mu[:, None] * ds_t  # dS
+        ds_tT = tl.trans(ds_t)
+        dk = mma(tl.trans(ds).to(q.dtype), q, dk, UPCAST, INPUT_PRECISION)
+        dk = mma(ds_tT.to(q_t.dtype), q_t, dk, UPCAST, INPUT_PRECISION)
+        dkt = mma(ds_tT.to(q.dtype), q, dkt, UPCAST, INPUT_PRECISION)
+        pT = tl.trans(p)
+        dv = mma(tl.trans(p * (s_t - mu[:, None])).to(do_t.dtype), do_t, dv, UPCAST, INPUT_PRECISION)
+        if HAS_DO:
+            dv = mma(pT.to(do.dtype), do, dv, UPCAST, INPUT_PRECISION)
+        dvt = mma(pT.to(do_t.dtype), do_t, dvt, UPCAST, INPUT_PRECISION)
+    return dk, dv, dkt, dvt
 
 
 @triton.jit
@@ -137,22 +212,17 @@ def tangent_bwd_dq_kernel(
     ak = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # Σ A·K
     dstk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # Σ dṠ·K
     dstkt = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # Σ dṠ·K̇
-    hi = seq_k
-    if CAUSAL:
-        hi = tl.maximum(0, tl.minimum(seq_k, (pid_m + 1) * BLOCK_M + causal_offset))
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, seq_k, head_dim, 0.0)  # [BLOCK_N, BLOCK_D]
-        v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim, 0.0)
-        k_t = load_tile(kt_base, offs_n, offs_d, stride_ktn, stride_ktd, seq_k, head_dim, 0.0)
-        v_t = load_tile(vt_base, offs_n, offs_d, stride_vtn, stride_vtd, seq_k, head_dim, 0.0)
-        p, s_t, ds_t, a = _tile_terms(q, q_t, do, do_t, k, k_t, v, v_t, row_max, inv_l, delta_t, kappa, offs_m, offs_n,
-                                      mask_base, stride_maskm, stride_maskn, seq_q, seq_k, scale, causal_offset,
-                                      HAS_DO, CAUSAL, MASK_KIND, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
-        mu += tl.sum(p * s_t, 1)
-        ak = mma(a.to(k.dtype), k, ak, UPCAST, INPUT_PRECISION)
-        dstk = mma(ds_t.to(k.dtype), k, dstk, UPCAST, INPUT_PRECISION)
-        dstkt = mma(ds_t.to(k_t.dtype), k_t, dstkt, UPCAST, INPUT_PRECISION)
+    interior, hi = key_tile_ranges(pid_m * BLOCK_M, seq_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
+    mu, ak, dstk, dstkt = _key_walk(
+        0, interior, q, q_t, do, do_t, k_base, v_base, kt_base, vt_base, row_max, inv_l, delta_t, kappa, mu, ak, dstk,
+        dstkt, offs_m, offs_n0, offs_d, mask_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_ktn, stride_ktd,
+        stride_vtn, stride_vtd, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale, causal_offset, HAS_DO,
+        CAUSAL, MASK_KIND, False, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
+    mu, ak, dstk, dstkt = _key_walk(
+        interior, hi, q, q_t, do, do_t, k_base, v_base, kt_base, vt_base, row_max, inv_l, delta_t, kappa, mu, ak, dstk,
+        dstkt, offs_m, offs_n0, offs_d, mask_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_ktn, stride_ktd,
+        stride_vtn, stride_vtd, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale, causal_offset, HAS_DO,
+        CAUSAL, MASK_KIND, True, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
 
     dq = (ak - mu[:, None] * dstk + dstkt) * scale
     store_tile(DQ + b * stride_dqb + h * stride_dqh, dq, offs_m, offs_d, stride_dqm, stride_dqd, seq_q, head_dim)
@@ -200,9 +270,10 @@ def tangent_bwd_dkdv_kernel(
     dkt = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dvt = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
-    lo = 0
-    if CAUSAL:  # query rows before this key tile's first key see none of it
-        lo = (tl.maximum(0, pid_n * BLOCK_N - causal_offset) // BLOCK_M) * BLOCK_M
+    lo, interior_lo, interior_hi = query_tile_ranges(pid_n * BLOCK_N, seq_q, seq_k, causal_offset, CAUSAL,
+                                                     BLOCK_M, BLOCK_N)
+    band = (interior_lo - lo) // BLOCK_M  # edge query tiles before the interior ones (the causal diagonal band)
+    n_edge = band + tl.cdiv(seq_q - interior_hi, BLOCK_M)  # and after them (the last partial tile)
     for g in range(0, kv_group):
         h = h_kv * kv_group + g
         q_base = Q + b * stride_qb + h * stride_qh
@@ -211,33 +282,19 @@ def tangent_bwd_dkdv_kernel(
         dot_base = DOT + b * stride_dotb + h * stride_doth
         row_base = (b * q_heads + h) * seq_q
         mask_base = MASK + b * stride_maskb + h * stride_maskh
-        for start_m in range(lo, seq_q, BLOCK_M):
-            offs_m = start_m + offs_m0
-            in_rows = offs_m < seq_q
-            q = load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, 0.0)  # [BLOCK_M, BLOCK_D]
-            q_t = load_tile(qt_base, offs_m, offs_d, stride_qtm, stride_qtd, seq_q, head_dim, 0.0)
-            do_t = load_tile(dot_base, offs_m, offs_d, stride_dotm, stride_dotd, seq_q, head_dim, 0.0)
-            do = do_t
-            if HAS_DO:
-                do = load_tile(do_base, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, 0.0)
-            row_max = tl.load(ROW_STATS + (row_base + offs_m) * 2, mask=in_rows, other=float("inf"))  # [BLOCK_M]
-            inv_l = tl.load(ROW_STATS + (row_base + offs_m) * 2 + 1, mask=in_rows, other=0.0)
-            delta_t = tl.load(DELTA_T + row_base + offs_m, mask=in_rows, other=0.0)
-            kappa = tl.load(KAPPA + row_base + offs_m, mask=in_rows, other=0.0)
-            mu = tl.load(MU + row_base + offs_m, mask=in_rows, other=0.0)
-            p, s_t, ds_t, a = _tile_terms(q, q_t, do, do_t, k, k_t, v, v_t, row_max, inv_l, delta_t, kappa, offs_m, offs_n,
-                                          mask_base, stride_maskm, stride_maskn, seq_q, seq_k, scale, causal_offset,
-                                          HAS_DO, CAUSAL, MASK_KIND, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
-            ds = a - mu[:, None] * ds_t  # dS
-            ds_tT = tl.trans(ds_t)
-            dk = mma(tl.trans(ds).to(q.dtype), q, dk, UPCAST, INPUT_PRECISION)
-            dk = mma(ds_tT.to(q_t.dtype), q_t, dk, UPCAST, INPUT_PRECISION)
-            dkt = mma(ds_tT.to(q.dtype), q, dkt, UPCAST, INPUT_PRECISION)
-            pT = tl.trans(p)
-            dv = mma(tl.trans(p * (s_t - mu[:, None])).to(do_t.dtype), do_t, dv, UPCAST, INPUT_PRECISION)
-            if HAS_DO:
-                dv = mma(pT.to(do.dtype), do, dv, UPCAST, INPUT_PRECISION)
-            dvt = mma(pT.to(do_t.dtype), do_t, dvt, UPCAST, INPUT_PRECISION)
+        n_interior = (interior_hi - interior_lo) // BLOCK_M
+        dk, dv, dkt, dvt = _query_walk(
+            n_interior, 0, 0, interior_lo, q_base, qt_base, do_base, dot_base, ROW_STATS, DELTA_T, KAPPA, MU,
+            row_base, k, k_t, v, v_t, dk, dv, dkt, dvt, offs_m0, offs_n, offs_d, mask_base, stride_qm, stride_qd,
+            stride_qtm, stride_qtd, stride_dom, stride_dod, stride_dotm, stride_dotd, stride_maskm, stride_maskn, seq_q,
+            seq_k, head_dim, scale, causal_offset, HAS_DO, CAUSAL, MASK_KIND, False, UPCAST, INPUT_PRECISION,
+            BLOCK_M, BLOCK_N)
+        dk, dv, dkt, dvt = _query_walk(
+            n_edge, band, lo, interior_hi, q_base, qt_base, do_base, dot_base, ROW_STATS, DELTA_T, KAPPA, MU,
+            row_base, k, k_t, v, v_t, dk, dv, dkt, dvt, offs_m0, offs_n, offs_d, mask_base, stride_qm, stride_qd,
+            stride_qtm, stride_qtd, stride_dom, stride_dod, stride_dotm, stride_dotd, stride_maskm, stride_maskn, seq_q,
+            seq_k, head_dim, scale, causal_offset, HAS_DO, CAUSAL, MASK_KIND, True, UPCAST, INPUT_PRECISION,
+            BLOCK_M, BLOCK_N)
 
     store_tile(DK + b * stride_dkb + h_kv * stride_dkh, dk * scale, offs_n, offs_d, stride_dkn, stride_dkd, seq_k, head_dim)
     store_tile(DV + b * stride_dvb + h_kv * stride_dvh, dv, offs_n, offs_d, stride_dvn, stride_dvd, seq_k, head_dim)
