@@ -47,6 +47,15 @@ def load_tile(base, rows, cols, stride_row, stride_col, n_rows, n_cols, other: t
 
 
 @triton.jit
+def load_rows(ptrs, rows, n_rows, other: tl.constexpr, CHECK_ROWS: tl.constexpr = True):
+    """Load ptrs (one per row), `other` where rows ≥ n_rows; CHECK_ROWS=False: every row is inside, no test."""
+    if CHECK_ROWS:
+        return tl.load(ptrs, mask=rows < n_rows, other=other)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
 def store_tile(base, value, rows, cols, stride_row, stride_col, n_rows, n_cols):
     """Store `value` to base[rows[:, None], cols[None, :]] inside [0, n_rows) x [0, n_cols)."""
     ptrs = base + rows[:, None].to(tl.int64) * stride_row + cols[None, :].to(tl.int64) * stride_col

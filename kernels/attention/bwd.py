@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from flowkern.kernels.attention.scores import key_tile_ranges, masked_scores, query_tile_ranges, softmax_exp
-from flowkern.kernels.utils import load_tile, mma, store_tile, tile_mask, tile_pointers
+from flowkern.kernels.utils import load_rows, load_tile, mma, store_tile, tile_mask, tile_pointers
 
 
 @triton.jit
@@ -56,15 +56,9 @@ def _query_walk(n_tiles, band, first, second, q_base, do_base, ROW_STATS, DELTA,
         q = load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, 0.0, EDGE)  # [BLOCK_M, BLOCK_D]
         do = load_tile(do_base, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, 0.0, EDGE)
         stats = ROW_STATS + (row_base + offs_m) * 2
-        if EDGE:
-            rows_in = offs_m < seq_q
-            row_max = tl.load(stats, mask=rows_in, other=float("inf"))  # [BLOCK_M]
-            inv_l = tl.load(stats + 1, mask=rows_in, other=0.0)
-            delta = tl.load(DELTA + row_base + offs_m, mask=rows_in, other=0.0)  # [BLOCK_M]
-        else:
-            row_max = tl.load(stats)
-            inv_l = tl.load(stats + 1)
-            delta = tl.load(DELTA + row_base + offs_m)
+        row_max = load_rows(stats, offs_m, seq_q, float("inf"), EDGE)  # [BLOCK_M]
+        inv_l = load_rows(stats + 1, offs_m, seq_q, 0.0, EDGE)
+        delta = load_rows(DELTA + row_base + offs_m, offs_m, seq_q, 0.0, EDGE)
         qk = mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
         s = masked_scores(qk, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k, scale,
                           causal_offset, CAUSAL, MASK_KIND, EDGE)

@@ -25,7 +25,7 @@ the backward's P exactly 0 there.
 The key tiles run in two loops: first the interior ones (inside [0, seq_k) and, when causal, wholly on or below the
 diagonal of the query tile), which need no bounds or causal test, then the few edge tiles (the diagonal band, the
 last partial tile) with them. Exponentials are MUFU.EX2 with subnormal results flushed (`exp_ftz`); Ṡ's scale c
-rides in the FMA that centres it, Ṡ − μ̂ = c·(Q̇Kᵀ + QK̇ᵀ) − μ̂, and the tile moves μ̂ by δ = Σ p̃(Ṡ − μ̂)/l'.
+rides in the FMA that centres it, Ṡ − μ̂' = c·(Q̇Kᵀ + QK̇ᵀ) − μ̂'.
 
 Cost: six tile GEMMs (QKᵀ, Q̇Kᵀ, QK̇ᵀ, p̃V, p̃V̇, p̃(Ṡ − μ̂)V), 12·Nq·Nk·D FLOPs per head. HAS_TANGENT=False gives the
 plain flash forward (two GEMMs) from the same code.

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from flowkern.kernels.attention.scores import key_tile_ranges, masked_scores, query_tile_ranges, softmax_exp
-from flowkern.kernels.utils import load_tile, mma, store_tile
+from flowkern.kernels.utils import load_rows, load_tile, mma, store_tile
 
 
 @triton.jit
@@ -130,19 +130,11 @@ def _query_walk(n_tiles, band, first, second, q_base, qt_base, do_base, dot_base
         if HAS_DO:
             do = load_tile(do_base, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, 0.0, EDGE)
         rows = row_base + offs_m
-        if EDGE:
-            in_rows = offs_m < seq_q
-            row_max = tl.load(ROW_STATS + rows * 2, mask=in_rows, other=float("inf"))  # [BLOCK_M]
-            inv_l = tl.load(ROW_STATS + rows * 2 + 1, mask=in_rows, other=0.0)
-            delta_t = tl.load(DELTA_T + rows, mask=in_rows, other=0.0)
-            kappa = tl.load(KAPPA + rows, mask=in_rows, other=0.0)
-            mu = tl.load(MU + rows, mask=in_rows, other=0.0)
-        else:
-            row_max = tl.load(ROW_STATS + rows * 2)  # [BLOCK_M]
-            inv_l = tl.load(ROW_STATS + rows * 2 + 1)
-            delta_t = tl.load(DELTA_T + rows)
-            kappa = tl.load(KAPPA + rows)
-            mu = tl.load(MU + rows)
+        row_max = load_rows(ROW_STATS + rows * 2, offs_m, seq_q, float("inf"), EDGE)  # [BLOCK_M]
+        inv_l = load_rows(ROW_STATS + rows * 2 + 1, offs_m, seq_q, 0.0, EDGE)
+        delta_t = load_rows(DELTA_T + rows, offs_m, seq_q, 0.0, EDGE)
+        kappa = load_rows(KAPPA + rows, offs_m, seq_q, 0.0, EDGE)
+        mu = load_rows(MU + rows, offs_m, seq_q, 0.0, EDGE)
         p, s_t, ds_t, a = _tile_terms(q, q_t, do, do_t, k, k_t, v, v_t, row_max, inv_l, delta_t, kappa, offs_m,
                                       offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k, scale,
                                       causal_offset, HAS_DO, CAUSAL, MASK_KIND, EDGE, UPCAST, INPUT_PRECISION,
