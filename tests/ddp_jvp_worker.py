@@ -7,6 +7,7 @@ import os
 
 import torch
 from ddp_worker import BATCH, STEPS, flat_params, global_batch, make_model
+from spawned import leave
 
 import flowkern
 
@@ -47,5 +48,6 @@ def rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
                 grads, params = train_one_pass(ddp, rank, world)
                 results[find_unused] = {"grads": grads, "params": params}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        leave()   # with the DDP wrappers alive (tests/spawned.py)
     finally:
         torch.distributed.destroy_process_group()

@@ -9,6 +9,7 @@ import datetime
 import os
 
 import torch
+from spawned import leave
 
 import flowkern
 import flowkern.nn
@@ -84,5 +85,6 @@ def rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
                 differs_otherwise = not torch.allclose(ddp_drop(x, t, r), ddp_drop(x, t, r), atol=1e-3)
         torch.save({"params": params, "same_masks": same_masks, "differs_otherwise": differs_otherwise},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        leave()   # with the DDP wrappers alive (tests/spawned.py)
     finally:
         torch.distributed.destroy_process_group()

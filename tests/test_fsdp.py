@@ -5,21 +5,14 @@ in the two-pass form of tests/ddp_worker.py (flowkern.jvp, then the grad pass), 
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from spawned import leave, spawn_ranks
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not hasattr(fsdp, "fully_shard"):
     pytest.skip("this torch has no FSDP2 fully_shard", allow_module_level=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _one_pass_step(model, opt, x, e, t, r, tangent_grad: bool):
@@ -73,7 +66,7 @@ def _worker(rank: int, world: int, port: int, out_path: str, form: str):
             _train(model, form, rank, world)
         full = torch.cat([p.full_tensor().reshape(-1) for p in model.parameters()])   # every rank gathers
         torch.save({"params": full, "sharded": sharded}, f"{out_path}.{rank}")
-        torch.distributed.barrier()   # no rank tears gloo down while the other still talks to it
+        leave()
     finally:
         torch.distributed.destroy_process_group()
 
@@ -87,7 +80,7 @@ def test_fsdp2_meanflow_steps_match_one_process(tmp_path, form):
     with flowkern.use_backend("torch"):
         single = ddp_worker.flat_params(_train(ddp_worker.make_model(), form))
     start = ddp_worker.flat_params(ddp_worker.make_model())
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "fsdp"), form), nprocs=2, join=True)
+    spawn_ranks(_worker, 2, str(tmp_path / "fsdp"), form)
     ranks = [torch.load(tmp_path / f"fsdp.{r}") for r in range(2)]
     assert all(r["sharded"] for r in ranks)                       # the parameters really were sharded
     torch.testing.assert_close(ranks[0]["params"], ranks[1]["params"], rtol=0, atol=0)

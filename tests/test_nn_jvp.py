@@ -2,42 +2,13 @@
 processes) against one process on the doubled batch."""
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 from ddp_worker import BATCH, flat_params, make_model, rank_main, train
+from spawned import spawn_ranks
 
 import flowkern
 import flowkern.nn
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def spawn_ranks(rank_main, world: int, out_dir, deadline_s: float = 600.0) -> None:
-    """torch.multiprocessing.spawn of rank_main(rank, world, port, out_dir) on a free port (retried: the port can be
-    taken between the probe and the bind); the ranks are killed and the test fails after `deadline_s` (a hung
-    collective must not hang the suite)."""
-    import time
-
-    for attempt in range(3):
-        try:
-            ctx = torch.multiprocessing.spawn(rank_main, args=(world, free_port(), str(out_dir)), nprocs=world,
-                                              join=False)
-            end = time.monotonic() + deadline_s
-            while not ctx.join(timeout=5):
-                if time.monotonic() > end:
-                    for proc in ctx.processes:
-                        proc.kill()
-                    raise TimeoutError(f"the {world} ranks did not finish within {deadline_s:.0f} s")
-            return
-        except Exception as exc:
-            if "address already in use" not in str(exc).lower() or attempt == 2:
-                raise
 
 
 def _data(batch=4, dim=2):
@@ -98,7 +69,7 @@ def test_ddp_two_processes_match_one_process_on_the_doubled_batch(tmp_path):
     one process on the whole batch (the grad pass went through DDP: gradients were all-reduced), the replicas agree,
     and the JVP pass and the grad pass drew the same dropout masks."""
     world = 2
-    spawn_ranks(rank_main, world, tmp_path)
+    spawn_ranks(rank_main, world, str(tmp_path))
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     with flowkern.use_backend("torch"):
         single = flat_params(train(make_model()))

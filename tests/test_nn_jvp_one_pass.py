@@ -8,7 +8,7 @@ import torch
 from ddp_jvp_worker import rank_main, train_one_pass
 from ddp_worker import make_model
 from nn_reference import PlainMLPFlowMap, randomize
-from test_nn_jvp import spawn_ranks
+from spawned import spawn_ranks
 
 import flowkern
 from flowkern.nn import DiT, MLPFlowMap
@@ -159,7 +159,7 @@ def test_ddp_one_pass_two_processes_match_one_process_on_the_doubled_batch(tmp_p
     find_unused_parameters=True): the first step's gradients and the parameters after 3 SGD steps equal one process
     on the whole batch, so the backward all-reduced."""
     world = 2
-    spawn_ranks(rank_main, world, tmp_path)
+    spawn_ranks(rank_main, world, str(tmp_path))
     with flowkern.use_backend("torch"):
         grads, params = train_one_pass(make_model())
     start = torch.cat([p.detach().reshape(-1) for p in make_model().parameters()])

@@ -2,21 +2,14 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
-import torch.multiprocessing as mp
+from spawned import leave, spawn_ranks
 
 STEPS, BATCH = 8, 32
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(batch: int, out_path: str, critic: bool = False):
+def _run(batch: int, out_path: str, critic: bool = False, end=None):
     """Train the deterministic Regression method (with `critic`: WithCritic, which has an auxiliary network);
     returns (losses, params) and saves them (every rank)."""
     from helpers import Regression, WithCritic, one_thread, engine_net
@@ -35,6 +28,8 @@ def _run(batch: int, out_path: str, critic: bool = False):
     params = [p.detach().clone() for p in trainer.method.parameters()]
     torch.save({"losses": losses, "params": params, "world": trainer.world, "ddp": type(trainer.net).__name__},
                f"{out_path}.{trainer.rank}")
+    if end is not None:
+        end()   # a rank of a multi-process run: leaves with its trainer (and DDP wrapper) alive
     return losses, params
 
 
@@ -45,7 +40,7 @@ def _worker(rank: int, world: int, port: int, out_path: str, critic: bool = Fals
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     try:
-        _run(BATCH, out_path, critic)
+        _run(BATCH, out_path, critic, end=leave)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -55,7 +50,7 @@ def test_ddp_matches_single_process_with_doubled_batch(tmp_path, monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     single_losses, single_params = _run(2 * BATCH, str(tmp_path / "single"))
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    spawn_ranks(_worker, 2, str(tmp_path / "ddp"))
     ranks = [torch.load(tmp_path / f"ddp.{r}") for r in range(2)]
     assert all(r["world"] == 2 and r["ddp"] == "DistributedDataParallel" for r in ranks)
     # the logged loss is the mean over ranks = the loss of the doubled batch
@@ -74,7 +69,7 @@ def test_ddp_auxiliary_network_matches_single_process(tmp_path, monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     single_losses, single_params = _run(2 * BATCH, str(tmp_path / "single"), critic=True)
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "ddp"), True), nprocs=2, join=True)
+    spawn_ranks(_worker, 2, str(tmp_path / "ddp"), True)
     ranks = [torch.load(tmp_path / f"ddp.{r}") for r in range(2)]
     torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(single_losses), rtol=1e-4, atol=1e-6)
     assert len(single_params) == len(ranks[0]["params"]) > 2       # the model's and the critic's parameters
@@ -95,6 +90,7 @@ def _mean_worker(rank: int, world: int, port: int, out_path: str):
         params[1].grad = torch.arange(4.0) * (rank + 1)          # params[2] has no gradient: left alone
         _mean_gradients_over_ranks(params)
         torch.save([params[0].grad, params[1].grad, params[2].grad], f"{out_path}.{rank}")
+        leave()
     finally:
         torch.distributed.destroy_process_group()
 
@@ -102,7 +98,7 @@ def _mean_worker(rank: int, world: int, port: int, out_path: str):
 def test_auxiliary_gradients_are_averaged_over_ranks(tmp_path):
     """An auxiliary network (e.g. CTM's discriminator) is outside the DDP wrapper: the engine all-reduces its
     gradients explicitly (the mean over ranks)."""
-    mp.spawn(_mean_worker, args=(2, _free_port(), str(tmp_path / "g")), nprocs=2, join=True)
+    spawn_ranks(_mean_worker, 2, str(tmp_path / "g"))
     for rank in range(2):
         a, b, c = torch.load(tmp_path / f"g.{rank}")
         assert torch.equal(a, torch.full((2, 3), 1.5)) and torch.equal(b, torch.arange(4.0) * 1.5) and c is None
@@ -152,7 +148,7 @@ def _faulty_rank_worker(rank: int, world: int, port: int, out_path: str, fault: 
 def _spawn_faulty(tmp_path, monkeypatch, fault: str) -> list[str]:
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
-    mp.spawn(_faulty_rank_worker, args=(2, _free_port(), str(tmp_path / "r"), fault), nprocs=2, join=True)
+    spawn_ranks(_faulty_rank_worker, 2, str(tmp_path / "r"), fault)
     return [(tmp_path / f"r.{r}").read_text() for r in range(2)]
 
 

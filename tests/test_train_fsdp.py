@@ -4,12 +4,11 @@ JVP and EMA-target paths of the CLI's methods equal to the same run under DDP.""
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from spawned import leave, spawn_ranks
 
 from flowkern.train import fsdp
 
@@ -19,12 +18,6 @@ if not fsdp.available():
 STEPS, BATCH = 6, 16
 TINY = ["--data", "8gaussians", "--batch", "16", "--hidden", "16", "--depth", "2", "--time-dim", "8", "--samples",
         "64", "--no-nll", "--no-progress", "--warmup", "1", "--log-every", "1", "--threads", "1"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _join(rank: int, world: int, port: int) -> None:
@@ -68,7 +61,7 @@ def _engine_worker(rank: int, world: int, port: int, out: str, critic: bool):
             resumed_state = resumed.state_dict()
         torch.save({"losses": losses, "sharded": sharded, "state": state, "eval": eval_params,
                     "resumed": resumed_state}, f"{out}.{rank}")
-        torch.distributed.barrier()   # no rank tears gloo down while the other still talks to it
+        leave()
     finally:
         torch.distributed.destroy_process_group()
 
@@ -86,7 +79,7 @@ def test_fsdp_matches_one_process_with_the_doubled_batch_and_resumes(tmp_path, m
         single_losses = single.fit()
         reference = single.state_dict()
         single_eval = list(single.eval_model().parameters())
-    mp.spawn(_engine_worker, args=(2, _free_port(), str(tmp_path / "f"), critic), nprocs=2, join=True)
+    spawn_ranks(_engine_worker, 2, str(tmp_path / "f"), critic)
     ranks = [torch.load(tmp_path / f"f.{r}", weights_only=False) for r in range(2)]
     assert all(r["sharded"] for r in ranks)                  # the model really was sharded
     torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(single_losses), rtol=1e-5, atol=1e-6)
@@ -120,10 +113,11 @@ def _cli_worker(rank: int, world: int, port: int, argv: list, code_path: str):
         code = main(argv)
     with open(f"{code_path}.{rank}", "w") as f:
         f.write(str(code))
+    leave()
 
 
 def _spawn_cli(tmp_path, argv: list, tag: str) -> list[int]:
-    mp.spawn(_cli_worker, args=(2, _free_port(), argv, str(tmp_path / tag)), nprocs=2, join=True)
+    spawn_ranks(_cli_worker, 2, argv, str(tmp_path / tag))
     return [int((tmp_path / f"{tag}.{r}").read_text()) for r in range(2)]
 
 
