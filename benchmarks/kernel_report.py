@@ -35,27 +35,33 @@ import triton  # noqa: E402
 
 def attention_launches(head_dim: int, causal: bool, seq: int = 8192, heads: int = 32, batch: int = 1,
                        dtype=torch.bfloat16) -> list[tuple[str, object]]:
-    """(label, Launch) of the tangent forward, the plain forward and the two backward kernels at one shape."""
-    from flowkern.attention import triton_launch
+    """(label, Launch) of the tangent forward, the plain forward, the two flash-backward kernels and the two
+    tangent-backward kernels (the gradients of (O, Ȯ)) at one shape."""
+    from flowkern.attention import tangent_triton_launch, triton_launch
     from flowkern.attention.spec import AttentionSpec
 
     spec = AttentionSpec(batch, heads, heads, seq, seq, head_dim, head_dim, causal, 0, head_dim ** -0.5, 0, "triton")
     tensors = [torch.empty(batch, heads, seq, head_dim, dtype=dtype) for _ in range(6)]
     q, k, v, q_t, k_t, v_t = tensors
-    lse = torch.empty(batch, heads, seq, dtype=torch.float32)
+    stats = torch.empty(batch, heads, seq, 2, dtype=torch.float32)
     tag = f"D{head_dim} {'causal' if causal else 'full'}"
     fwd_t = capture_launches("attention.configs",
                              lambda: triton_launch.attention_fwd(q, k, v, q_t, k_t, v_t, None, spec))
     fwd = capture_launches("attention.configs",
                            lambda: triton_launch.attention_fwd(q, k, v, None, None, None, None, spec))
     bwd = capture_launches("attention.configs",
-                           lambda: triton_launch.attention_bwd(q, k, v, q_t, lse, k_t, None, spec))
-    by_name = {launch.name: launch for launch in bwd}
+                           lambda: triton_launch.attention_bwd(q, k, v, q_t, stats, k_t, None, spec))
+    tangent_bwd = capture_launches("attention.configs", lambda: tangent_triton_launch.attention_tangent_bwd(
+        q, k, v, q_t, k_t, v_t, q, q_t, stats, k, k_t, None, spec))
+    by_name = {launch.name: launch for launch in bwd + tangent_bwd}
     return [(f"fwd+tangent {tag}", fwd_t[0]), (f"fwd {tag}", fwd[0]),
             (f"bwd dkdv {tag}", by_name["attention_bwd_dkdv_kernel"]),
-            (f"bwd dq {tag}", by_name["attention_bwd_dq_kernel"])]
+            (f"bwd dq {tag}", by_name["attention_bwd_dq_kernel"]),
+            (f"tbwd dkdv {tag}", by_name["tangent_bwd_dkdv_kernel"]),
+            (f"tbwd dq {tag}", by_name["tangent_bwd_dq_kernel"])]
 
 
+KERNELS = ("fwd+tangent", "fwd", "bwd dkdv", "bwd dq", "tbwd dkdv", "tbwd dq")
 SWEEP_TILES = [(bm, bn, w) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8)]
 
 
@@ -124,8 +130,8 @@ def parse_args(argv=None):
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for sm_90 (default 90)")
     parser.add_argument("--head-dim", type=int, nargs="+", default=[64, 128], help="head dims (default 64 128)")
     parser.add_argument("--causal", choices=["full", "causal", "both"], default="both")
-    parser.add_argument("--kernels", nargs="+", default=["fwd+tangent", "fwd", "bwd dkdv", "bwd dq"],
-                        help="which kernels (default all four)")
+    parser.add_argument("--kernels", nargs="+", default=list(KERNELS),
+                        help=f"which kernels (default all: {', '.join(KERNELS)}; tbwd = tangent backward)")
     parser.add_argument("--sweep", action="store_true", help="a wider tile grid instead of the autotune candidates")
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3], help="pipelining depths (default 2 3)")
     parser.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)),
@@ -150,8 +156,11 @@ def main(argv=None) -> int:
             for label, launch in attention_launches(head_dim, c):
                 if any(label.startswith(k + " ") for k in args.kernels):
                     jobs.extend((label, launch, config) for config in _configs(launch, args.sweep, args.stages))
-    print(f"sm_{args.arch}, bf16, B=1 H=32 N=8192, Triton {triton.__version__}, JIT specialisation; "
-          f"{len(jobs)} compiles on {args.jobs} processes", flush=True)
+    from flowkern._config import split_tiles
+
+    walks = "interior + edge loops" if split_tiles() else "one masked loop"
+    print(f"sm_{args.arch}, bf16, B=1 H=32 N=8192, Triton {triton.__version__}, JIT specialisation, tile walks: "
+          f"{walks}; {len(jobs)} compiles on {args.jobs} processes", flush=True)
     print(HEADER, flush=True)
     rows = []
     for index, row in _run_forked(jobs, args.arch, args.jobs):

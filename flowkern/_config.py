@@ -7,6 +7,7 @@
 | FLOWKERN_AUTOTUNE | 0, 1                      | 1       | autotune Triton block sizes on a GPU (0: one config)   |
 | TRITON_INTERPRET  | 0, 1 (read by Triton)     | 0       | run Triton kernels in Triton's CPU interpreter         |
 | FLOWKERN_VERBOSE_BUILD | 0, 1                 | 0       | show the compiler output of the CUDA extension build   |
+| FLOWKERN_SPLIT_TILES | auto, 0, 1            | auto    | attention walks: interior tiles in a loop of their own |
 
 The variables are read when flowkern is imported (an op call reads no environment). A script or a test that
 changes one later calls `reload()`; `flowkern.use_backend(name)` overrides FLOWKERN_BACKEND inside a ``with``
@@ -36,6 +37,7 @@ def reload() -> None:
     _env["autotune"] = _flag("FLOWKERN_AUTOTUNE", "1")
     _env["interpret"] = _flag("TRITON_INTERPRET", "0")
     _env["verbose_build"] = _flag("FLOWKERN_VERBOSE_BUILD", "0")
+    _env["split_tiles"] = os.environ.get("FLOWKERN_SPLIT_TILES", "auto").strip().lower() or "auto"
 
 
 reload()
@@ -82,3 +84,30 @@ def triton_interpreting() -> bool:
 def verbose_build() -> bool:
     """True when the CUDA extension build shows the compiler output (FLOWKERN_VERBOSE_BUILD=1)."""
     return _env["verbose_build"]
+
+
+# The first Triton release whose compile of the two-loop attention walks was measured spill-free at the pinned tiles
+# (sm_90, `benchmarks/kernel_report.py`); on Triton 3.6 the same kernels spill hundreds of registers (RESULTS.md).
+SPLIT_TILES_FROM = (3, 9)
+
+
+def _triton_version() -> tuple[int, int]:
+    import triton
+
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def split_tiles() -> bool:
+    """Whether the attention kernels walk their interior tiles (no bounds or causal tests, pipelined) in a loop of
+    their own before the masked edge tiles (True), or every tile in one masked, pipelined loop (False).
+
+    FLOWKERN_SPLIT_TILES=1/0 forces either; 'auto' splits on Triton >= 3.9: its compile of the two loops is
+    spill-free and shorter per tile, while Triton 3.6 spills hundreds of registers on the same kernels and
+    compiles the one loop spill-free. Both walks give the same results (tests/test_attention_tile_walks.py)."""
+    value = _env["split_tiles"]
+    if value == "auto":
+        return _triton_version() >= SPLIT_TILES_FROM
+    if value not in ("0", "1"):
+        raise ValueError(f"FLOWKERN_SPLIT_TILES={value!r} is not one of 'auto', '0', '1'")
+    return value == "1"

@@ -16,8 +16,8 @@ import sys
 
 import torch
 
-ENVIRONMENT = ("FLOWKERN_BACKEND", "FLOWKERN_NVTX", "FLOWKERN_AUTOTUNE", "FLOWKERN_VERBOSE_BUILD", "TRITON_INTERPRET",
-               "TRITON_CACHE_DIR", "TRITON_DEFAULT_FP_FUSION", "TORCH_EXTENSIONS_DIR", "CUDA_VISIBLE_DEVICES",
+ENVIRONMENT = ("FLOWKERN_BACKEND", "FLOWKERN_NVTX", "FLOWKERN_AUTOTUNE", "FLOWKERN_VERBOSE_BUILD",
+               "FLOWKERN_SPLIT_TILES", "TRITON_INTERPRET", "TRITON_CACHE_DIR", "TRITON_DEFAULT_FP_FUSION", "TORCH_EXTENSIONS_DIR", "CUDA_VISIBLE_DEVICES",
                "CUDA_HOME")
 
 
@@ -117,9 +117,20 @@ def collect() -> dict:
         "cuda_available": torch.cuda.is_available(), "devices": devices(),
         "backends": backends(), "cuda_extension": cuda_extension_state(),
         "settings": {"backend": _config._env["backend"], "nvtx": _config.nvtx_enabled(),
-                     "autotune": _config.autotune_enabled(), "triton_interpret": _config.triton_interpreting()},
+                     "autotune": _config.autotune_enabled(), "triton_interpret": _config.triton_interpreting(),
+                     "attention_tile_walks": _tile_walks()},
         "environment": {name: os.environ[name] for name in ENVIRONMENT if name in os.environ},
     }
+
+
+def _tile_walks() -> str:
+    """How the attention kernels walk their tiles here (`flowkern._config.split_tiles`), or why it is unknown."""
+    from flowkern import _config
+
+    try:
+        return "interior + edge loops" if _config.split_tiles() else "one masked loop"
+    except (ValueError, ImportError) as err:
+        return f"unknown: {err}"
 
 
 def format_info(info: dict) -> str:
@@ -145,7 +156,7 @@ def format_info(info: dict) -> str:
     lines.append("CUDA extension: " + (f"built ({ext['built']})" if ext["built"] else f"not built: {ext['reason']}"))
     s = info["settings"]
     lines.append(f"settings: backend={s['backend']} nvtx={int(s['nvtx'])} autotune={int(s['autotune'])} "
-                 f"triton_interpret={int(s['triton_interpret'])}")
+                 f"triton_interpret={int(s['triton_interpret'])} attention tile walks: {s['attention_tile_walks']}")
     env = info["environment"]
     lines.append("environment: " + (" ".join(f"{k}={v}" for k, v in env.items()) if env else "none of "
                                     + ", ".join(ENVIRONMENT[:5]) + ", ... set"))

@@ -90,6 +90,36 @@ def test_huge_logits_give_sdpas_vanishing_gradients(backend, masked, scale):
         torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_leading_key_tiles_all_masked_then_very_negative_logits(backend, kind):
+    """Every row's first key tiles (keys 0..19, more than the interpreter's 16-key tile) are removed by the mask and
+    its kept logits lie near −200, −80, −30: the running max must stay −∞ over the removed tiles, not a stand-in 0
+    (exp(−200 − 0) underflows: the row would come out empty, O = 0)."""
+    dtype = _dtype(backend)
+    nq, nk, d = 4, 45, 8
+    q = _rand(1, 2, nq, d, seed=50)
+    q = q / q.norm(dim=-1, keepdim=True)
+    direction = q[:, :, :1] / q[:, :, :1].norm(dim=-1, keepdim=True)
+    k = -200.0 * direction.expand(1, 2, nk, d) + 0.5 * _rand(1, 2, nk, d, seed=51)
+    v = _rand(1, 2, nk, d, seed=52)
+    keep = torch.ones(nq, nk, dtype=torch.bool)
+    keep[:, :20] = False
+    mask = keep if kind == "bool" else torch.zeros(nq, nk, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+    tangents = tuple(_rand(*x.shape, seed=53 + i) for i, x in enumerate((q, k, v)))
+    grad_out = _rand(1, 2, nq, d, seed=56)
+    scores = (q @ k.transpose(-1, -2))[..., 20:]
+    assert scores[0, 0, 0].max() < -150  # the reference case: a row whose kept logits all underflow exp(s − 0)
+    with flowkern.use_backend(backend):
+        got = _all_results(lambda a, b_, c: flowkern.attention(a, b_, c, attn_mask=mask if kind == "bool"
+                                                               else mask.to(dtype), scale=1.0),
+                           *(x.to(dtype) for x in (q, k, v)), tuple(t.to(dtype) for t in tangents), grad_out.to(dtype))
+    want = _all_results(lambda a, b_, c: math_sdpa(a, b_, c, attn_mask=mask, scale=1.0), q, k, v, tangents, grad_out)
+    tol = 2e-4 if dtype == torch.float32 else 1e-10   # |k| ≈ 200: float32 scores carry ~1e-5 absolute error
+    for name, g, w in zip(("out", "out_t", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
 def _gpu_like_math_jvp(inputs, dtype, **kw):
     """torch.func.jvp of textbook math attention run in `dtype` on CPU: every matmul takes `dtype` operands,
     accumulates in float32 and rounds its result to `dtype`, as the math SDPA JVP does on a GPU."""

@@ -71,3 +71,23 @@ def test_cuda_extension_state_without_building(monkeypatch, tmp_path):
     assert state["built"] is False and state["reason"].startswith("not built yet")
     (tmp_path / "flowkern_cuda.so").write_bytes(b"")
     assert info.cuda_extension_state()["built"] == str(tmp_path / "flowkern_cuda.so")
+
+
+def test_tile_walk_choice_follows_the_triton_version_and_the_override(setenv, monkeypatch):
+    """FLOWKERN_SPLIT_TILES: 'auto' splits the attention walks from Triton 3.9 on (3.6 compiles two loops with
+    spills); 0/1 force one or the other; anything else is a ValueError naming the variable (info reports it)."""
+    from flowkern import _config
+    from flowkern.info import collect
+
+    setenv("FLOWKERN_SPLIT_TILES", "auto")
+    for version, split in [("3.6.0", False), ("3.7.1", False), ("3.9.0", True), ("3.10.0+git1a2b", True)]:
+        monkeypatch.setattr("triton.__version__", version)
+        assert _config.split_tiles() is split, version
+    setenv("FLOWKERN_SPLIT_TILES", "0")
+    assert _config.split_tiles() is False
+    setenv("FLOWKERN_SPLIT_TILES", "1")
+    assert _config.split_tiles() is True
+    setenv("FLOWKERN_SPLIT_TILES", "two")
+    with pytest.raises(ValueError, match="FLOWKERN_SPLIT_TILES='two'"):
+        _config.split_tiles()
+    assert collect()["settings"]["attention_tile_walks"].startswith("unknown: FLOWKERN_SPLIT_TILES")

@@ -7,7 +7,7 @@ import triton
 
 from flowkern._fused import kernel_module
 from flowkern.attention.spec import AttentionSpec
-from flowkern.attention.triton_launch import _block_d, _dot_flags, _mask_args, _padded
+from flowkern.attention.triton_launch import _block_d, _mask_args, _padded, _walk_flags
 
 
 def attention_tangent_bwd(q, k, v, q_t, k_t, v_t, o, o_t, stats, do, do_t, attn_mask, spec: AttentionSpec):
@@ -34,7 +34,7 @@ def attention_tangent_bwd(q, k, v, q_t, k_t, v_t, o, o_t, stats, do, do_t, attn_
     strides = (*q.stride(), *k.stride(), *v.stride(), *q_t.stride(), *k_t.stride(), *v_t.stride(), *do_.stride(),
                *do_t.stride(), *mask_strides)
     common = dict(HAS_DO=has_do, CAUSAL=spec.is_causal, MASK_KIND=spec.mask_kind, BLOCK_D=block_d,
-                  **_dot_flags(q.dtype))
+                  **_walk_flags(q.dtype))
     inputs = (q, k, v, q_t, k_t, v_t, do_, do_t, stats, delta_t, kappa, mu, mask)
     # dQ first: it writes μ, which the dK/dV pass reads
     kern.tangent_bwd_dq[lambda meta: (triton.cdiv(spec.seq_q, meta["BLOCK_M"]), bh)](

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from flowkern._config import triton_interpreting
+from flowkern._config import split_tiles, triton_interpreting
 from flowkern._fused import kernel_module
 from flowkern.attention.spec import AttentionSpec, expand_mask
 
@@ -19,6 +19,11 @@ def _dot_flags(dtype: torch.dtype) -> dict:
     upcast = triton_interpreting() and dtype == torch.bfloat16  # the interpreter's bfloat16 dot is wrong
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     return {"UPCAST": upcast, "INPUT_PRECISION": "tf32" if tf32 else "ieee"}
+
+
+def _walk_flags(dtype: torch.dtype) -> dict:
+    """The constexprs of every tile-walking attention kernel: the dot flags and the loop structure."""
+    return {"SPLIT_TILES": split_tiles(), **_dot_flags(dtype)}
 
 
 def _block_d(head_dim: int) -> int:
@@ -70,7 +75,7 @@ def attention_fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec: AttentionSpec):
         *mask_strides, *o.stride(), *(o_t.stride() if has_tangent else zero),
         spec.q_heads, spec.kv_group, spec.seq_q, spec.seq_k, width, spec.scale, spec.causal_offset,
         HAS_TANGENT=has_tangent, CAUSAL=spec.is_causal, MASK_KIND=spec.mask_kind,
-        BLOCK_D=_block_d(width), **_dot_flags(q.dtype),
+        BLOCK_D=_block_d(width), **_walk_flags(q.dtype),
     )
     dv = spec.head_dim_v
     return o[..., :dv], (o_t[..., :dv] if has_tangent else None), stats
@@ -91,7 +96,7 @@ def attention_bwd(q, k, v, o, stats, do, attn_mask, spec: AttentionSpec):
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     mask, mask_strides = _mask_args(attn_mask, spec, q)
-    common = dict(CAUSAL=spec.is_causal, MASK_KIND=spec.mask_kind, BLOCK_D=block_d, **_dot_flags(q.dtype))
+    common = dict(CAUSAL=spec.is_causal, MASK_KIND=spec.mask_kind, BLOCK_D=block_d, **_walk_flags(q.dtype))
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *mask_strides)
 
     delta_exact = torch.empty_like(delta)

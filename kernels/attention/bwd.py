@@ -46,12 +46,12 @@ def attention_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om, st
 def _query_walk(n_tiles, band, first, second, q_base, do_base, ROW_STATS, DELTA, mask_base, row_base, kT, vT, dk, dv,
                 offs_m0, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
                 seq_q, seq_k, head_dim, scale, causal_offset, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-                EDGE: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                EDGE: tl.constexpr, SPLIT_TILES: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr):
     """dK (before its factor c) and dV of one key tile, summed over n_tiles query tiles: tile i < band starts at
     row first + i·BLOCK_M, the others at second + (i − band)·BLOCK_M. EDGE tiles test the row and key bounds and
     the causal diagonal, unpipelined (as in the forward's `_key_walk`); interior ones neither."""
-    for i in tl.range(0, n_tiles, num_stages=1 if EDGE else None):
+    for i in tl.range(0, n_tiles, num_stages=1 if EDGE and SPLIT_TILES else None):
         offs_m = tl.where(i < band, first + i * BLOCK_M, second + (i - band) * BLOCK_M) + offs_m0  # [BLOCK_M]
         q = load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, 0.0, EDGE)  # [BLOCK_M, BLOCK_D]
         do = load_tile(do_base, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, 0.0, EDGE)
@@ -73,11 +73,11 @@ def _query_walk(n_tiles, band, first, second, q_base, do_base, ROW_STATS, DELTA,
 @triton.jit
 def _dq_walk(start, end, q, do, k_ptrs, v_ptrs, row_max, inv_l, delta, dq, pk, delta_exact, mask_base, offs_m,
              offs_n0, offs_d, stride_kn, stride_vn, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale,
-             causal_offset, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr, UPCAST: tl.constexpr,
+             causal_offset, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr, SPLIT_TILES: tl.constexpr, UPCAST: tl.constexpr,
              INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key tiles [start, end) of the dQ walk: Σ dS K, B = Σ P K and Δ = Σ P dP updated, pointers advanced. EDGE
     tiles test the key bounds and the causal diagonal, unpipelined (as in the forward's `_key_walk`)."""
-    for start_n in tl.range(start, end, BLOCK_N, num_stages=1 if EDGE else None):
+    for start_n in tl.range(start, end, BLOCK_N, num_stages=1 if EDGE and SPLIT_TILES else None):
         offs_n = start_n + offs_n0
         k_in = tile_mask(offs_n, offs_d, seq_k, head_dim, EDGE)
         k = tl.load(k_ptrs, mask=k_in, other=0.0)  # [BLOCK_N, BLOCK_D]
@@ -107,7 +107,7 @@ def attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     q_heads, kv_heads, kv_group, seq_q, seq_k, head_dim, scale, causal_offset,
-    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SPLIT_TILES: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -127,7 +127,7 @@ def attention_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
-    lo, interior_lo, interior_hi = query_tile_ranges(pid_n * BLOCK_N, seq_q, seq_k, causal_offset, CAUSAL,
+    lo, interior_lo, interior_hi = query_tile_ranges(pid_n * BLOCK_N, seq_q, seq_k, causal_offset, CAUSAL, SPLIT_TILES,
                                                      BLOCK_M, BLOCK_N)
     band = (interior_lo - lo) // BLOCK_M  # edge query tiles before the interior ones (the causal diagonal band)
     n_edge = band + tl.cdiv(seq_q - interior_hi, BLOCK_M)  # and after them (the last partial tile)
@@ -137,14 +137,15 @@ def attention_bwd_dkdv_kernel(
         do_base = DO + b * stride_dob + h * stride_doh
         row_base = (b * q_heads + h) * seq_q
         mask_base = MASK + b * stride_maskb + h * stride_maskh
-        dk, dv = _query_walk((interior_hi - interior_lo) // BLOCK_M, 0, 0, interior_lo, q_base, do_base, ROW_STATS,
-                             DELTA, mask_base, row_base, kT, vT, dk, dv, offs_m0, offs_n, offs_d, stride_qm,
-                             stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn, seq_q, seq_k, head_dim,
-                             scale, causal_offset, CAUSAL, MASK_KIND, False, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
+        if SPLIT_TILES:  # interior tiles first, no tests (else every tile is an edge tile)
+            dk, dv = _query_walk((interior_hi - interior_lo) // BLOCK_M, 0, 0, interior_lo, q_base, do_base, ROW_STATS,
+                                 DELTA, mask_base, row_base, kT, vT, dk, dv, offs_m0, offs_n, offs_d, stride_qm,
+                                 stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn, seq_q, seq_k, head_dim,
+                                 scale, causal_offset, CAUSAL, MASK_KIND, False, SPLIT_TILES, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
         dk, dv = _query_walk(n_edge, band, lo, interior_hi, q_base, do_base, ROW_STATS,
                              DELTA, mask_base, row_base, kT, vT, dk, dv, offs_m0, offs_n, offs_d, stride_qm,
                              stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn, seq_q, seq_k, head_dim,
-                             scale, causal_offset, CAUSAL, MASK_KIND, True, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
+                             scale, causal_offset, CAUSAL, MASK_KIND, True, SPLIT_TILES, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
 
     store_tile(DK + b * stride_dkb + h_kv * stride_dkh, dk * scale, offs_n, offs_d, stride_dkn, stride_dkd,
                seq_k, head_dim)
@@ -162,7 +163,7 @@ def attention_bwd_dq_kernel(
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     q_heads, kv_group, seq_q, seq_k, head_dim, scale, causal_offset,
-    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SPLIT_TILES: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -188,15 +189,16 @@ def attention_bwd_dq_kernel(
 
     k_ptrs = tile_pointers(K + b * stride_kb + h_kv * stride_kh, offs_n0, offs_d, stride_kn, stride_kd)
     v_ptrs = tile_pointers(V + b * stride_vb + h_kv * stride_vh, offs_n0, offs_d, stride_vn, stride_vd)
-    interior, hi = key_tile_ranges(pid_m * BLOCK_M, seq_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
-    dq, pk, delta_exact, k_ptrs, v_ptrs = _dq_walk(
-        0, interior, q, do, k_ptrs, v_ptrs, row_max, inv_l, delta, dq, pk, delta_exact, mask_base, offs_m, offs_n0,
-        offs_d, stride_kn, stride_vn, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale, causal_offset,
-        CAUSAL, MASK_KIND, False, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
+    interior, hi = key_tile_ranges(pid_m * BLOCK_M, seq_k, causal_offset, CAUSAL, SPLIT_TILES, BLOCK_M, BLOCK_N)
+    if SPLIT_TILES:  # interior tiles first, no tests (else every tile is an edge tile)
+        dq, pk, delta_exact, k_ptrs, v_ptrs = _dq_walk(
+            0, interior, q, do, k_ptrs, v_ptrs, row_max, inv_l, delta, dq, pk, delta_exact, mask_base, offs_m, offs_n0,
+            offs_d, stride_kn, stride_vn, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale, causal_offset,
+            CAUSAL, MASK_KIND, False, SPLIT_TILES, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
     dq, pk, delta_exact, k_ptrs, v_ptrs = _dq_walk(
         interior, hi, q, do, k_ptrs, v_ptrs, row_max, inv_l, delta, dq, pk, delta_exact, mask_base, offs_m, offs_n0,
         offs_d, stride_kn, stride_vn, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale, causal_offset,
-        CAUSAL, MASK_KIND, True, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
+        CAUSAL, MASK_KIND, True, SPLIT_TILES, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
 
     dq = (dq - (delta_exact - delta)[:, None] * pk) * scale
     store_tile(DQ + b * stride_dqb + h * stride_dqh, dq, offs_m, offs_d, stride_dqm, stride_dqd, seq_q, head_dim)

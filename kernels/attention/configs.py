@@ -96,13 +96,16 @@ DELTA_BLOCK_M = 32 if _INTERPRETER else 128
 attention_bwd_delta = attention_bwd_delta_kernel
 
 # The tangent backward (kernels/attention/tangent_bwd.py) holds three (dQ pass) or four (dK/dV pass) float32
-# [tile, BLOCK_D] accumulators next to four input tiles: narrow tiles, 8 warps. Candidates from compiling for sm_90
-# (bf16, registers / spill stores per config in docs/attention.md): spill-free at head dims 64 and 128 with and
-# without the cotangent of O (HAS_DO), and for the dK/dV pass at 256.
+# [tile, BLOCK_D] accumulators next to four input tiles: narrow tiles. Candidates from compiling for sm_90 (bf16):
+# spill-free at head dims 64 and 128 with and without the cotangent of O (HAS_DO), and for the dK/dV pass at 256.
+# The dQ pass at D = 64 leads with the two tiles of the kernel report's sweep (`--kernels tbwd --sweep`) that are
+# spill-free and wgmma-only on both Triton 3.6 and 3.9, full and causal: (64,32,4) issues 0.61x (3.9) / 0.61x (3.6)
+# the warp instructions per score of the mma.sync tile (32,64,8). No dK/dV tile of that sweep is wgmma-only and
+# spill-free at D = 64; every D = 128 tile of 64 rows or more spills.
 _TANGENT_BWD_DKDV = {64: [(32, 64, 8), (32, 32, 8), (16, 32, 8)],
                      128: [(32, 16, 8), (16, 32, 8), (16, 16, 8)],
                      256: [(16, 16, 8)]}
-_TANGENT_BWD_DQ = {64: [(32, 64, 8), (32, 32, 8), (16, 32, 8)],
+_TANGENT_BWD_DQ = {64: [(64, 32, 4), (128, 32, 8), (32, 64, 8), (32, 32, 8)],
                    128: [(16, 32, 8), (16, 16, 8)],
                    256: [(16, 16, 8)]}  # the least-spilling (6 spill stores); every wider tile spills more
 _TANGENT_KEY = _KEY + ["HAS_DO"]

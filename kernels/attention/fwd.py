@@ -56,11 +56,12 @@ def _key_tile(q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, mask_base, offs_m, offs_
     s = masked_scores(qk, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k, scale,
                       causal_offset, CAUSAL, MASK_KIND, EDGE)  # [BLOCK_M, BLOCK_N]
 
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    if EDGE or MASK_KIND != 0:  # a row with nothing kept so far: avoid −inf − −inf
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = exp_ftz(m_i - m_new)  # [BLOCK_M]
-    p = softmax_exp(s, m_new)  # [BLOCK_M, BLOCK_N], 0 where removed
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # carried as it is: −∞ while a row has nothing kept
+    m_safe = m_new
+    if EDGE or MASK_KIND != 0:  # a row with nothing kept so far: exponentiate against 0, avoiding −∞ − −∞
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = exp_ftz(m_i - m_safe)  # [BLOCK_M]
+    p = softmax_exp(s, m_safe)  # [BLOCK_M, BLOCK_N], 0 where removed
     l_old = l_i * alpha
     l_i = l_old + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -86,12 +87,12 @@ def _key_tile(q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, mask_base, offs_m, offs_
 def _key_walk(start, end, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, mask_base, offs_m, offs_n0, offs_d,
               m_i, l_i, acc, mu_i, acc_t, stride_kn, stride_vn, stride_ktn, stride_vtn, stride_maskm, stride_maskn,
               seq_q, seq_k, head_dim, scale, causal_offset,
-              HAS_TANGENT: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr,
+              HAS_TANGENT: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr, SPLIT_TILES: tl.constexpr,
               UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The key tiles [start, end), pointers advanced by BLOCK_N rows a tile. Interior tiles are software-pipelined;
     the few edge tiles (EDGE) are not: a second pipelined loop made ptxas serialise the first one's wgmma (C7515:
     accumulator registers defined between the start and end of a pipeline stage)."""
-    for start_n in tl.range(start, end, BLOCK_N, num_stages=1 if EDGE else None):
+    for start_n in tl.range(start, end, BLOCK_N, num_stages=1 if EDGE and SPLIT_TILES else None):
         m_i, l_i, acc, mu_i, acc_t = _key_tile(
             q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, mask_base, offs_m, start_n + offs_n0, offs_d,
             m_i, l_i, acc, mu_i, acc_t, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale, causal_offset,
@@ -117,7 +118,7 @@ def attention_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_otb, stride_oth, stride_otm, stride_otd,
     q_heads, kv_group, seq_q, seq_k, head_dim, scale, causal_offset,
-    HAS_TANGENT: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_TANGENT: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SPLIT_TILES: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -152,17 +153,18 @@ def attention_fwd_kernel(
     mu_i = tl.zeros([BLOCK_M], tl.float32)  # μ̂, the running estimate of μ (tangent only)
     acc_t = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # T̃ = Σ p̃V̇ + p̃⊙(Ṡ − μ̂)V (tangent only)
 
-    interior, hi = key_tile_ranges(pid_m * BLOCK_M, seq_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
-    m_i, l_i, acc, mu_i, acc_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs = _key_walk(
-        0, interior, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, mask_base, offs_m, offs_n0, offs_d,
-        m_i, l_i, acc, mu_i, acc_t, stride_kn, stride_vn, stride_ktn, stride_vtn, stride_maskm, stride_maskn,
-        seq_q, seq_k, head_dim, scale, causal_offset,
-        HAS_TANGENT, CAUSAL, MASK_KIND, False, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
+    interior, hi = key_tile_ranges(pid_m * BLOCK_M, seq_k, causal_offset, CAUSAL, SPLIT_TILES, BLOCK_M, BLOCK_N)
+    if SPLIT_TILES:  # interior tiles first, no tests (else every tile is an edge tile)
+        m_i, l_i, acc, mu_i, acc_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs = _key_walk(
+            0, interior, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, mask_base, offs_m, offs_n0, offs_d,
+            m_i, l_i, acc, mu_i, acc_t, stride_kn, stride_vn, stride_ktn, stride_vtn, stride_maskm, stride_maskn,
+            seq_q, seq_k, head_dim, scale, causal_offset,
+            HAS_TANGENT, CAUSAL, MASK_KIND, False, SPLIT_TILES, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
     m_i, l_i, acc, mu_i, acc_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs = _key_walk(
         interior, hi, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, mask_base, offs_m, offs_n0, offs_d,
         m_i, l_i, acc, mu_i, acc_t, stride_kn, stride_vn, stride_ktn, stride_vtn, stride_maskm, stride_maskn,
         seq_q, seq_k, head_dim, scale, causal_offset,
-        HAS_TANGENT, CAUSAL, MASK_KIND, True, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
+        HAS_TANGENT, CAUSAL, MASK_KIND, True, SPLIT_TILES, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
 
     empty = l_i == 0.0  # every key removed
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))  # [BLOCK_M]

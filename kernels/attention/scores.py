@@ -60,27 +60,31 @@ def softmax_exp(s, row_max):
 
 
 @triton.jit
-def key_tile_ranges(start_m, seq_k, causal_offset, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+def key_tile_ranges(start_m, seq_k, causal_offset, CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(interior, hi) for the query tile whose first row is start_m, walking key tiles from 0: the tiles below
     `interior` lie inside [0, seq_k) and, when CAUSAL, on or below every row's diagonal (no test needed); those in
-    [interior, hi) are the edge tiles (the diagonal band, the last partial tile); keys from hi on are all removed."""
+    [interior, hi) are the edge tiles (the diagonal band, the last partial tile); keys from hi on are all removed.
+    SPLIT=False: interior = 0, every tile an edge tile (one loop, see `flowkern._config.split_tiles`)."""
     hi = seq_k
     interior = (seq_k // BLOCK_N) * BLOCK_N
     if CAUSAL:
         hi = tl.maximum(0, tl.minimum(seq_k, start_m + BLOCK_M + causal_offset))
         kept_by_all = tl.maximum(0, start_m + causal_offset + 1)  # keys [0, kept_by_all) every row keeps
         interior = tl.minimum(interior, (kept_by_all // BLOCK_N) * BLOCK_N)
+    if not SPLIT:
+        interior = 0
     return interior, hi
 
 
 @triton.jit
-def query_tile_ranges(start_n, seq_q, seq_k, causal_offset, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
+def query_tile_ranges(start_n, seq_q, seq_k, causal_offset, CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(lo, interior_lo, interior_hi) for the key tile whose first key is start_n, walking query tiles: tiles
     before lo see none of its keys (causal); those in [interior_lo, interior_hi) are inside [0, seq_q), see a key
     tile inside [0, seq_k) and, when CAUSAL, keep all its keys in every row; [lo, interior_lo) and
-    [interior_hi, seq_q) are the edge tiles."""
+    [interior_hi, seq_q) are the edge tiles. SPLIT=False: interior_lo = interior_hi = seq_q rounded up to a
+    whole tile, every tile from lo on an edge tile (one loop)."""
     lo = 0
     interior_hi = (seq_q // BLOCK_M) * BLOCK_M
     interior_lo = 0
@@ -91,4 +95,7 @@ def query_tile_ranges(start_n, seq_q, seq_k, causal_offset, CAUSAL: tl.constexpr
     if start_n + BLOCK_N > seq_k:  # a partial key tile: every query tile tests the key bounds
         interior_lo = interior_hi
     interior_lo = tl.minimum(tl.maximum(interior_lo, lo), interior_hi)
+    if not SPLIT:
+        interior_hi = tl.cdiv(seq_q, BLOCK_M) * BLOCK_M
+        interior_lo = interior_hi
     return lo, interior_lo, interior_hi

@@ -90,11 +90,11 @@ def _tile_terms(q, q_t, do, do_t, k, k_t, v, v_t, row_max, inv_l, delta_t, kappa
 def _key_walk(start, end, q, q_t, do, do_t, k_base, v_base, kt_base, vt_base, row_max, inv_l, delta_t, kappa, mu, ak,
               dstk, dstkt, offs_m, offs_n0, offs_d, mask_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_ktn,
               stride_ktd, stride_vtn, stride_vtd, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale,
-              causal_offset, HAS_DO: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr,
+              causal_offset, HAS_DO: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr, SPLIT_TILES: tl.constexpr,
               UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key tiles [start, end) of the dQ walk: μ, Σ A·K, Σ dṠ·K and Σ dṠ·K̇ updated. EDGE as in `_tile_terms`;
     edge tiles run unpipelined (as in the forward's `_key_walk`)."""
-    for start_n in tl.range(start, end, BLOCK_N, num_stages=1 if EDGE else None):
+    for start_n in tl.range(start, end, BLOCK_N, num_stages=1 if EDGE and SPLIT_TILES else None):
         offs_n = start_n + offs_n0
         k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, seq_k, head_dim, 0.0, EDGE)  # [BLOCK_N, BLOCK_D]
         v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim, 0.0, EDGE)
@@ -116,12 +116,12 @@ def _query_walk(n_tiles, band, first, second, q_base, qt_base, do_base, dot_base
                 row_base, k, k_t, v, v_t, dk, dv, dkt, dvt, offs_m0, offs_n, offs_d, mask_base, stride_qm, stride_qd,
                 stride_qtm, stride_qtd, stride_dom, stride_dod, stride_dotm, stride_dotd, stride_maskm, stride_maskn,
                 seq_q, seq_k, head_dim, scale, causal_offset, HAS_DO: tl.constexpr, CAUSAL: tl.constexpr,
-                MASK_KIND: tl.constexpr, EDGE: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                MASK_KIND: tl.constexpr, EDGE: tl.constexpr, SPLIT_TILES: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV, dK̇, dV̇ of the program's key tile summed over n_tiles query tiles: tile i < band starts at row
     first + i·BLOCK_M, the others at second + (i − band)·BLOCK_M. EDGE tiles also test the rows, unpipelined (as in
     the forward's `_key_walk`)."""
-    for i in tl.range(0, n_tiles, num_stages=1 if EDGE else None):
+    for i in tl.range(0, n_tiles, num_stages=1 if EDGE and SPLIT_TILES else None):
         offs_m = tl.where(i < band, first + i * BLOCK_M, second + (i - band) * BLOCK_M) + offs_m0  # [BLOCK_M]
         q = load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, 0.0, EDGE)  # [BM, BLOCK_D]
         q_t = load_tile(qt_base, offs_m, offs_d, stride_qtm, stride_qtd, seq_q, head_dim, 0.0, EDGE)
@@ -167,7 +167,8 @@ def tangent_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_dqtb, stride_dqth, stride_dqtm, stride_dqtd,
     q_heads, kv_group, seq_q, seq_k, head_dim, scale, causal_offset,
-    HAS_DO: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DO: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SPLIT_TILES: tl.constexpr,
+    UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -204,17 +205,18 @@ def tangent_bwd_dq_kernel(
     ak = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # Σ A·K
     dstk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # Σ dṠ·K
     dstkt = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # Σ dṠ·K̇
-    interior, hi = key_tile_ranges(pid_m * BLOCK_M, seq_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N)
-    mu, ak, dstk, dstkt = _key_walk(
-        0, interior, q, q_t, do, do_t, k_base, v_base, kt_base, vt_base, row_max, inv_l, delta_t, kappa, mu, ak, dstk,
-        dstkt, offs_m, offs_n0, offs_d, mask_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_ktn, stride_ktd,
-        stride_vtn, stride_vtd, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale, causal_offset, HAS_DO,
-        CAUSAL, MASK_KIND, False, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
+    interior, hi = key_tile_ranges(pid_m * BLOCK_M, seq_k, causal_offset, CAUSAL, SPLIT_TILES, BLOCK_M, BLOCK_N)
+    if SPLIT_TILES:  # interior tiles first, no tests (else every tile is an edge tile)
+        mu, ak, dstk, dstkt = _key_walk(
+            0, interior, q, q_t, do, do_t, k_base, v_base, kt_base, vt_base, row_max, inv_l, delta_t, kappa, mu, ak, dstk,
+            dstkt, offs_m, offs_n0, offs_d, mask_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_ktn, stride_ktd,
+            stride_vtn, stride_vtd, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale, causal_offset, HAS_DO,
+            CAUSAL, MASK_KIND, False, SPLIT_TILES, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
     mu, ak, dstk, dstkt = _key_walk(
         interior, hi, q, q_t, do, do_t, k_base, v_base, kt_base, vt_base, row_max, inv_l, delta_t, kappa, mu, ak, dstk,
         dstkt, offs_m, offs_n0, offs_d, mask_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_ktn, stride_ktd,
         stride_vtn, stride_vtd, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale, causal_offset, HAS_DO,
-        CAUSAL, MASK_KIND, True, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
+        CAUSAL, MASK_KIND, True, SPLIT_TILES, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
 
     dq = (ak - mu[:, None] * dstk + dstkt) * scale
     store_tile(DQ + b * stride_dqb + h * stride_dqh, dq, offs_m, offs_d, stride_dqm, stride_dqd, seq_q, head_dim)
@@ -240,7 +242,8 @@ def tangent_bwd_dkdv_kernel(
     stride_dktb, stride_dkth, stride_dktn, stride_dktd,
     stride_dvtb, stride_dvth, stride_dvtn, stride_dvtd,
     q_heads, kv_heads, kv_group, seq_q, seq_k, head_dim, scale, causal_offset,
-    HAS_DO: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DO: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SPLIT_TILES: tl.constexpr,
+    UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -262,7 +265,7 @@ def tangent_bwd_dkdv_kernel(
     dkt = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dvt = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
-    lo, interior_lo, interior_hi = query_tile_ranges(pid_n * BLOCK_N, seq_q, seq_k, causal_offset, CAUSAL,
+    lo, interior_lo, interior_hi = query_tile_ranges(pid_n * BLOCK_N, seq_q, seq_k, causal_offset, CAUSAL, SPLIT_TILES,
                                                      BLOCK_M, BLOCK_N)
     band = (interior_lo - lo) // BLOCK_M  # edge query tiles before the interior ones (the causal diagonal band)
     n_edge = band + tl.cdiv(seq_q - interior_hi, BLOCK_M)  # and after them (the last partial tile)
@@ -275,17 +278,18 @@ def tangent_bwd_dkdv_kernel(
         row_base = (b * q_heads + h) * seq_q
         mask_base = MASK + b * stride_maskb + h * stride_maskh
         n_interior = (interior_hi - interior_lo) // BLOCK_M
-        dk, dv, dkt, dvt = _query_walk(
-            n_interior, 0, 0, interior_lo, q_base, qt_base, do_base, dot_base, ROW_STATS, DELTA_T, KAPPA, MU,
-            row_base, k, k_t, v, v_t, dk, dv, dkt, dvt, offs_m0, offs_n, offs_d, mask_base, stride_qm, stride_qd,
-            stride_qtm, stride_qtd, stride_dom, stride_dod, stride_dotm, stride_dotd, stride_maskm, stride_maskn, seq_q,
-            seq_k, head_dim, scale, causal_offset, HAS_DO, CAUSAL, MASK_KIND, False, UPCAST, INPUT_PRECISION,
-            BLOCK_M, BLOCK_N)
+        if SPLIT_TILES:  # interior tiles first, no tests (else every tile is an edge tile)
+            dk, dv, dkt, dvt = _query_walk(
+                n_interior, 0, 0, interior_lo, q_base, qt_base, do_base, dot_base, ROW_STATS, DELTA_T, KAPPA, MU,
+                row_base, k, k_t, v, v_t, dk, dv, dkt, dvt, offs_m0, offs_n, offs_d, mask_base, stride_qm, stride_qd,
+                stride_qtm, stride_qtd, stride_dom, stride_dod, stride_dotm, stride_dotd, stride_maskm, stride_maskn, seq_q,
+                seq_k, head_dim, scale, causal_offset, HAS_DO, CAUSAL, MASK_KIND, False, SPLIT_TILES, UPCAST, INPUT_PRECISION,
+                BLOCK_M, BLOCK_N)
         dk, dv, dkt, dvt = _query_walk(
             n_edge, band, lo, interior_hi, q_base, qt_base, do_base, dot_base, ROW_STATS, DELTA_T, KAPPA, MU,
             row_base, k, k_t, v, v_t, dk, dv, dkt, dvt, offs_m0, offs_n, offs_d, mask_base, stride_qm, stride_qd,
             stride_qtm, stride_qtd, stride_dom, stride_dod, stride_dotm, stride_dotd, stride_maskm, stride_maskn, seq_q,
-            seq_k, head_dim, scale, causal_offset, HAS_DO, CAUSAL, MASK_KIND, True, UPCAST, INPUT_PRECISION,
+            seq_k, head_dim, scale, causal_offset, HAS_DO, CAUSAL, MASK_KIND, True, SPLIT_TILES, UPCAST, INPUT_PRECISION,
             BLOCK_M, BLOCK_N)
 
     store_tile(DK + b * stride_dkb + h_kv * stride_dkh, dk * scale, offs_n, offs_d, stride_dkn, stride_dkd, seq_k, head_dim)
