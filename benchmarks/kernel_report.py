@@ -7,7 +7,8 @@ with the JIT's own specialisation (`jit_compile.py`: stride == 1 and group == 1 
 16-byte-aligned pointers marked) for every candidate config of `kernels/attention/configs.py` (`--sweep`: every
 tile of a wider grid). Per kernel and config it prints, from the cubin (the cuobjdump/nvdisasm bundled with Triton):
 
-* regs, stack bytes and spill instructions (STL stores / LDL loads to local memory);
+* regs, stack bytes and spill instructions (STL stores / LDL loads to local memory; `in loop`: those inside a
+  loop with matrix instructions, paid every tile);
 * shared memory bytes per program;
 * the matrix instructions: HGMMA (wgmma, sm_90's warpgroup MMA) vs HMMA (mma.sync, the Ampere path);
 * the main loop: the SASS instructions between the target and the backward branch of the first loop holding the
@@ -107,7 +108,7 @@ def _compile_job(item):
         return index, (lines[-1] if lines else type(exc).__name__)[:80]
 
 
-HEADER = (f"{'kernel':<24}{'BM,BN,warps,stages':>20}{'regs':>6}{'STL':>5}{'LDL':>5}{'smem KiB':>9}"
+HEADER = (f"{'kernel':<24}{'BM,BN,warps,stages':>20}{'regs':>6}{'STL':>5}{'LDL':>5}{'in loop':>8}{'smem KiB':>9}"
           f"{'wgmma':>7}{'mma.sync':>9}{'loop instr':>11}{'edge':>6}{'loops':>6}{'warp instr/kscore':>18}")
 
 
@@ -119,7 +120,8 @@ def format_row(label: str, config, row) -> str:
     config_label = _config_label(config)
     if isinstance(row, str):
         return f"{label:<24}{config_label:>20}  FAILED: {row}"
-    return (f"{label:<24}{config_label:>20}{row['regs']:>6}{row['stl']:>5}{row['ldl']:>5}{row['smem'] / 1024:>9.1f}"
+    return (f"{label:<24}{config_label:>20}{row['regs']:>6}{row['stl']:>5}{row['ldl']:>5}{row['loop_spills']:>8}"
+            f"{row['smem'] / 1024:>9.1f}"
             f"{row['wgmma']:>7}{row['mma_sync']:>9}{row['loop_instructions']:>11}{row['edge_instructions'] or '':>6}"
             f"{row['loops']:>6}"
             f"{warp_instructions_per_kscore(row, config):>18.1f}")
@@ -149,6 +151,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from flowkern import _config
+
+    if "FLOWKERN_TMA" not in os.environ:  # the CPU tensors standing in for device ones would turn 'auto' off
+        _config._env["tma"] = "1" if args.arch >= 90 else "0"
     causal = {"full": [False], "causal": [True], "both": [False, True]}[args.causal]
     jobs = []
     for head_dim in args.head_dim:
@@ -156,11 +162,10 @@ def main(argv=None) -> int:
             for label, launch in attention_launches(head_dim, c):
                 if any(label.startswith(k + " ") for k in args.kernels):
                     jobs.extend((label, launch, config) for config in _configs(launch, args.sweep, args.stages))
-    from flowkern._config import split_tiles
-
-    walks = "interior + edge loops" if split_tiles() else "one masked loop"
+    walks = "interior + edge loops" if _config.split_tiles() else "one masked loop"
+    loads = "TMA descriptors" if _config._env["tma"] == "1" else "pointers"  # where the tensors allow
     print(f"sm_{args.arch}, bf16, B=1 H=32 N=8192, Triton {triton.__version__}, JIT specialisation, tile walks: "
-          f"{walks}; {len(jobs)} compiles on {args.jobs} processes", flush=True)
+          f"{walks}, tile loads: {loads}; {len(jobs)} compiles on {args.jobs} processes", flush=True)
     print(HEADER, flush=True)
     rows = []
     for index, row in _run_forked(jobs, args.arch, args.jobs):

@@ -4,12 +4,16 @@ Uses the cuobjdump bundled with Triton (or the one on PATH). No side effects on 
 
 * regs, stack: `cuobjdump --dump-resource-usage`;
 * stl / ldl: SASS stores to and loads from local memory (register spills, or arrays indexed at run time);
+  loop_spills: those inside a loop holding matrix instructions (a value saved before the loop and reloaded after it
+  costs two instructions a program; one spilled inside the loop costs them every tile);
 * wgmma / mma_sync: HGMMA (sm_90's warpgroup MMA) and HMMA (mma.sync, the pre-Hopper tensor-core path) counts;
 * loop_instructions: SASS instructions (NOPs excluded) between the target and the backward branch of the main loop:
   what one thread issues per iteration of it. The main loop is the first (in code order) of the loops holding the
   most matrix instructions: the attention kernels walk their unmasked interior tiles in a first loop and the
   masked edge tiles (causal diagonal band, last partial tile) in a second one, whose count is edge_instructions
-  (0 without one); loop_mma the main loop's matrix instructions; loops the number of backward branches.
+  (0 without one); loop_mma the main loop's matrix instructions; loops the number of conditional backward
+  branches. An unconditional backward branch is not a loop: it returns from an out-of-line block (the slow path
+  of a TMA barrier wait jumps back into the loop body) or is the kernel's closing self-branch.
 """
 from __future__ import annotations
 
@@ -55,7 +59,7 @@ def main_loop(instructions) -> dict:
     loops = []
     for addr, text in instructions:
         match = re.search(r"\bBRA\s+(?:`?\(?)0x([0-9a-f]+)", text)
-        if match and _opcode(text).startswith("BRA"):
+        if match and _opcode(text).startswith("BRA") and text.startswith("@"):
             target = int(match.group(1), 16)
             if target < addr:
                 loops.append((target, addr))
@@ -65,8 +69,11 @@ def main_loop(instructions) -> dict:
         counted.append((sum(op.startswith(("HGMMA", "HMMA")) for op in body), sum(op != "NOP" for op in body)))
     most = max((mma for mma, _ in counted), default=0)
     hot = [count for mma, count in counted if mma == most]
+    mma_loops = [(start, end) for (start, end), (mma, _) in zip(sorted(loops), counted) if mma]
+    loop_spills = sum(_opcode(t).startswith(("STL", "LDL")) and any(s <= a <= e for s, e in mma_loops)
+                      for a, t in instructions)
     return {"loop_instructions": hot[0] if hot else 0, "edge_instructions": max(hot[1:], default=0),
-            "loop_mma": most, "loops": len(loops)}
+            "loop_mma": most, "loops": len(loops), "loop_spills": loop_spills}
 
 
 def resource_usage(cubin: bytes) -> dict:

@@ -8,6 +8,7 @@
 | TRITON_INTERPRET  | 0, 1 (read by Triton)     | 0       | run Triton kernels in Triton's CPU interpreter         |
 | FLOWKERN_VERBOSE_BUILD | 0, 1                 | 0       | show the compiler output of the CUDA extension build   |
 | FLOWKERN_SPLIT_TILES | auto, 0, 1            | auto    | attention walks: interior tiles in a loop of their own |
+| FLOWKERN_TMA      | auto, 0, 1                | auto    | attention kernels: tiles through TMA descriptors       |
 
 The variables are read when flowkern is imported (an op call reads no environment). A script or a test that
 changes one later calls `reload()`; `flowkern.use_backend(name)` overrides FLOWKERN_BACKEND inside a ``with``
@@ -38,6 +39,7 @@ def reload() -> None:
     _env["interpret"] = _flag("TRITON_INTERPRET", "0")
     _env["verbose_build"] = _flag("FLOWKERN_VERBOSE_BUILD", "0")
     _env["split_tiles"] = os.environ.get("FLOWKERN_SPLIT_TILES", "auto").strip().lower() or "auto"
+    _env["tma"] = os.environ.get("FLOWKERN_TMA", "auto").strip().lower() or "auto"
 
 
 reload()
@@ -105,9 +107,32 @@ def split_tiles() -> bool:
     FLOWKERN_SPLIT_TILES=1/0 forces either; 'auto' splits on Triton >= 3.9: its compile of the two loops is
     spill-free and shorter per tile, while Triton 3.6 spills hundreds of registers on the same kernels and
     compiles the one loop spill-free. Both walks give the same results (tests/test_attention_tile_walks.py)."""
-    value = _env["split_tiles"]
+    value = _tristate("split_tiles", "FLOWKERN_SPLIT_TILES")
     if value == "auto":
         return _triton_version() >= SPLIT_TILES_FROM
-    if value not in ("0", "1"):
-        raise ValueError(f"FLOWKERN_SPLIT_TILES={value!r} is not one of 'auto', '0', '1'")
     return value == "1"
+
+
+def _tristate(key: str, variable: str) -> str:
+    value = _env[key]
+    if value not in ("auto", "0", "1"):
+        raise ValueError(f"{variable}={value!r} is not one of 'auto', '0', '1'")
+    return value
+
+
+def tma_loads(device) -> bool:
+    """Whether the attention kernels read their tiles through TMA tensor descriptors on `device` (the host still
+    checks each call's strides and alignment, `flowkern.attention.triton_launch._tma_ready`).
+
+    'auto': on a CUDA device of compute capability 9.0 or newer (the copy engine TMA exists from sm_90 on), never in
+    the interpreter. FLOWKERN_TMA=1 forces it wherever the tensors allow (the interpreter emulates descriptors: the
+    tests run both paths), 0 turns it off. With descriptors the wide tiles compile with no spill inside their loops
+    (benchmarks/RESULTS.md); both paths give the same results (tests/test_attention_tile_walks.py)."""
+    value = _tristate("tma", "FLOWKERN_TMA")
+    if value != "auto":
+        return value == "1"
+    import torch
+
+    device = torch.device(device)
+    return (device.type == "cuda" and not triton_interpreting()
+            and torch.cuda.get_device_capability(device) >= (9, 0))

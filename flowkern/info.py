@@ -17,8 +17,8 @@ import sys
 import torch
 
 ENVIRONMENT = ("FLOWKERN_BACKEND", "FLOWKERN_NVTX", "FLOWKERN_AUTOTUNE", "FLOWKERN_VERBOSE_BUILD",
-               "FLOWKERN_SPLIT_TILES", "TRITON_INTERPRET", "TRITON_CACHE_DIR", "TRITON_DEFAULT_FP_FUSION", "TORCH_EXTENSIONS_DIR", "CUDA_VISIBLE_DEVICES",
-               "CUDA_HOME")
+               "FLOWKERN_SPLIT_TILES", "FLOWKERN_TMA", "TRITON_INTERPRET", "TRITON_CACHE_DIR",
+               "TRITON_DEFAULT_FP_FUSION", "TORCH_EXTENSIONS_DIR", "CUDA_VISIBLE_DEVICES", "CUDA_HOME")
 
 
 def _version(package: str) -> str | None:
@@ -118,7 +118,7 @@ def collect() -> dict:
         "backends": backends(), "cuda_extension": cuda_extension_state(),
         "settings": {"backend": _config._env["backend"], "nvtx": _config.nvtx_enabled(),
                      "autotune": _config.autotune_enabled(), "triton_interpret": _config.triton_interpreting(),
-                     "attention_tile_walks": _tile_walks()},
+                     "attention_tile_walks": _tile_walks(), "attention_tile_loads": _tile_loads()},
         "environment": {name: os.environ[name] for name in ENVIRONMENT if name in os.environ},
     }
 
@@ -130,6 +130,18 @@ def _tile_walks() -> str:
     try:
         return "interior + edge loops" if _config.split_tiles() else "one masked loop"
     except (ValueError, ImportError) as err:
+        return f"unknown: {err}"
+
+
+def _tile_loads() -> str:
+    """How the attention kernels read their tiles on the first CUDA device (`flowkern._config.tma_loads`; per
+    call, strides and alignment decide too), or why it is unknown."""
+    from flowkern import _config
+
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    try:
+        return "TMA descriptors where aligned" if _config.tma_loads(device) else "pointers"
+    except (ValueError, RuntimeError) as err:
         return f"unknown: {err}"
 
 
@@ -156,7 +168,8 @@ def format_info(info: dict) -> str:
     lines.append("CUDA extension: " + (f"built ({ext['built']})" if ext["built"] else f"not built: {ext['reason']}"))
     s = info["settings"]
     lines.append(f"settings: backend={s['backend']} nvtx={int(s['nvtx'])} autotune={int(s['autotune'])} "
-                 f"triton_interpret={int(s['triton_interpret'])} attention tile walks: {s['attention_tile_walks']}")
+                 f"triton_interpret={int(s['triton_interpret'])} attention tile walks: {s['attention_tile_walks']}, "
+                 f"tile loads: {s['attention_tile_loads']}")
     env = info["environment"]
     lines.append("environment: " + (" ".join(f"{k}={v}" for k, v in env.items()) if env else "none of "
                                     + ", ".join(ENVIRONMENT[:5]) + ", ... set"))

@@ -47,6 +47,32 @@ def load_tile(base, rows, cols, stride_row, stride_col, n_rows, n_cols, other: t
 
 
 @triton.jit
+def row_tiles(base, n_rows, n_cols, stride_row, stride_col, offs_rows, offs_cols,
+              TMA: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Where a walk over the row tiles of the matrix base[:n_rows, :n_cols] reads them from: a TMA tensor
+    descriptor of [BLOCK_ROWS, BLOCK_COLS] boxes (TMA, sm_90: the copy engine does the address arithmetic and the
+    bounds, and the tile lands in shared memory without passing through registers), else the pointers of the tile
+    at rows `offs_rows` (the walk advances them). TMA is the host's promise that stride_col == 1, base is
+    16-byte aligned and stride_row·itemsize is a multiple of 16."""
+    if TMA:
+        return tl.make_tensor_descriptor(base, [n_rows, n_cols], [stride_row, 1], [BLOCK_ROWS, BLOCK_COLS])
+    else:
+        return tile_pointers(base, offs_rows, offs_cols, stride_row, stride_col)
+
+
+@triton.jit
+def load_row_tile(tiles, start, shift, rows, cols, n_rows, n_cols, CHECK_ROWS: tl.constexpr, TMA: tl.constexpr):
+    """The tile of `row_tiles` whose first row is `start` (rows = start + arange), 0 outside [0, n_rows) x
+    [0, n_cols): a descriptor is indexed by `start` and fills out-of-range rows and columns with 0 itself; the
+    pointers are offset by `shift` elements (0 for a walk that advances them) and masked, CHECK_ROWS=False being the
+    caller's promise that every row is inside (columns are always tested)."""
+    if TMA:
+        return tiles.load([start, 0])
+    else:
+        return tl.load(tiles + shift, mask=tile_mask(rows, cols, n_rows, n_cols, CHECK_ROWS), other=0.0)
+
+
+@triton.jit
 def load_rows(ptrs, rows, n_rows, other: tl.constexpr, CHECK_ROWS: tl.constexpr = True):
     """Load ptrs (one per row), `other` where rows ≥ n_rows; CHECK_ROWS=False: every row is inside, no test."""
     if CHECK_ROWS:

@@ -284,7 +284,8 @@ def test_main_loop_is_the_backward_branch_with_the_matrix_instructions():
             (0x40, "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24"), (0x50, "NOP"),
             (0x60, "FMUL R6, R7, R8"), (0x70, "@P1 BRA 0x40"),           # the main loop: 3 instructions + NOP
             (0x80, "EXIT"), (0x90, "BRA 0x90")]                          # the trailing self-branch
-    assert main_loop(code) == {"loop_instructions": 3, "edge_instructions": 0, "loop_mma": 1, "loops": 2}
+    assert main_loop(code) == {"loop_instructions": 3, "edge_instructions": 0, "loop_mma": 1, "loops": 2,
+                               "loop_spills": 0}
 
 
 def test_main_loop_is_the_first_of_the_loops_with_the_most_matrix_instructions():
@@ -298,4 +299,23 @@ def test_main_loop_is_the_first_of_the_loops_with_the_most_matrix_instructions()
             (0x50, "ISETP.GE.AND P0, PT, R1, R2, PT"), (0x60, "FMUL R6, R7, R8"),
             (0x70, "@P1 BRA 0x30"),                                      # edge: 5 instructions
             (0x80, "EXIT"), (0x90, "BRA 0x90")]
-    assert main_loop(code) == {"loop_instructions": 3, "edge_instructions": 5, "loop_mma": 1, "loops": 2}
+    assert main_loop(code) == {"loop_instructions": 3, "edge_instructions": 5, "loop_mma": 1, "loops": 2,
+                               "loop_spills": 0}
+
+
+def test_out_of_line_returns_are_not_loops_and_spills_are_placed():
+    """A TMA barrier wait's slow path sits after the kernel's exit: a spin loop, then an unconditional branch back
+    into the loop body. That branch is no loop (it would make the whole kernel the main loop); a spill store in
+    the prologue and its reload after the loop are not paid per tile, one inside the loop is."""
+    from sass import main_loop
+
+    code = [(0x00, "STL [R1], R0"),                                      # saved before the loop
+            (0x10, "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24"),
+            (0x20, "@!P2 BRA 0x90"),                                     # barrier not ready: slow path
+            (0x30, "LDL R9, [R1+0x8]"), (0x40, "FMUL R6, R7, R8"),
+            (0x50, "@P1 BRA 0x10"),                                      # the main loop: 5 instructions
+            (0x60, "LDL.LU R8, [R1]"), (0x70, "EXIT"),
+            (0x90, "SYNCS.PHASECHK.TRANS64.TRYWAIT P2, [UR4], R3"), (0xa0, "@!P2 BRA 0x90"),  # spin
+            (0xb0, "BRA 0x30")]                                          # back into the loop body
+    assert main_loop(code) == {"loop_instructions": 5, "edge_instructions": 0, "loop_mma": 1, "loops": 2,
+                               "loop_spills": 1}

@@ -91,3 +91,28 @@ def test_tile_walk_choice_follows_the_triton_version_and_the_override(setenv, mo
     with pytest.raises(ValueError, match="FLOWKERN_SPLIT_TILES='two'"):
         _config.split_tiles()
     assert collect()["settings"]["attention_tile_walks"].startswith("unknown: FLOWKERN_SPLIT_TILES")
+
+
+def test_tma_choice_follows_the_device_and_the_override(setenv, monkeypatch):
+    """FLOWKERN_TMA: 'auto' reads key/value tiles through TMA descriptors on CUDA devices of capability ≥ 9.0 only
+    (never on the CPU or in the interpreter); 0/1 force it; anything else is a ValueError naming the variable."""
+    from flowkern import _config
+    from flowkern.info import collect
+
+    setenv("FLOWKERN_TMA", "auto")
+    assert _config.tma_loads("cpu") is False
+    for capability, expected in [((8, 0), False), ((9, 0), True), ((10, 0), True)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        monkeypatch.setitem(_config._env, "interpret", False)
+        assert _config.tma_loads("cuda:0") is expected, capability
+        monkeypatch.setitem(_config._env, "interpret", True)
+        assert _config.tma_loads("cuda:0") is False
+    setenv("FLOWKERN_TMA", "1")
+    assert _config.tma_loads("cpu") is True
+    setenv("FLOWKERN_TMA", "0")
+    monkeypatch.setitem(_config._env, "interpret", False)
+    assert _config.tma_loads("cuda:0") is False
+    setenv("FLOWKERN_TMA", "yes")
+    with pytest.raises(ValueError, match="FLOWKERN_TMA='yes'"):
+        _config.tma_loads("cpu")
+    assert collect()["settings"]["attention_tile_loads"].startswith("unknown: FLOWKERN_TMA")

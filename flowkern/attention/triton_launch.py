@@ -6,11 +6,13 @@ sliced off): one copy of the padded tensors, only in that case.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 import triton
 
-from flowkern._config import split_tiles, triton_interpreting
+from flowkern._config import split_tiles, tma_loads, triton_interpreting
 from flowkern._fused import kernel_module
 from flowkern.attention.spec import AttentionSpec, expand_mask
 
@@ -24,6 +26,50 @@ def _dot_flags(dtype: torch.dtype) -> dict:
 def _walk_flags(dtype: torch.dtype) -> dict:
     """The constexprs of every tile-walking attention kernel: the dot flags and the loop structure."""
     return {"SPLIT_TILES": split_tiles(), **_dot_flags(dtype)}
+
+
+def _tma_ready(*tensors: torch.Tensor | None) -> bool:
+    """Whether every [B, H, N, D] tensor can be read through a TMA descriptor of its (batch, head) matrices:
+    contiguous last dim, base address and every stride that moves between rows or matrices a multiple of 16 bytes
+    (strides of a size-1 dim are never multiplied by an index ≠ 0)."""
+    for x in tensors:
+        if x is None:
+            continue
+        size = x.element_size()
+        if x.stride(-1) != 1 or x.data_ptr() % 16:
+            return False
+        if any(n > 1 and (stride * size) % 16 for n, stride in zip(x.shape[:-1], x.stride()[:-1])):
+            return False
+    return True
+
+
+class _ScratchAllocator:
+    """Global memory for the TMA descriptors a kernel builds on the device (128 bytes a descriptor a program),
+    from torch's caching allocator on the launch's stream device."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __call__(self, size: int, alignment: int, stream):
+        buffer = torch.empty(size + alignment, dtype=torch.int8, device=self.device)
+        start = -buffer.data_ptr() % alignment
+        return buffer[start:start + size]  # freed after the launch, stream-ordered like any torch tensor
+
+
+@contextlib.contextmanager
+def _descriptor_scratch(device: torch.device, enabled: bool):
+    """Triton's allocator for device-built descriptors, set for this launch only (a ContextVar: an allocator the
+    caller set is back in place afterwards)."""
+    if not enabled or triton_interpreting():
+        yield
+        return
+    from triton.runtime import _allocation
+
+    token = _allocation._allocator.set(_ScratchAllocator(device))
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)
 
 
 def _block_d(head_dim: int) -> int:
@@ -64,19 +110,22 @@ def attention_fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec: AttentionSpec):
     tangents = (q_t, k_t, v_t, o_t) if has_tangent else (q, k, v, o)
     zero = (0, 0, 0, 0)
 
+    tma = tma_loads(q.device) and _tma_ready(k, v, k_t, v_t)
+
     def grid(meta):
         return (triton.cdiv(spec.seq_q, meta["BLOCK_M"]), spec.batch * spec.q_heads)
 
-    kern.attention_fwd[grid](
-        q, k, v, *tangents[:3], mask, o, tangents[3], stats,
-        *q.stride(), *k.stride(), *v.stride(),
-        *(q_t.stride() if has_tangent else zero), *(k_t.stride() if has_tangent else zero),
-        *(v_t.stride() if has_tangent else zero),
-        *mask_strides, *o.stride(), *(o_t.stride() if has_tangent else zero),
-        spec.q_heads, spec.kv_group, spec.seq_q, spec.seq_k, width, spec.scale, spec.causal_offset,
-        HAS_TANGENT=has_tangent, CAUSAL=spec.is_causal, MASK_KIND=spec.mask_kind,
-        BLOCK_D=_block_d(width), **_walk_flags(q.dtype),
-    )
+    with _descriptor_scratch(q.device, tma):
+        kern.attention_fwd[grid](
+            q, k, v, *tangents[:3], mask, o, tangents[3], stats,
+            *q.stride(), *k.stride(), *v.stride(),
+            *(q_t.stride() if has_tangent else zero), *(k_t.stride() if has_tangent else zero),
+            *(v_t.stride() if has_tangent else zero),
+            *mask_strides, *o.stride(), *(o_t.stride() if has_tangent else zero),
+            spec.q_heads, spec.kv_group, spec.seq_q, spec.seq_k, width, spec.scale, spec.causal_offset,
+            HAS_TANGENT=has_tangent, CAUSAL=spec.is_causal, MASK_KIND=spec.mask_kind, TMA=tma,
+            BLOCK_D=_block_d(width), **_walk_flags(q.dtype),
+        )
     dv = spec.head_dim_v
     return o[..., :dv], (o_t[..., :dv] if has_tangent else None), stats
 
@@ -100,13 +149,18 @@ def attention_bwd(q, k, v, o, stats, do, attn_mask, spec: AttentionSpec):
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *mask_strides)
 
     delta_exact = torch.empty_like(delta)
-    kern.attention_bwd_dq[lambda meta: (triton.cdiv(spec.seq_q, meta["BLOCK_M"]), spec.batch * spec.q_heads)](
-        q, k, v, do, stats, delta, mask, dq, delta_exact, *strides, *dq.stride(),
-        spec.q_heads, spec.kv_group, spec.seq_q, spec.seq_k, width, spec.scale, spec.causal_offset, **common,
-    )
-    kern.attention_bwd_dkdv[lambda meta: (triton.cdiv(spec.seq_k, meta["BLOCK_N"]), spec.batch * spec.kv_heads)](
-        q, k, v, do, stats, delta_exact, mask, dk, dv, *strides, *dk.stride(), *dv.stride(),
-        spec.q_heads, spec.kv_heads, spec.kv_group, spec.seq_q, spec.seq_k, width, spec.scale, spec.causal_offset,
-        **common,
-    )
+    tma = tma_loads(q.device) and _tma_ready(k, v)
+    with _descriptor_scratch(q.device, tma):
+        kern.attention_bwd_dq[lambda meta: (triton.cdiv(spec.seq_q, meta["BLOCK_M"]), spec.batch * spec.q_heads)](
+            q, k, v, do, stats, delta, mask, dq, delta_exact, *strides, *dq.stride(),
+            spec.q_heads, spec.kv_group, spec.seq_q, spec.seq_k, width, spec.scale, spec.causal_offset, TMA=tma,
+            **common,
+        )
+    tma = tma_loads(q.device) and _tma_ready(q, do)
+    with _descriptor_scratch(q.device, tma):
+        kern.attention_bwd_dkdv[lambda meta: (triton.cdiv(spec.seq_k, meta["BLOCK_N"]), spec.batch * spec.kv_heads)](
+            q, k, v, do, stats, delta_exact, mask, dk, dv, *strides, *dk.stride(), *dv.stride(),
+            spec.q_heads, spec.kv_heads, spec.kv_group, spec.seq_q, spec.seq_k, width, spec.scale,
+            spec.causal_offset, TMA=tma, **common,
+        )
     return dq[..., :spec.head_dim], dk[..., :spec.head_dim], dv[..., :spec.head_dim_v]

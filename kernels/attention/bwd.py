@@ -14,6 +14,8 @@ Three kernels, run in this order:
 * `attention_bwd_dkdv_kernel`: one program per key tile of one key/value head walks every query tile of every query
   head of its GQA group with that Δ, so dK and dV are summed over the group in registers (no atomics,
   deterministic); grid (cdiv(seq_k, BLOCK_N), batch·kv_heads).
+Each walk reads its tiles (dQ: keys and values; dK/dV: queries and dO) through TMA descriptors when TMA,
+else through pointers, as the forward.
 Rows whose every key is removed have (m, 1/l) = (+inf, 0), so P = 0 and every gradient they send is exactly 0.
 S − m is formed first and l is divided out after the exponential: with a huge |m| (a −1e9 padding mask, logits
 scaled by −1e4) a saved log-sum-exp m + log l would round log l away and make P up to Nk× too large.
@@ -22,7 +24,7 @@ import triton
 import triton.language as tl
 
 from flowkern.kernels.attention.scores import key_tile_ranges, masked_scores, query_tile_ranges, softmax_exp
-from flowkern.kernels.utils import load_rows, load_tile, mma, store_tile, tile_mask, tile_pointers
+from flowkern.kernels.utils import load_row_tile, load_rows, load_tile, mma, row_tiles, store_tile
 
 
 @triton.jit
@@ -43,18 +45,21 @@ def attention_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om, st
 
 
 @triton.jit
-def _query_walk(n_tiles, band, first, second, q_base, do_base, ROW_STATS, DELTA, mask_base, row_base, kT, vT, dk, dv,
-                offs_m0, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn,
+def _query_walk(n_tiles, band, first, second, q_tiles, do_tiles, ROW_STATS, DELTA, mask_base, row_base, kT, vT, dk,
+                dv, offs_m0, offs_n, offs_d, stride_qm, stride_dom, stride_maskm, stride_maskn,
                 seq_q, seq_k, head_dim, scale, causal_offset, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-                EDGE: tl.constexpr, SPLIT_TILES: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                EDGE: tl.constexpr, SPLIT_TILES: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK (before its factor c) and dV of one key tile, summed over n_tiles query tiles: tile i < band starts at
     row first + i·BLOCK_M, the others at second + (i − band)·BLOCK_M. EDGE tiles test the row and key bounds and
     the causal diagonal, unpipelined (as in the forward's `_key_walk`); interior ones neither."""
     for i in tl.range(0, n_tiles, num_stages=1 if EDGE and SPLIT_TILES else None):
-        offs_m = tl.where(i < band, first + i * BLOCK_M, second + (i - band) * BLOCK_M) + offs_m0  # [BLOCK_M]
-        q = load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, 0.0, EDGE)  # [BLOCK_M, BLOCK_D]
-        do = load_tile(do_base, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, 0.0, EDGE)
+        start_m = tl.where(i < band, first + i * BLOCK_M, second + (i - band) * BLOCK_M)
+        offs_m = start_m + offs_m0  # [BLOCK_M]
+        q = load_row_tile(q_tiles, start_m, start_m.to(tl.int64) * stride_qm, offs_m, offs_d, seq_q, head_dim, EDGE,
+                          TMA)  # [BLOCK_M, BLOCK_D]
+        do = load_row_tile(do_tiles, start_m, start_m.to(tl.int64) * stride_dom, offs_m, offs_d, seq_q, head_dim,
+                           EDGE, TMA)
         stats = ROW_STATS + (row_base + offs_m) * 2
         row_max = load_rows(stats, offs_m, seq_q, float("inf"), EDGE)  # [BLOCK_M]
         inv_l = load_rows(stats + 1, offs_m, seq_q, 0.0, EDGE)
@@ -71,17 +76,17 @@ def _query_walk(n_tiles, band, first, second, q_base, do_base, ROW_STATS, DELTA,
 
 
 @triton.jit
-def _dq_walk(start, end, q, do, k_ptrs, v_ptrs, row_max, inv_l, delta, dq, pk, delta_exact, mask_base, offs_m,
+def _dq_walk(start, end, q, do, k_tiles, v_tiles, row_max, inv_l, delta, dq, pk, delta_exact, mask_base, offs_m,
              offs_n0, offs_d, stride_kn, stride_vn, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale,
-             causal_offset, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr, SPLIT_TILES: tl.constexpr, UPCAST: tl.constexpr,
-             INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key tiles [start, end) of the dQ walk: Σ dS K, B = Σ P K and Δ = Σ P dP updated, pointers advanced. EDGE
+             causal_offset, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr,
+             SPLIT_TILES: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles [start, end) of the dQ walk: Σ dS K, B = Σ P K and Δ = Σ P dP updated (pointers advanced). EDGE
     tiles test the key bounds and the causal diagonal, unpipelined (as in the forward's `_key_walk`)."""
     for start_n in tl.range(start, end, BLOCK_N, num_stages=1 if EDGE and SPLIT_TILES else None):
         offs_n = start_n + offs_n0
-        k_in = tile_mask(offs_n, offs_d, seq_k, head_dim, EDGE)
-        k = tl.load(k_ptrs, mask=k_in, other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_ptrs, mask=k_in, other=0.0)  # [BLOCK_N, BLOCK_D]
+        k = load_row_tile(k_tiles, start_n, 0, offs_n, offs_d, seq_k, head_dim, EDGE, TMA)  # [BLOCK_N, BLOCK_D]
+        v = load_row_tile(v_tiles, start_n, 0, offs_n, offs_d, seq_k, head_dim, EDGE, TMA)  # [BLOCK_N, BLOCK_D]
         qk = mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
         s = masked_scores(qk, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k, scale,
                           causal_offset, CAUSAL, MASK_KIND, EDGE)
@@ -91,9 +96,10 @@ def _dq_walk(start, end, q, do, k_ptrs, v_ptrs, row_max, inv_l, delta, dq, pk, d
         dq = mma(ds.to(k.dtype), k, dq, UPCAST, INPUT_PRECISION)
         pk = mma(p.to(k.dtype), k, pk, UPCAST, INPUT_PRECISION)
         delta_exact += tl.sum(p * dp, 1)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
-    return dq, pk, delta_exact, k_ptrs, v_ptrs
+        if not TMA:  # pointers move on; a descriptor is indexed by row
+            k_tiles += BLOCK_N * stride_kn
+            v_tiles += BLOCK_N * stride_vn
+    return dq, pk, delta_exact, k_tiles, v_tiles
 
 
 @triton.jit
@@ -107,7 +113,8 @@ def attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     q_heads, kv_heads, kv_group, seq_q, seq_k, head_dim, scale, causal_offset,
-    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SPLIT_TILES: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SPLIT_TILES: tl.constexpr, TMA: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -133,19 +140,24 @@ def attention_bwd_dkdv_kernel(
     n_edge = band + tl.cdiv(seq_q - interior_hi, BLOCK_M)  # and after them (the last partial tile)
     for g in range(0, kv_group):
         h = h_kv * kv_group + g
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
+        # this head's query and dO tiles: TMA descriptors, or the pointers of rows [0, BLOCK_M) shifted per tile
+        q_tiles = row_tiles(Q + b * stride_qb + h * stride_qh, seq_q, head_dim, stride_qm, stride_qd, offs_m0,
+                            offs_d, TMA, BLOCK_M, BLOCK_D)
+        do_tiles = row_tiles(DO + b * stride_dob + h * stride_doh, seq_q, head_dim, stride_dom, stride_dod, offs_m0,
+                             offs_d, TMA, BLOCK_M, BLOCK_D)
         row_base = (b * q_heads + h) * seq_q
         mask_base = MASK + b * stride_maskb + h * stride_maskh
         if SPLIT_TILES:  # interior tiles first, no tests (else every tile is an edge tile)
-            dk, dv = _query_walk((interior_hi - interior_lo) // BLOCK_M, 0, 0, interior_lo, q_base, do_base, ROW_STATS,
-                                 DELTA, mask_base, row_base, kT, vT, dk, dv, offs_m0, offs_n, offs_d, stride_qm,
-                                 stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn, seq_q, seq_k, head_dim,
-                                 scale, causal_offset, CAUSAL, MASK_KIND, False, SPLIT_TILES, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
-        dk, dv = _query_walk(n_edge, band, lo, interior_hi, q_base, do_base, ROW_STATS,
-                             DELTA, mask_base, row_base, kT, vT, dk, dv, offs_m0, offs_n, offs_d, stride_qm,
-                             stride_qd, stride_dom, stride_dod, stride_maskm, stride_maskn, seq_q, seq_k, head_dim,
-                             scale, causal_offset, CAUSAL, MASK_KIND, True, SPLIT_TILES, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
+            dk, dv = _query_walk((interior_hi - interior_lo) // BLOCK_M, 0, 0, interior_lo, q_tiles, do_tiles,
+                                 ROW_STATS, DELTA, mask_base, row_base, kT, vT, dk, dv, offs_m0, offs_n, offs_d,
+                                 stride_qm, stride_dom, stride_maskm, stride_maskn, seq_q, seq_k, head_dim,
+                                 scale, causal_offset, CAUSAL, MASK_KIND, False, SPLIT_TILES, TMA, UPCAST,
+                                 INPUT_PRECISION, BLOCK_M, BLOCK_N)
+        dk, dv = _query_walk(n_edge, band, lo, interior_hi, q_tiles, do_tiles, ROW_STATS,
+                             DELTA, mask_base, row_base, kT, vT, dk, dv, offs_m0, offs_n, offs_d,
+                             stride_qm, stride_dom, stride_maskm, stride_maskn, seq_q, seq_k, head_dim,
+                             scale, causal_offset, CAUSAL, MASK_KIND, True, SPLIT_TILES, TMA, UPCAST,
+                             INPUT_PRECISION, BLOCK_M, BLOCK_N)
 
     store_tile(DK + b * stride_dkb + h_kv * stride_dkh, dk * scale, offs_n, offs_d, stride_dkn, stride_dkd,
                seq_k, head_dim)
@@ -163,7 +175,8 @@ def attention_bwd_dq_kernel(
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     q_heads, kv_group, seq_q, seq_k, head_dim, scale, causal_offset,
-    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SPLIT_TILES: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SPLIT_TILES: tl.constexpr, TMA: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -187,18 +200,20 @@ def attention_bwd_dq_kernel(
     pk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # B = Σ P K
     delta_exact = tl.zeros([BLOCK_M], tl.float32)  # Δ = Σ P dP
 
-    k_ptrs = tile_pointers(K + b * stride_kb + h_kv * stride_kh, offs_n0, offs_d, stride_kn, stride_kd)
-    v_ptrs = tile_pointers(V + b * stride_vb + h_kv * stride_vh, offs_n0, offs_d, stride_vn, stride_vd)
+    k_tiles = row_tiles(K + b * stride_kb + h_kv * stride_kh, seq_k, head_dim, stride_kn, stride_kd, offs_n0, offs_d,
+                        TMA, BLOCK_N, BLOCK_D)
+    v_tiles = row_tiles(V + b * stride_vb + h_kv * stride_vh, seq_k, head_dim, stride_vn, stride_vd, offs_n0, offs_d,
+                        TMA, BLOCK_N, BLOCK_D)
     interior, hi = key_tile_ranges(pid_m * BLOCK_M, seq_k, causal_offset, CAUSAL, SPLIT_TILES, BLOCK_M, BLOCK_N)
     if SPLIT_TILES:  # interior tiles first, no tests (else every tile is an edge tile)
-        dq, pk, delta_exact, k_ptrs, v_ptrs = _dq_walk(
-            0, interior, q, do, k_ptrs, v_ptrs, row_max, inv_l, delta, dq, pk, delta_exact, mask_base, offs_m, offs_n0,
-            offs_d, stride_kn, stride_vn, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale, causal_offset,
-            CAUSAL, MASK_KIND, False, SPLIT_TILES, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
-    dq, pk, delta_exact, k_ptrs, v_ptrs = _dq_walk(
-        interior, hi, q, do, k_ptrs, v_ptrs, row_max, inv_l, delta, dq, pk, delta_exact, mask_base, offs_m, offs_n0,
+        dq, pk, delta_exact, k_tiles, v_tiles = _dq_walk(
+            0, interior, q, do, k_tiles, v_tiles, row_max, inv_l, delta, dq, pk, delta_exact, mask_base, offs_m,
+            offs_n0, offs_d, stride_kn, stride_vn, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale,
+            causal_offset, CAUSAL, MASK_KIND, False, SPLIT_TILES, TMA, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
+    dq, pk, delta_exact, k_tiles, v_tiles = _dq_walk(
+        interior, hi, q, do, k_tiles, v_tiles, row_max, inv_l, delta, dq, pk, delta_exact, mask_base, offs_m, offs_n0,
         offs_d, stride_kn, stride_vn, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale, causal_offset,
-        CAUSAL, MASK_KIND, True, SPLIT_TILES, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
+        CAUSAL, MASK_KIND, True, SPLIT_TILES, TMA, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
 
     dq = (dq - (delta_exact - delta)[:, None] * pk) * scale
     store_tile(DQ + b * stride_dqb + h * stride_dqh, dq, offs_m, offs_d, stride_dqm, stride_dqd, seq_q, head_dim)

@@ -2,15 +2,16 @@
 
 The candidate lists come from the compile-level report (`python3 benchmarks/kernel_report.py --sweep`, no GPU
 needed): every (BLOCK_M, BLOCK_N, warps) compiled for sm_90 with the JIT's own specialisation at B=1, H=32, N=8192,
-bf16, keeping the configs with no spills in both the full and the causal compile, only
-wgmma (HGMMA) matrix instructions and shared memory within the 227 KiB a program may take, ranked by main-loop warp
-instructions per thousand score elements (lower first). The first
-candidate is the pinned config (FLOWKERN_AUTOTUNE=0, the GPU check's headline); where the best-ranked tile needs
-nearly all the shared memory it comes second. Pipelining depth 3 comes before 2 (two stages leave the next tile's
-loads exposed). Head dim 256 is not re-derived yet (its lists predate the report). On a GPU the autotuner picks
-among the candidates of the call's padded head dim, per (sequence lengths, flags); in Triton's interpreter there is
-one small config, with BLOCK_M ≠ BLOCK_N so the causal tile bounds are exercised (and, from 32 rows and 16 keys on,
-both interior and edge tiles).
+bf16, keeping the configs with no spills in both the full and the causal compile (for the TMA lists: none inside a
+loop, on Triton 3.6 and 3.9), only wgmma (HGMMA) matrix instructions and shared memory within the 227 KiB a program
+may take, ranked by main-loop warp instructions per thousand score elements (lower first). The first candidate is
+the pinned config (FLOWKERN_AUTOTUNE=0, the GPU check's headline); where the best-ranked tile needs nearly all the
+shared memory, it comes second, and so does a 4-warp tile within 10% of an 8-warp one (one warpgroup has no second
+one to run its softmax while the other's GEMMs run). Pipelining depth 3 comes before 2 (two stages leave the next
+tile's loads exposed) unless a tile names its depth. Head dim 256 is not re-derived yet (its lists predate the
+report). On a GPU the autotuner picks among the candidates of the call's padded head dim and loads (TMA or
+pointers), per (sequence lengths, flags); in Triton's interpreter there is one small config, with BLOCK_M ≠ BLOCK_N
+so the causal tile bounds are exercised (and, from 32 rows and 16 keys on, both interior and edge tiles).
 """
 import triton
 
@@ -23,20 +24,38 @@ from flowkern.kernels.attention.tangent_bwd import (tangent_bwd_dkdv_kernel, tan
 
 _INTERPRETER = triton_interpreting()
 
-# (BLOCK_M, BLOCK_N, num_warps) by padded head dim (≤ 64, 128, 256), best first; each with 3 then 2 stages.
-# sm_90 report (regs, warp instructions per 1000 scores, non-causal, 3 stages) in benchmarks/RESULTS.md.
+# (BLOCK_M, BLOCK_N, num_warps[, num_stages]) by padded head dim (≤ 64, 128, 256), best first; a tile without a
+# depth takes 3 then 2 stages. sm_90 report (regs, warp instructions per 1000 scores) in benchmarks/RESULTS.md.
 _FWD_TANGENT = {64: [(128, 64, 8), (64, 64, 4), (128, 32, 8), (64, 32, 4)],
                 128: [(128, 32, 8), (64, 16, 4)],   # every wider tile spills; (64,16,4) issues 1.5x per score
                 256: [(32, 16, 8), (64, 16, 8)]}
 _FWD = {64: [(128, 128, 8), (64, 128, 4), (128, 64, 4), (128, 64, 8)],
-        128: [(128, 64, 8), (64, 64, 4), (128, 32, 8), (64, 32, 4)],
+        128: [(128, 128, 8), (128, 64, 8), (64, 64, 4), (128, 32, 8), (64, 32, 4)],  # (128,128,8): 0.85x (128,64,8)
         256: [(32, 16, 8), (32, 32, 8), (64, 16, 8)]}
+# Key/value tiles through TMA descriptors (`tma_loads`): registers no longer hold the loads in flight, and the
+# 128-key tiles compile with no spill inside the loop on Triton 3.6 and 3.9, full and causal (--sweep, ranked by
+# the mean over both versions and both masks). Warp instructions per score against the pointer path's pinned tile:
+# forward + tangent 0.77x (D = 64) and 0.62x (D = 128), forward 0.95x and 0.75x. (128,64,8) at D = 128 needs
+# 256 KiB with 3 stages: 2 only.
+_FWD_TANGENT_TMA = {64: [(128, 128, 8), (64, 128, 4), (64, 64, 4), (128, 64, 8)],
+                    128: [(128, 64, 8, 2), (64, 64, 4), (128, 32, 8), (64, 32, 4)],
+                    256: _FWD_TANGENT[256]}
+_FWD_TMA = {64: [(128, 128, 8), (128, 128, 4), (64, 128, 4), (128, 64, 4)],
+            128: [(128, 128, 8), (64, 128, 4), (128, 64, 8), (64, 64, 4)],
+            256: _FWD[256]}
 _BWD_DKDV = {64: [(64, 64, 4), (128, 64, 8), (64, 64, 8)],
-             128: [(64, 64, 8)],   # (64,64,4) spills; (128,64,8) needs 243 KiB of shared memory
+             128: [(128, 64, 8, 2), (64, 64, 8)],   # (64,64,4) spills; (128,64,8) needs 243 KiB with 3 stages
              256: [(32, 16, 8), (32, 32, 8)]}
 _BWD_DQ = {64: [(128, 64, 8), (64, 64, 4), (128, 32, 8), (64, 32, 4)],
            128: [(128, 32, 8), (64, 32, 4)],
            256: [(32, 16, 8), (32, 32, 8)]}
+# The backward with descriptors (dQ: key/value tiles; dK/dV: query and dO tiles), same rule.
+_BWD_DKDV_TMA = {64: [(128, 128, 8), (64, 64, 4), (128, 64, 8)],
+                 128: [(128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 8)],  # (64,64,4,2): 1 spill in the loop on 3.6
+                 256: _BWD_DKDV[256]}
+_BWD_DQ_TMA = {64: [(128, 128, 8), (64, 128, 4), (64, 64, 4), (128, 64, 8)],
+               128: [(128, 64, 8), (64, 64, 4), (128, 32, 8), (64, 32, 4)],
+               256: _BWD_DQ[256]}
 _STAGES = (3, 2)
 
 
@@ -44,52 +63,64 @@ def _bucket(block_d: int) -> int:
     return 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
 
 
-def _configs(table):
+def _tiles(entries) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, warps, stages) of a list's entries, in order: an entry without a depth takes each of
+    _STAGES, one with a depth that depth only."""
+    return [(*entry[:3], stages) for entry in entries for stages in (entry[3:] or _STAGES)]
+
+
+def _key(config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
+def _configs(*tables):
     if _INTERPRETER:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    seen, configs = set(), []
-    for bucket in (64, 128, 256):
-        for bm, bn, warps in table[bucket]:
-            for stages in _STAGES:
-                if (bm, bn, warps, stages) not in seen:
-                    seen.add((bm, bn, warps, stages))
-                    configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps,
-                                                 num_stages=stages))
-    return configs
+    tiles = dict.fromkeys(tile for table in tables for bucket in (64, 128, 256) for tile in _tiles(table[bucket]))
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+            for bm, bn, warps, stages in tiles]
 
 
-def _pruner(table, tangent_table=None):
-    """Keep the candidates of the call's head-dim bucket (the first one only without autotuning)."""
+def _pruner(choose):
+    """Keep the candidates of the call's table (`choose(flag)`, flag(name) a constexpr of the launch) and head-dim
+    bucket, in the table's order (the first one only without autotuning)."""
 
     def prune(configs, named_args, **kwargs):
         if _INTERPRETER:
             return configs
-        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-        with_tangent = kwargs.get("HAS_TANGENT", named_args.get("HAS_TANGENT", False))
-        wanted = (tangent_table if with_tangent and tangent_table else table)[_bucket(block_d)]
-        order = {key: i for i, key in enumerate(wanted)}
-        kept = sorted((c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) in order),
-                      key=lambda c: (order[(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)],
-                                     _STAGES.index(c.num_stages)))
+
+        def flag(name):
+            return kwargs.get(name, named_args.get(name, False))
+
+        order = {tile: i for i, tile in enumerate(_tiles(choose(flag)[_bucket(flag("BLOCK_D"))]))}
+        kept = sorted((c for c in configs if _key(c) in order), key=lambda c: order[_key(c)])
         return kept if autotune_enabled() else kept[:1]
 
     return prune
 
 
+def _by_loads(table, tma_table):
+    return lambda flag: tma_table if flag("TMA") else table
+
+
 _KEY = ["seq_q", "seq_k", "BLOCK_D", "CAUSAL", "MASK_KIND"]
 
 attention_fwd = triton.autotune(
-    configs=_configs({b: _FWD[b] + _FWD_TANGENT[b] for b in _FWD}),
-    key=_KEY + ["HAS_TANGENT"],
-    prune_configs_by={"early_config_prune": _pruner(_FWD, _FWD_TANGENT)},
+    configs=_configs(_FWD, _FWD_TANGENT, _FWD_TMA, _FWD_TANGENT_TMA),
+    key=_KEY + ["HAS_TANGENT", "TMA"],
+    prune_configs_by={"early_config_prune": _pruner(
+        lambda flag: _by_loads(_FWD_TANGENT, _FWD_TANGENT_TMA)(flag) if flag("HAS_TANGENT")
+        else _by_loads(_FWD, _FWD_TMA)(flag))},
 )(attention_fwd_kernel)
 
 attention_bwd_dkdv = triton.autotune(
-    configs=_configs(_BWD_DKDV), key=_KEY, prune_configs_by={"early_config_prune": _pruner(_BWD_DKDV)},
+    configs=_configs(_BWD_DKDV, _BWD_DKDV_TMA), key=_KEY + ["TMA"],
+    prune_configs_by={"early_config_prune": _pruner(_by_loads(_BWD_DKDV, _BWD_DKDV_TMA))},
 )(attention_bwd_dkdv_kernel)
 
 attention_bwd_dq = triton.autotune(
-    configs=_configs(_BWD_DQ), key=_KEY, prune_configs_by={"early_config_prune": _pruner(_BWD_DQ)},
+    configs=_configs(_BWD_DQ, _BWD_DQ_TMA), key=_KEY + ["TMA"],
+    prune_configs_by={"early_config_prune": _pruner(_by_loads(_BWD_DQ, _BWD_DQ_TMA))},
 )(attention_bwd_dq_kernel)
 
 DELTA_BLOCK_M = 32 if _INTERPRETER else 128
@@ -108,16 +139,16 @@ _TANGENT_BWD_DKDV = {64: [(32, 64, 8), (32, 32, 8), (16, 32, 8)],
 _TANGENT_BWD_DQ = {64: [(64, 32, 4), (128, 32, 8), (32, 64, 8), (32, 32, 8)],
                    128: [(16, 32, 8), (16, 16, 8)],
                    256: [(16, 16, 8)]}  # the least-spilling (6 spill stores); every wider tile spills more
-_TANGENT_KEY = _KEY + ["HAS_DO"]
+_TANGENT_KEY = _KEY + ["HAS_DO", "TMA"]
 
 tangent_bwd_dkdv = triton.autotune(
     configs=_configs(_TANGENT_BWD_DKDV), key=_TANGENT_KEY,
-    prune_configs_by={"early_config_prune": _pruner(_TANGENT_BWD_DKDV)},
+    prune_configs_by={"early_config_prune": _pruner(lambda flag: _TANGENT_BWD_DKDV)},
 )(tangent_bwd_dkdv_kernel)
 
 tangent_bwd_dq = triton.autotune(
     configs=_configs(_TANGENT_BWD_DQ), key=_TANGENT_KEY,
-    prune_configs_by={"early_config_prune": _pruner(_TANGENT_BWD_DQ)},
+    prune_configs_by={"early_config_prune": _pruner(lambda flag: _TANGENT_BWD_DQ)},
 )(tangent_bwd_dq_kernel)
 
 tangent_bwd_rows = tangent_bwd_rows_kernel  # block: DELTA_BLOCK_M

@@ -27,6 +27,10 @@ diagonal of the query tile), which need no bounds or causal test, then the few e
 last partial tile) with them. Exponentials are MUFU.EX2 with subnormal results flushed (`exp_ftz`); Ṡ's scale c
 rides in the FMA that centres it, Ṡ − μ̂' = c·(Q̇Kᵀ + QK̇ᵀ) − μ̂'.
 
+Key/value tiles come through TMA descriptors of the program's (batch, head) matrices when TMA (sm_90; the host
+checks strides and alignment), else through pointers advanced by BLOCK_N rows a tile; both read 0 past seq_k and
+the head dim.
+
 Cost: six tile GEMMs (QKᵀ, Q̇Kᵀ, QK̇ᵀ, p̃V, p̃V̇, p̃(Ṡ − μ̂)V), 12·Nq·Nk·D FLOPs per head. HAS_TANGENT=False gives the
 plain flash forward (two GEMMs) from the same code.
 
@@ -37,20 +41,20 @@ import triton
 import triton.language as tl
 
 from flowkern.kernels.attention.scores import key_tile_ranges, masked_scores, softmax_exp
-from flowkern.kernels.utils import exp_ftz, load_tile, mma, store_tile, tile_mask, tile_pointers
+from flowkern.kernels.utils import exp_ftz, load_row_tile, load_tile, mma, row_tiles, store_tile
 
 
 @triton.jit
-def _key_tile(q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, mask_base, offs_m, offs_n, offs_d,
+def _key_tile(q, q_t, k_tiles, v_tiles, kt_tiles, vt_tiles, start_n, mask_base, offs_m, offs_n, offs_d,
               m_i, l_i, acc, mu_i, acc_t,
               stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale, causal_offset,
               HAS_TANGENT: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr,
-              UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              TMA: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key tile of the online softmax: (m, l, Õ, μ̂, T̃) updated (module docstring). EDGE tiles test the key
     bounds and the causal diagonal; interior ones (EDGE=False) load and score without either."""
-    k_in = tile_mask(offs_n, offs_d, seq_k, head_dim, EDGE)
-    k = tl.load(k_ptrs, mask=k_in, other=0.0)  # [BLOCK_N, BLOCK_D]
-    v = tl.load(v_ptrs, mask=k_in, other=0.0)  # [BLOCK_N, BLOCK_D]
+    k = load_row_tile(k_tiles, start_n, 0, offs_n, offs_d, seq_k, head_dim, EDGE, TMA)  # [BLOCK_N, BLOCK_D]
+    v = load_row_tile(v_tiles, start_n, 0, offs_n, offs_d, seq_k, head_dim, EDGE, TMA)  # [BLOCK_N, BLOCK_D]
     kT = tl.trans(k)  # [BLOCK_D, BLOCK_N]
     qk = mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
     s = masked_scores(qk, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k, scale,
@@ -66,8 +70,8 @@ def _key_tile(q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, mask_base, offs_m, offs_
     l_i = l_old + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if HAS_TANGENT:
-        k_t = tl.load(kt_ptrs, mask=k_in, other=0.0)  # [BLOCK_N, BLOCK_D]
-        v_t = tl.load(vt_ptrs, mask=k_in, other=0.0)  # [BLOCK_N, BLOCK_D]
+        k_t = load_row_tile(kt_tiles, start_n, 0, offs_n, offs_d, seq_k, head_dim, EDGE, TMA)  # [BLOCK_N, BLOCK_D]
+        v_t = load_row_tile(vt_tiles, start_n, 0, offs_n, offs_d, seq_k, head_dim, EDGE, TMA)  # [BLOCK_N, BLOCK_D]
         s_t = mma(q_t, kT, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, INPUT_PRECISION)
         s_t = mma(q, tl.trans(k_t), s_t, UPCAST, INPUT_PRECISION)  # Ṡ / c
         mu_sum = l_old * mu_i + scale * tl.sum(p * s_t, 1)
@@ -84,25 +88,27 @@ def _key_tile(q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, mask_base, offs_m, offs_
 
 
 @triton.jit
-def _key_walk(start, end, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, mask_base, offs_m, offs_n0, offs_d,
+def _key_walk(start, end, q, q_t, k_tiles, v_tiles, kt_tiles, vt_tiles, mask_base, offs_m, offs_n0, offs_d,
               m_i, l_i, acc, mu_i, acc_t, stride_kn, stride_vn, stride_ktn, stride_vtn, stride_maskm, stride_maskn,
               seq_q, seq_k, head_dim, scale, causal_offset,
-              HAS_TANGENT: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr, SPLIT_TILES: tl.constexpr,
-              UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The key tiles [start, end), pointers advanced by BLOCK_N rows a tile. Interior tiles are software-pipelined;
+              HAS_TANGENT: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr,
+              SPLIT_TILES: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key tiles [start, end) (pointers advanced by BLOCK_N rows a tile). Interior tiles are software-pipelined;
     the few edge tiles (EDGE) are not: a second pipelined loop made ptxas serialise the first one's wgmma (C7515:
     accumulator registers defined between the start and end of a pipeline stage)."""
     for start_n in tl.range(start, end, BLOCK_N, num_stages=1 if EDGE and SPLIT_TILES else None):
         m_i, l_i, acc, mu_i, acc_t = _key_tile(
-            q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, mask_base, offs_m, start_n + offs_n0, offs_d,
+            q, q_t, k_tiles, v_tiles, kt_tiles, vt_tiles, start_n, mask_base, offs_m, start_n + offs_n0, offs_d,
             m_i, l_i, acc, mu_i, acc_t, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale, causal_offset,
-            HAS_TANGENT, CAUSAL, MASK_KIND, EDGE, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
-        if HAS_TANGENT:
-            kt_ptrs += BLOCK_N * stride_ktn
-            vt_ptrs += BLOCK_N * stride_vtn
-    return m_i, l_i, acc, mu_i, acc_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs
+            HAS_TANGENT, CAUSAL, MASK_KIND, EDGE, TMA, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
+        if not TMA:  # pointers move on; a descriptor is indexed by row
+            k_tiles += BLOCK_N * stride_kn
+            v_tiles += BLOCK_N * stride_vn
+            if HAS_TANGENT:
+                kt_tiles += BLOCK_N * stride_ktn
+                vt_tiles += BLOCK_N * stride_vtn
+    return m_i, l_i, acc, mu_i, acc_t, k_tiles, v_tiles, kt_tiles, vt_tiles
 
 
 @triton.jit
@@ -119,7 +125,7 @@ def attention_fwd_kernel(
     stride_otb, stride_oth, stride_otm, stride_otd,
     q_heads, kv_group, seq_q, seq_k, head_dim, scale, causal_offset,
     HAS_TANGENT: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SPLIT_TILES: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -134,18 +140,22 @@ def attention_fwd_kernel(
 
     q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd,
                   seq_q, head_dim, 0.0)  # [BLOCK_M, BLOCK_D]
-    # Pointers of the first key tile, advanced by BLOCK_N rows per tile (no per-tile index arithmetic).
-    k_ptrs = tile_pointers(K + b * stride_kb + h_kv * stride_kh, offs_n0, offs_d, stride_kn, stride_kd)
-    v_ptrs = tile_pointers(V + b * stride_vb + h_kv * stride_vh, offs_n0, offs_d, stride_vn, stride_vd)
+    # The key/value tiles: TMA descriptors, or the first tile's pointers advanced by BLOCK_N rows per tile.
+    k_tiles = row_tiles(K + b * stride_kb + h_kv * stride_kh, seq_k, head_dim, stride_kn, stride_kd, offs_n0, offs_d,
+                        TMA, BLOCK_N, BLOCK_D)
+    v_tiles = row_tiles(V + b * stride_vb + h_kv * stride_vh, seq_k, head_dim, stride_vn, stride_vd, offs_n0, offs_d,
+                        TMA, BLOCK_N, BLOCK_D)
     mask_base = MASK + b * stride_maskb + h * stride_maskh
     q_t = q
-    kt_ptrs = k_ptrs
-    vt_ptrs = v_ptrs
+    kt_tiles = k_tiles
+    vt_tiles = v_tiles
     if HAS_TANGENT:
         q_t = load_tile(QT + b * stride_qtb + h * stride_qth, offs_m, offs_d, stride_qtm, stride_qtd,
                         seq_q, head_dim, 0.0)  # [BLOCK_M, BLOCK_D]
-        kt_ptrs = tile_pointers(KT + b * stride_ktb + h_kv * stride_kth, offs_n0, offs_d, stride_ktn, stride_ktd)
-        vt_ptrs = tile_pointers(VT + b * stride_vtb + h_kv * stride_vth, offs_n0, offs_d, stride_vtn, stride_vtd)
+        kt_tiles = row_tiles(KT + b * stride_ktb + h_kv * stride_kth, seq_k, head_dim, stride_ktn, stride_ktd,
+                             offs_n0, offs_d, TMA, BLOCK_N, BLOCK_D)
+        vt_tiles = row_tiles(VT + b * stride_vtb + h_kv * stride_vth, seq_k, head_dim, stride_vtn, stride_vtd,
+                             offs_n0, offs_d, TMA, BLOCK_N, BLOCK_D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of s (natural units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # Σ p̃
@@ -155,16 +165,16 @@ def attention_fwd_kernel(
 
     interior, hi = key_tile_ranges(pid_m * BLOCK_M, seq_k, causal_offset, CAUSAL, SPLIT_TILES, BLOCK_M, BLOCK_N)
     if SPLIT_TILES:  # interior tiles first, no tests (else every tile is an edge tile)
-        m_i, l_i, acc, mu_i, acc_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs = _key_walk(
-            0, interior, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, mask_base, offs_m, offs_n0, offs_d,
+        m_i, l_i, acc, mu_i, acc_t, k_tiles, v_tiles, kt_tiles, vt_tiles = _key_walk(
+            0, interior, q, q_t, k_tiles, v_tiles, kt_tiles, vt_tiles, mask_base, offs_m, offs_n0, offs_d,
             m_i, l_i, acc, mu_i, acc_t, stride_kn, stride_vn, stride_ktn, stride_vtn, stride_maskm, stride_maskn,
             seq_q, seq_k, head_dim, scale, causal_offset,
-            HAS_TANGENT, CAUSAL, MASK_KIND, False, SPLIT_TILES, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
-    m_i, l_i, acc, mu_i, acc_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs = _key_walk(
-        interior, hi, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, mask_base, offs_m, offs_n0, offs_d,
+            HAS_TANGENT, CAUSAL, MASK_KIND, False, SPLIT_TILES, TMA, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
+    m_i, l_i, acc, mu_i, acc_t, k_tiles, v_tiles, kt_tiles, vt_tiles = _key_walk(
+        interior, hi, q, q_t, k_tiles, v_tiles, kt_tiles, vt_tiles, mask_base, offs_m, offs_n0, offs_d,
         m_i, l_i, acc, mu_i, acc_t, stride_kn, stride_vn, stride_ktn, stride_vtn, stride_maskm, stride_maskn,
         seq_q, seq_k, head_dim, scale, causal_offset,
-        HAS_TANGENT, CAUSAL, MASK_KIND, True, SPLIT_TILES, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
+        HAS_TANGENT, CAUSAL, MASK_KIND, True, SPLIT_TILES, TMA, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
 
     empty = l_i == 0.0  # every key removed
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))  # [BLOCK_M]

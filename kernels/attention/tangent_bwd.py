@@ -24,12 +24,14 @@ Three kernels:
   (QKᵀ, Q̇Kᵀ, QK̇ᵀ, ḠVᵀ, ḠV̇ᵀ, GVᵀ, dSᵀQ, dṠᵀQ̇, dṠᵀQ, WᵀḠ, PᵀG, PᵀḠ); grid (cdiv(seq_k, BLOCK_N), batch·kv_heads).
 Without G (HAS_DO=False) the GVᵀ and PᵀG products drop out. Rows whose every key is removed have m = +inf and 1/l = 0, so P = 0
 and every gradient they send is exactly 0. Operands of the GEMMs are in the input dtype, accumulation in float32.
+The walked tiles (dQ pass: K, V, K̇, V̇; dK/dV pass: Q, Q̇, G, Ḡ) come through TMA descriptors when TMA, else through
+pointers, as in the forward.
 """
 import triton
 import triton.language as tl
 
 from flowkern.kernels.attention.scores import key_tile_ranges, masked_scores, query_tile_ranges, softmax_exp
-from flowkern.kernels.utils import load_rows, load_tile, mma, store_tile
+from flowkern.kernels.utils import load_row_tile, load_rows, load_tile, mma, row_tiles, store_tile
 
 
 @triton.jit
@@ -87,19 +89,21 @@ def _tile_terms(q, q_t, do, do_t, k, k_t, v, v_t, row_max, inv_l, delta_t, kappa
 
 
 @triton.jit
-def _key_walk(start, end, q, q_t, do, do_t, k_base, v_base, kt_base, vt_base, row_max, inv_l, delta_t, kappa, mu, ak,
-              dstk, dstkt, offs_m, offs_n0, offs_d, mask_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_ktn,
-              stride_ktd, stride_vtn, stride_vtd, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale,
-              causal_offset, HAS_DO: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr, SPLIT_TILES: tl.constexpr,
-              UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _key_walk(start, end, q, q_t, do, do_t, k_tiles, v_tiles, kt_tiles, vt_tiles, row_max, inv_l, delta_t, kappa,
+              mu, ak, dstk, dstkt, offs_m, offs_n0, offs_d, mask_base, stride_kn, stride_vn, stride_ktn, stride_vtn,
+              stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale, causal_offset, HAS_DO: tl.constexpr,
+              CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, EDGE: tl.constexpr, SPLIT_TILES: tl.constexpr,
+              TMA: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
     """Key tiles [start, end) of the dQ walk: μ, Σ A·K, Σ dṠ·K and Σ dṠ·K̇ updated. EDGE as in `_tile_terms`;
     edge tiles run unpipelined (as in the forward's `_key_walk`)."""
     for start_n in tl.range(start, end, BLOCK_N, num_stages=1 if EDGE and SPLIT_TILES else None):
         offs_n = start_n + offs_n0
-        k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, seq_k, head_dim, 0.0, EDGE)  # [BLOCK_N, BLOCK_D]
-        v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim, 0.0, EDGE)
-        k_t = load_tile(kt_base, offs_n, offs_d, stride_ktn, stride_ktd, seq_k, head_dim, 0.0, EDGE)
-        v_t = load_tile(vt_base, offs_n, offs_d, stride_vtn, stride_vtd, seq_k, head_dim, 0.0, EDGE)
+        row = tl.cast(start_n, tl.int64)
+        k = load_row_tile(k_tiles, start_n, row * stride_kn, offs_n, offs_d, seq_k, head_dim, EDGE, TMA)  # [BN, BD]
+        v = load_row_tile(v_tiles, start_n, row * stride_vn, offs_n, offs_d, seq_k, head_dim, EDGE, TMA)
+        k_t = load_row_tile(kt_tiles, start_n, row * stride_ktn, offs_n, offs_d, seq_k, head_dim, EDGE, TMA)
+        v_t = load_row_tile(vt_tiles, start_n, row * stride_vtn, offs_n, offs_d, seq_k, head_dim, EDGE, TMA)
         p, s_t, ds_t, a = _tile_terms(q, q_t, do, do_t, k, k_t, v, v_t, row_max, inv_l, delta_t, kappa, offs_m,
                                       offs_n, mask_base, stride_maskm, stride_maskn, seq_q, seq_k, scale,
                                       causal_offset, HAS_DO, CAUSAL, MASK_KIND, EDGE, UPCAST, INPUT_PRECISION,
@@ -112,23 +116,25 @@ def _key_walk(start, end, q, q_t, do, do_t, k_base, v_base, kt_base, vt_base, ro
 
 
 @triton.jit
-def _query_walk(n_tiles, band, first, second, q_base, qt_base, do_base, dot_base, ROW_STATS, DELTA_T, KAPPA, MU,
-                row_base, k, k_t, v, v_t, dk, dv, dkt, dvt, offs_m0, offs_n, offs_d, mask_base, stride_qm, stride_qd,
-                stride_qtm, stride_qtd, stride_dom, stride_dod, stride_dotm, stride_dotd, stride_maskm, stride_maskn,
+def _query_walk(n_tiles, band, first, second, q_tiles, qt_tiles, do_tiles, dot_tiles, ROW_STATS, DELTA_T, KAPPA, MU,
+                row_base, k, k_t, v, v_t, dk, dv, dkt, dvt, offs_m0, offs_n, offs_d, mask_base, stride_qm,
+                stride_qtm, stride_dom, stride_dotm, stride_maskm, stride_maskn,
                 seq_q, seq_k, head_dim, scale, causal_offset, HAS_DO: tl.constexpr, CAUSAL: tl.constexpr,
-                MASK_KIND: tl.constexpr, EDGE: tl.constexpr, SPLIT_TILES: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                MASK_KIND: tl.constexpr, EDGE: tl.constexpr, SPLIT_TILES: tl.constexpr, TMA: tl.constexpr,
+                UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV, dK̇, dV̇ of the program's key tile summed over n_tiles query tiles: tile i < band starts at row
     first + i·BLOCK_M, the others at second + (i − band)·BLOCK_M. EDGE tiles also test the rows, unpipelined (as in
     the forward's `_key_walk`)."""
     for i in tl.range(0, n_tiles, num_stages=1 if EDGE and SPLIT_TILES else None):
-        offs_m = tl.where(i < band, first + i * BLOCK_M, second + (i - band) * BLOCK_M) + offs_m0  # [BLOCK_M]
-        q = load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, 0.0, EDGE)  # [BM, BLOCK_D]
-        q_t = load_tile(qt_base, offs_m, offs_d, stride_qtm, stride_qtd, seq_q, head_dim, 0.0, EDGE)
-        do_t = load_tile(dot_base, offs_m, offs_d, stride_dotm, stride_dotd, seq_q, head_dim, 0.0, EDGE)
+        start_m = tl.where(i < band, first + i * BLOCK_M, second + (i - band) * BLOCK_M)
+        offs_m = start_m + offs_m0  # [BLOCK_M]
+        row = start_m.to(tl.int64)
+        q = load_row_tile(q_tiles, start_m, row * stride_qm, offs_m, offs_d, seq_q, head_dim, EDGE, TMA)  # [BM, BD]
+        q_t = load_row_tile(qt_tiles, start_m, row * stride_qtm, offs_m, offs_d, seq_q, head_dim, EDGE, TMA)
+        do_t = load_row_tile(dot_tiles, start_m, row * stride_dotm, offs_m, offs_d, seq_q, head_dim, EDGE, TMA)
         do = do_t
         if HAS_DO:
-            do = load_tile(do_base, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, 0.0, EDGE)
+            do = load_row_tile(do_tiles, start_m, row * stride_dom, offs_m, offs_d, seq_q, head_dim, EDGE, TMA)
         rows = row_base + offs_m
         row_max = load_rows(ROW_STATS + rows * 2, offs_m, seq_q, float("inf"), EDGE)  # [BLOCK_M]
         inv_l = load_rows(ROW_STATS + rows * 2 + 1, offs_m, seq_q, 0.0, EDGE)
@@ -168,7 +174,7 @@ def tangent_bwd_dq_kernel(
     stride_dqtb, stride_dqth, stride_dqtm, stride_dqtd,
     q_heads, kv_group, seq_q, seq_k, head_dim, scale, causal_offset,
     HAS_DO: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SPLIT_TILES: tl.constexpr,
-    UPCAST: tl.constexpr,
+    TMA: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -195,10 +201,15 @@ def tangent_bwd_dq_kernel(
     inv_l = tl.load(ROW_STATS + row * 2 + 1, mask=in_rows, other=0.0)
     delta_t = tl.load(DELTA_T + row, mask=in_rows, other=0.0)
     kappa = tl.load(KAPPA + row, mask=in_rows, other=0.0)
-    k_base = K + b * stride_kb + h_kv * stride_kh
-    v_base = V + b * stride_vb + h_kv * stride_vh
-    kt_base = KT + b * stride_ktb + h_kv * stride_kth
-    vt_base = VT + b * stride_vtb + h_kv * stride_vth
+    # key/value tiles: TMA descriptors, or the pointers of keys [0, BLOCK_N) shifted per tile
+    k_tiles = row_tiles(K + b * stride_kb + h_kv * stride_kh, seq_k, head_dim, stride_kn, stride_kd, offs_n0, offs_d,
+                        TMA, BLOCK_N, BLOCK_D)
+    v_tiles = row_tiles(V + b * stride_vb + h_kv * stride_vh, seq_k, head_dim, stride_vn, stride_vd, offs_n0, offs_d,
+                        TMA, BLOCK_N, BLOCK_D)
+    kt_tiles = row_tiles(KT + b * stride_ktb + h_kv * stride_kth, seq_k, head_dim, stride_ktn, stride_ktd, offs_n0,
+                         offs_d, TMA, BLOCK_N, BLOCK_D)
+    vt_tiles = row_tiles(VT + b * stride_vtb + h_kv * stride_vth, seq_k, head_dim, stride_vtn, stride_vtd, offs_n0,
+                         offs_d, TMA, BLOCK_N, BLOCK_D)
     mask_base = MASK + b * stride_maskb + h * stride_maskh
 
     mu = tl.zeros([BLOCK_M], tl.float32)  # μ = Σ P⊙Ṡ
@@ -208,15 +219,15 @@ def tangent_bwd_dq_kernel(
     interior, hi = key_tile_ranges(pid_m * BLOCK_M, seq_k, causal_offset, CAUSAL, SPLIT_TILES, BLOCK_M, BLOCK_N)
     if SPLIT_TILES:  # interior tiles first, no tests (else every tile is an edge tile)
         mu, ak, dstk, dstkt = _key_walk(
-            0, interior, q, q_t, do, do_t, k_base, v_base, kt_base, vt_base, row_max, inv_l, delta_t, kappa, mu, ak, dstk,
-            dstkt, offs_m, offs_n0, offs_d, mask_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_ktn, stride_ktd,
-            stride_vtn, stride_vtd, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale, causal_offset, HAS_DO,
-            CAUSAL, MASK_KIND, False, SPLIT_TILES, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
+            0, interior, q, q_t, do, do_t, k_tiles, v_tiles, kt_tiles, vt_tiles, row_max, inv_l, delta_t, kappa, mu,
+            ak, dstk, dstkt, offs_m, offs_n0, offs_d, mask_base, stride_kn, stride_vn, stride_ktn, stride_vtn,
+            stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale, causal_offset, HAS_DO,
+            CAUSAL, MASK_KIND, False, SPLIT_TILES, TMA, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
     mu, ak, dstk, dstkt = _key_walk(
-        interior, hi, q, q_t, do, do_t, k_base, v_base, kt_base, vt_base, row_max, inv_l, delta_t, kappa, mu, ak, dstk,
-        dstkt, offs_m, offs_n0, offs_d, mask_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_ktn, stride_ktd,
-        stride_vtn, stride_vtd, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale, causal_offset, HAS_DO,
-        CAUSAL, MASK_KIND, True, SPLIT_TILES, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
+        interior, hi, q, q_t, do, do_t, k_tiles, v_tiles, kt_tiles, vt_tiles, row_max, inv_l, delta_t, kappa, mu,
+        ak, dstk, dstkt, offs_m, offs_n0, offs_d, mask_base, stride_kn, stride_vn, stride_ktn, stride_vtn,
+        stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale, causal_offset, HAS_DO,
+        CAUSAL, MASK_KIND, True, SPLIT_TILES, TMA, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
 
     dq = (ak - mu[:, None] * dstk + dstkt) * scale
     store_tile(DQ + b * stride_dqb + h * stride_dqh, dq, offs_m, offs_d, stride_dqm, stride_dqd, seq_q, head_dim)
@@ -243,7 +254,7 @@ def tangent_bwd_dkdv_kernel(
     stride_dvtb, stride_dvth, stride_dvtn, stride_dvtd,
     q_heads, kv_heads, kv_group, seq_q, seq_k, head_dim, scale, causal_offset,
     HAS_DO: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SPLIT_TILES: tl.constexpr,
-    UPCAST: tl.constexpr,
+    TMA: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -271,25 +282,30 @@ def tangent_bwd_dkdv_kernel(
     n_edge = band + tl.cdiv(seq_q - interior_hi, BLOCK_M)  # and after them (the last partial tile)
     for g in range(0, kv_group):
         h = h_kv * kv_group + g
-        q_base = Q + b * stride_qb + h * stride_qh
-        qt_base = QT + b * stride_qtb + h * stride_qth
-        do_base = DO + b * stride_dob + h * stride_doh
-        dot_base = DOT + b * stride_dotb + h * stride_doth
+        # this head's query-side tiles: TMA descriptors, or the pointers of rows [0, BLOCK_M) shifted per tile
+        q_tiles = row_tiles(Q + b * stride_qb + h * stride_qh, seq_q, head_dim, stride_qm, stride_qd, offs_m0, offs_d,
+                            TMA, BLOCK_M, BLOCK_D)
+        qt_tiles = row_tiles(QT + b * stride_qtb + h * stride_qth, seq_q, head_dim, stride_qtm, stride_qtd, offs_m0,
+                             offs_d, TMA, BLOCK_M, BLOCK_D)
+        do_tiles = row_tiles(DO + b * stride_dob + h * stride_doh, seq_q, head_dim, stride_dom, stride_dod, offs_m0,
+                             offs_d, TMA, BLOCK_M, BLOCK_D)
+        dot_tiles = row_tiles(DOT + b * stride_dotb + h * stride_doth, seq_q, head_dim, stride_dotm, stride_dotd,
+                              offs_m0, offs_d, TMA, BLOCK_M, BLOCK_D)
         row_base = (b * q_heads + h) * seq_q
         mask_base = MASK + b * stride_maskb + h * stride_maskh
         n_interior = (interior_hi - interior_lo) // BLOCK_M
         if SPLIT_TILES:  # interior tiles first, no tests (else every tile is an edge tile)
             dk, dv, dkt, dvt = _query_walk(
-                n_interior, 0, 0, interior_lo, q_base, qt_base, do_base, dot_base, ROW_STATS, DELTA_T, KAPPA, MU,
-                row_base, k, k_t, v, v_t, dk, dv, dkt, dvt, offs_m0, offs_n, offs_d, mask_base, stride_qm, stride_qd,
-                stride_qtm, stride_qtd, stride_dom, stride_dod, stride_dotm, stride_dotd, stride_maskm, stride_maskn, seq_q,
-                seq_k, head_dim, scale, causal_offset, HAS_DO, CAUSAL, MASK_KIND, False, SPLIT_TILES, UPCAST, INPUT_PRECISION,
+                n_interior, 0, 0, interior_lo, q_tiles, qt_tiles, do_tiles, dot_tiles, ROW_STATS, DELTA_T, KAPPA, MU,
+                row_base, k, k_t, v, v_t, dk, dv, dkt, dvt, offs_m0, offs_n, offs_d, mask_base, stride_qm,
+                stride_qtm, stride_dom, stride_dotm, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale,
+                causal_offset, HAS_DO, CAUSAL, MASK_KIND, False, SPLIT_TILES, TMA, UPCAST, INPUT_PRECISION,
                 BLOCK_M, BLOCK_N)
         dk, dv, dkt, dvt = _query_walk(
-            n_edge, band, lo, interior_hi, q_base, qt_base, do_base, dot_base, ROW_STATS, DELTA_T, KAPPA, MU,
-            row_base, k, k_t, v, v_t, dk, dv, dkt, dvt, offs_m0, offs_n, offs_d, mask_base, stride_qm, stride_qd,
-            stride_qtm, stride_qtd, stride_dom, stride_dod, stride_dotm, stride_dotd, stride_maskm, stride_maskn, seq_q,
-            seq_k, head_dim, scale, causal_offset, HAS_DO, CAUSAL, MASK_KIND, True, SPLIT_TILES, UPCAST, INPUT_PRECISION,
+            n_edge, band, lo, interior_hi, q_tiles, qt_tiles, do_tiles, dot_tiles, ROW_STATS, DELTA_T, KAPPA, MU,
+            row_base, k, k_t, v, v_t, dk, dv, dkt, dvt, offs_m0, offs_n, offs_d, mask_base, stride_qm,
+            stride_qtm, stride_dom, stride_dotm, stride_maskm, stride_maskn, seq_q, seq_k, head_dim, scale,
+            causal_offset, HAS_DO, CAUSAL, MASK_KIND, True, SPLIT_TILES, TMA, UPCAST, INPUT_PRECISION,
             BLOCK_M, BLOCK_N)
 
     store_tile(DK + b * stride_dkb + h_kv * stride_dkh, dk * scale, offs_n, offs_d, stride_dkn, stride_dkd, seq_k, head_dim)
