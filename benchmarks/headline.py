@@ -7,7 +7,8 @@
 * The distinct kernels (forward + tangent full/causal, the primal backward) are compiled first, in parallel
   processes that fill Triton's on-disk cache; the timing process then only loads them.
 * Cases run most important first (forward + tangent, B=1, H=32, D=64, bf16, N=8192 non-causal against
-  jvp-flash-attention, then the math JVP at N ≤ 4096, then causal, then forward + tangent + primal backward); each
+  jvp-flash-attention and flowkern's own pointer path (`flowkern_pointers`, FLOWKERN_TMA=0: what the TMA
+  descriptors buy), then the math JVP at N ≤ 4096, then causal, then forward + tangent + primal backward); each
   result is one JSON line appended to --out and flushed as soon as it is measured, so a killed run keeps every
   line before the kill. No new case starts after --budget-s.
 * --smoke: tiny CPU shapes through the same code (the reference backend), for tests.
@@ -28,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FWD_BWD_FLOP_FACTOR = 22.0 / 12.0
 IMPLS = ("flowkern", "jvp_flash_attention", "math_sdpa_jvp")
+POINTERS = "flowkern_pointers"  # flowkern with FLOWKERN_TMA=0: what the TMA descriptors buy, headline shape only
 
 
 def plan(seqs, smoke: bool = False) -> list[dict]:
@@ -41,6 +43,8 @@ def plan(seqs, smoke: bool = False) -> list[dict]:
                 if impl == "math_sdpa_jvp" and seq > 4096 and not smoke:
                     continue  # several 4 GiB score tensors at H=32, N=8192
                 cases.append(dict(case="fwd+tangent", impl=impl, seq=seq, causal=causal, heads=heads, dim=dim))
+            if seq == big and not causal:
+                cases.append(dict(case="fwd+tangent", impl=POINTERS, seq=seq, causal=causal, heads=heads, dim=dim))
     for impl in IMPLS:
         seq = min(big, 4096)
         cases.append(dict(case="fwd+tangent+bwd", impl=impl, seq=seq, causal=False, heads=heads, dim=dim))
@@ -51,13 +55,36 @@ def _impl(name):
     import flowkern
     from flowkern import baselines
 
-    if name == "flowkern":
-        return lambda q, k, v, q_t, k_t, v_t, causal: flowkern.jvp_attention(q, k, v, q_t, k_t, v_t, is_causal=causal, enable_gqa=True)
+    if name in ("flowkern", POINTERS):
+        def run(q, k, v, q_t, k_t, v_t, causal):
+            with _loads("0" if name == POINTERS else None):
+                return flowkern.jvp_attention(q, k, v, q_t, k_t, v_t, is_causal=causal, enable_gqa=True)
+
+        return run
     if name == "math_sdpa_jvp":
         return lambda *args, causal: baselines.math_sdpa_jvp(*args, is_causal=causal)
     if not baselines.jvp_flash_attention_available():
         return None
     return lambda *args, causal: baselines.jvp_flash_attention_jvp(*args, is_causal=causal)
+
+
+def _loads(tma):
+    """FLOWKERN_TMA set to `tma` ('0', '1', 'auto') for the block (None: left as it is)."""
+    import contextlib
+
+    from flowkern import _config
+
+    @contextlib.contextmanager
+    def block():
+        saved = _config._env["tma"]
+        if tma is not None:
+            _config._env["tma"] = tma
+        try:
+            yield
+        finally:
+            _config._env["tma"] = saved
+
+    return block()
 
 
 def _inputs(case, device, dtype):
@@ -106,7 +133,7 @@ def measure(case: dict, device, dtype) -> dict:
                 peak_mib=None if peak is None else peak / 2**20)
 
 
-def warm(causal: bool, with_backward: bool) -> None:
+def warm(causal: bool, with_backward: bool, pointers: bool = False) -> None:
     """Compile one kernel variant into Triton's cache (a small shape with the headline's specialisation)."""
     import torch
 
@@ -114,7 +141,7 @@ def warm(causal: bool, with_backward: bool) -> None:
 
     case = dict(case="fwd+tangent+bwd" if with_backward else "fwd+tangent", seq=256, heads=32, dim=64,
                 causal=causal)
-    step = _step(case, _impl("flowkern"), _inputs(case, torch.device("cuda"), torch.bfloat16))
+    step = _step(case, _impl(POINTERS if pointers else "flowkern"), _inputs(case, torch.device("cuda"), torch.bfloat16))
     step()
     torch.cuda.synchronize()
     del flowkern
@@ -122,14 +149,14 @@ def warm(causal: bool, with_backward: bool) -> None:
 
 def compile_in_parallel(jobs: int, timeout_s: float) -> list[str]:
     """Warm every headline kernel variant in its own process (at most `jobs` at once); returns error lines."""
-    variants = [(False, False), (True, False), (False, True)]
+    variants = [(False, False, False), (True, False, False), (False, True, False), (False, False, True)]
     procs, errors = [], []
     pending = list(variants)
     deadline = time.monotonic() + timeout_s
     while pending or procs:
         while pending and len(procs) < jobs:
-            causal, backward = pending.pop(0)
-            cmd = [sys.executable, __file__, "--warm", f"{int(causal)}{int(backward)}"]
+            causal, backward, pointers = pending.pop(0)
+            cmd = [sys.executable, __file__, "--warm", f"{int(causal)}{int(backward)}{int(pointers)}"]
             procs.append((cmd[-1], subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
         name, proc = procs.pop(0)
         try:
@@ -173,7 +200,7 @@ def main(argv=None) -> int:
     if not args.smoke:  # pinned configs: read when the kernel modules are imported
         os.environ.setdefault("FLOWKERN_AUTOTUNE", "0")
     if args.warm is not None:
-        warm(causal=args.warm[0] == "1", with_backward=args.warm[1] == "1")
+        warm(causal=args.warm[0] == "1", with_backward=args.warm[1] == "1", pointers=args.warm[2:3] == "1")
         return 0
     start = time.monotonic()
     import torch

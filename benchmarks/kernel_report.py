@@ -5,7 +5,7 @@
 Each launch is captured from flowkern's host launcher at the headline shape (B=1, H=32, N=8192, bf16) and compiled
 with the JIT's own specialisation (`jit_compile.py`: stride == 1 and group == 1 as constants, 16-divisible ints and
 16-byte-aligned pointers marked) for every candidate config of `kernels/attention/configs.py` (`--sweep`: every
-tile of a wider grid). Per kernel and config it prints, from the cubin (the cuobjdump/nvdisasm bundled with Triton):
+tile of a wider grid; narrower tiles at head dim 256). Per kernel and config it prints, from the cubin (the cuobjdump/nvdisasm bundled with Triton):
 
 * regs, stack bytes and spill instructions (STL stores / LDL loads to local memory; `in loop`: those inside a
   loop with matrix instructions, paid every tile);
@@ -64,13 +64,16 @@ def attention_launches(head_dim: int, causal: bool, seq: int = 8192, heads: int 
 
 KERNELS = ("fwd+tangent", "fwd", "bwd dkdv", "bwd dq", "tbwd dkdv", "tbwd dq")
 SWEEP_TILES = [(bm, bn, w) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8)]
+# head dim 256: a [128, 256] float32 accumulator alone is 128 registers a thread at 8 warps; narrower tiles
+SWEEP_TILES_256 = [(bm, bn, w) for bm in (32, 64) for bn in (16, 32, 64) for w in (4, 8)]
 
 
-def _configs(launch, sweep: bool, stages=(2, 3)):
+def _configs(launch, sweep: bool, stages=(2, 3), head_dim: int = 64):
     if not sweep:
         return [c for c in launch.candidates() if c is None or c.num_stages in stages]
+    tiles = SWEEP_TILES_256 if head_dim > 128 else SWEEP_TILES
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w in SWEEP_TILES for s in stages]
+            for bm, bn, w in tiles for s in stages]
 
 
 def _config_label(config) -> str:
@@ -161,7 +164,8 @@ def main(argv=None) -> int:
         for c in causal:
             for label, launch in attention_launches(head_dim, c):
                 if any(label.startswith(k + " ") for k in args.kernels):
-                    jobs.extend((label, launch, config) for config in _configs(launch, args.sweep, args.stages))
+                    jobs.extend((label, launch, config)
+                                for config in _configs(launch, args.sweep, args.stages, head_dim))
     walks = "interior + edge loops" if _config.split_tiles() else "one masked loop"
     loads = "TMA descriptors" if _config._env["tma"] == "1" else "pointers"  # where the tensors allow
     print(f"sm_{args.arch}, bf16, B=1 H=32 N=8192, Triton {triton.__version__}, JIT specialisation, tile walks: "

@@ -138,6 +138,8 @@ def test_headline_plan_runs_the_headline_comparison_first():
     cases = headline.plan([2048, 4096, 8192])
     first = [(c["case"], c["seq"], c["causal"], c["impl"]) for c in cases[:2]]
     assert first == [("fwd+tangent", 8192, False, "flowkern"), ("fwd+tangent", 8192, False, "jvp_flash_attention")]
+    pointers = [(c["seq"], c["causal"]) for c in cases if c["impl"] == headline.POINTERS]
+    assert pointers == [(8192, False)]  # the TMA-against-pointers figure, at the headline shape only
     assert not any(c["impl"] == "math_sdpa_jvp" and c["seq"] > 4096 for c in cases)
     assert {c["heads"] for c in cases} == {32} and {c["dim"] for c in cases} == {64}
     assert cases[-1]["case"] == "fwd+tangent+bwd"
