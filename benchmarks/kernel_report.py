@@ -68,10 +68,10 @@ SWEEP_TILES = [(bm, bn, w) for bm in (64, 128) for bn in (32, 64, 128) for w in 
 SWEEP_TILES_256 = [(bm, bn, w) for bm in (32, 64) for bn in (16, 32, 64) for w in (4, 8)]
 
 
-def _configs(launch, sweep: bool, stages=(2, 3), head_dim: int = 64):
+def _configs(launch, sweep: bool, stages=(2, 3), head_dim: int = 64, narrow: bool = False):
     if not sweep:
         return [c for c in launch.candidates() if c is None or c.num_stages in stages]
-    tiles = SWEEP_TILES_256 if head_dim > 128 else SWEEP_TILES
+    tiles = SWEEP_TILES_256 if narrow or head_dim > 128 else SWEEP_TILES
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm, bn, w in tiles for s in stages]
 
@@ -138,6 +138,8 @@ def parse_args(argv=None):
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS),
                         help=f"which kernels (default all: {', '.join(KERNELS)}; tbwd = tangent backward)")
     parser.add_argument("--sweep", action="store_true", help="a wider tile grid instead of the autotune candidates")
+    parser.add_argument("--narrow", action="store_true",
+                        help="with --sweep: the narrow grid (BLOCK_M 32/64, BLOCK_N 16/32/64) at every head dim")
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3], help="pipelining depths (default 2 3)")
     parser.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)),
                         help="parallel compiles (default min(4, cores))")
@@ -165,7 +167,7 @@ def main(argv=None) -> int:
             for label, launch in attention_launches(head_dim, c):
                 if any(label.startswith(k + " ") for k in args.kernels):
                     jobs.extend((label, launch, config)
-                                for config in _configs(launch, args.sweep, args.stages, head_dim))
+                                for config in _configs(launch, args.sweep, args.stages, head_dim, args.narrow))
     walks = "interior + edge loops" if _config.split_tiles() else "one masked loop"
     loads = "TMA descriptors" if _config._env["tma"] == "1" else "pointers"  # where the tensors allow
     print(f"sm_{args.arch}, bf16, B=1 H=32 N=8192, Triton {triton.__version__}, JIT specialisation, tile walks: "

@@ -141,3 +141,18 @@ def test_descriptor_scratch_allocator_is_set_for_the_launch_only(monkeypatch):
                 assert _allocation._allocator.get() is callers
     finally:
         _allocation._allocator.reset(token)
+
+
+def test_descriptor_scratch_without_the_context_variable_uses_the_public_setter(monkeypatch):
+    import triton
+    from triton.runtime import _allocation
+
+    from flowkern.attention.triton_launch import _ScratchAllocator, _descriptor_scratch
+
+    seen = []
+    monkeypatch.setattr(_allocation, "_allocator", None)
+    monkeypatch.setattr(triton, "set_allocator", seen.append)
+    monkeypatch.setitem(flowkern._config._env, "interpret", False)
+    with _descriptor_scratch(torch.device("cpu"), True):
+        pass
+    assert len(seen) == 1 and isinstance(seen[0], _ScratchAllocator)

@@ -65,11 +65,16 @@ def _descriptor_scratch(device: torch.device, enabled: bool):
         return
     from triton.runtime import _allocation
 
-    token = _allocation._allocator.set(_ScratchAllocator(device))
+    allocator = getattr(_allocation, "_allocator", None)
+    if allocator is None:  # a Triton without the ContextVar (3.6 to 3.9 have it): the public, global setter
+        triton.set_allocator(_ScratchAllocator(device))
+        yield
+        return
+    token = allocator.set(_ScratchAllocator(device))
     try:
         yield
     finally:
-        _allocation._allocator.reset(token)
+        allocator.reset(token)
 
 
 def _block_d(head_dim: int) -> int:

@@ -8,8 +8,9 @@ may take, ranked by main-loop warp instructions per thousand score elements (low
 the pinned config (FLOWKERN_AUTOTUNE=0, the GPU check's headline); where the best-ranked tile needs nearly all the
 shared memory, it comes second, and so does a 4-warp tile within 10% of an 8-warp one (one warpgroup has no second
 one to run its softmax while the other's GEMMs run). Pipelining depth 3 comes before 2 (two stages leave the next
-tile's loads exposed) unless a tile names its depth. The pointer path's head-dim-256 lists are not re-derived yet
-(they predate the report; the TMA lists at 256 are). On a GPU the autotuner picks among the candidates of the call's padded head dim and loads (TMA or
+tile's loads exposed) unless a tile names its depth. At head dim 256 the sweep is narrower (BLOCK_M 32/64, BLOCK_N
+16/32/64) and only the plain forward has wgmma-only tiles; the other lists there take tiles with no spill inside the
+loop, and the pointer path's forward + tangent has none (its list predates the report). On a GPU the autotuner picks among the candidates of the call's padded head dim and loads (TMA or
 pointers), per (sequence lengths, flags); in Triton's interpreter there is one small config, with BLOCK_M ≠ BLOCK_N
 so the causal tile bounds are exercised (and, from 32 rows and 16 keys on, both interior and edge tiles).
 """
@@ -31,15 +32,15 @@ _FWD_TANGENT = {64: [(128, 64, 8), (64, 64, 4), (128, 32, 8), (64, 32, 4)],
                 256: [(32, 16, 8), (64, 16, 8)]}
 _FWD = {64: [(128, 128, 8), (64, 128, 4), (128, 64, 4), (128, 64, 8)],
         128: [(128, 128, 8), (128, 64, 8), (64, 64, 4), (128, 32, 8), (64, 32, 4)],  # (128,128,8): 0.85x (128,64,8)
-        256: [(32, 16, 8), (32, 32, 8), (64, 16, 8)]}
+        256: [(64, 32, 4), (64, 64, 8), (64, 16, 4)]}
 # Key/value tiles through TMA descriptors (`tma_loads`): registers no longer hold the loads in flight, and the
 # 128-key tiles compile with no spill inside the loop on Triton 3.6 and 3.9, full and causal (--sweep, ranked by
 # the mean over both versions and both masks). Warp instructions per score against the pointer path's pinned tile:
 # forward + tangent 0.77x (D = 64) and 0.62x (D = 128), forward 0.95x and 0.75x. (128,64,8) at D = 128 needs
 # 256 KiB with 3 stages: 2 only.
 # D = 256 from the narrow sweep (BLOCK_M 32/64, BLOCK_N 16/32/64): only the plain forward has wgmma-only tiles there;
-# the others take the tiles with no spill inside the loop (they mix in mma.sync). Against the pointer lists' first
-# tile (spilling, never re-derived): forward + tangent 0.27x, forward 0.11x, dK/dV 0.30x, dQ 0.31x.
+# the others take the tiles with no spill inside the loop (they mix in mma.sync). Against the old first tile at 256,
+# (32,16,8) with pointers: forward + tangent 0.27x, forward 0.11x, dK/dV 0.30x, dQ 0.31x.
 _FWD_TANGENT_TMA = {64: [(128, 128, 8), (64, 128, 4), (64, 64, 4), (128, 64, 8)],
                     128: [(128, 64, 8, 2), (64, 64, 4), (128, 32, 8), (64, 32, 4)],
                     256: [(32, 64, 8, 2), (32, 32, 8)]}
@@ -48,10 +49,10 @@ _FWD_TMA = {64: [(128, 128, 8), (128, 128, 4), (64, 128, 4), (128, 64, 4)],
             256: [(64, 64, 4), (64, 32, 4), (32, 64, 4)]}
 _BWD_DKDV = {64: [(64, 64, 4), (128, 64, 8), (64, 64, 8)],
              128: [(128, 64, 8, 2), (64, 64, 8)],   # (64,64,4) spills; (128,64,8) needs 243 KiB with 3 stages
-             256: [(32, 16, 8), (32, 32, 8)]}
+             256: [(32, 32, 8, 2), (32, 16, 8)]}
 _BWD_DQ = {64: [(128, 64, 8), (64, 64, 4), (128, 32, 8), (64, 32, 4)],
            128: [(128, 32, 8), (64, 32, 4)],
-           256: [(32, 16, 8), (32, 32, 8)]}
+           256: [(32, 64, 8), (32, 16, 4), (32, 32, 8)]}
 # The backward with descriptors (dQ: key/value tiles; dK/dV: query and dO tiles), same rule.
 _BWD_DKDV_TMA = {64: [(128, 128, 8), (64, 64, 4), (128, 64, 8)],
                  128: [(128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 8)],  # (64,64,4,2): 1 spill in the loop on 3.6
