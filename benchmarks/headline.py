@@ -19,6 +19,7 @@ halved by causality; ×22/12 with the backward), peak_mib, or error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -68,23 +69,18 @@ def _impl(name):
     return lambda *args, causal: baselines.jvp_flash_attention_jvp(*args, is_causal=causal)
 
 
+@contextlib.contextmanager
 def _loads(tma):
     """FLOWKERN_TMA set to `tma` ('0', '1', 'auto') for the block (None: left as it is)."""
-    import contextlib
-
     from flowkern import _config
 
-    @contextlib.contextmanager
-    def block():
-        saved = _config._env["tma"]
-        if tma is not None:
-            _config._env["tma"] = tma
-        try:
-            yield
-        finally:
-            _config._env["tma"] = saved
-
-    return block()
+    saved = _config._env["tma"]
+    if tma is not None:
+        _config._env["tma"] = tma
+    try:
+        yield
+    finally:
+        _config._env["tma"] = saved
 
 
 def _inputs(case, device, dtype):
@@ -214,7 +210,6 @@ def main(argv=None) -> int:
             return 2
         device, dtype = torch.device("cuda"), torch.bfloat16
         seqs = args.seq
-    import contextlib
 
     import flowkern
 

@@ -17,6 +17,7 @@ block at run time. An invalid FLOWKERN_BACKEND is reported by the first op that 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 
@@ -134,5 +135,14 @@ def tma_loads(device) -> bool:
     import torch
 
     device = torch.device(device)
-    return (device.type == "cuda" and not triton_interpreting()
-            and torch.cuda.get_device_capability(device) >= (9, 0))
+    if device.type != "cuda" or triton_interpreting():
+        return False
+    return _has_tma(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(index: int) -> bool:
+    """Compute capability ≥ 9.0 (once per device: `tma_loads` runs on every attention launch)."""
+    import torch
+
+    return torch.cuda.get_device_capability(index) >= (9, 0)

@@ -103,6 +103,7 @@ def test_tma_choice_follows_the_device_and_the_override(setenv, monkeypatch):
     assert _config.tma_loads("cpu") is False
     for capability, expected in [((8, 0), False), ((9, 0), True), ((10, 0), True)]:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        _config._has_tma.cache_clear()
         monkeypatch.setitem(_config._env, "interpret", False)
         assert _config.tma_loads("cuda:0") is expected, capability
         monkeypatch.setitem(_config._env, "interpret", True)
@@ -116,3 +117,4 @@ def test_tma_choice_follows_the_device_and_the_override(setenv, monkeypatch):
     with pytest.raises(ValueError, match="FLOWKERN_TMA='yes'"):
         _config.tma_loads("cpu")
     assert collect()["settings"]["attention_tile_loads"].startswith("unknown: FLOWKERN_TMA")
+    _config._has_tma.cache_clear()  # no faked capability left behind

@@ -7,8 +7,7 @@ import triton
 
 from flowkern._fused import kernel_module
 from flowkern.attention.spec import AttentionSpec
-from flowkern._config import tma_loads
-from flowkern.attention.triton_launch import _block_d, _descriptor_scratch, _mask_args, _padded, _tma_ready, _walk_flags
+from flowkern.attention.triton_launch import _block_d, _mask_args, _padded, _tile_loads, _walk_flags
 
 
 def attention_tangent_bwd(q, k, v, q_t, k_t, v_t, o, o_t, stats, do, do_t, attn_mask, spec: AttentionSpec):
@@ -38,15 +37,13 @@ def attention_tangent_bwd(q, k, v, q_t, k_t, v_t, o, o_t, stats, do, do_t, attn_
                   **_walk_flags(q.dtype))
     inputs = (q, k, v, q_t, k_t, v_t, do_, do_t, stats, delta_t, kappa, mu, mask)
     # dQ first: it writes μ, which the dK/dV pass reads
-    tma = tma_loads(q.device) and _tma_ready(k, v, k_t, v_t)
-    with _descriptor_scratch(q.device, tma):
+    with _tile_loads(q.device, k, v, k_t, v_t) as tma:
         kern.tangent_bwd_dq[lambda meta: (triton.cdiv(spec.seq_q, meta["BLOCK_M"]), bh)](
             *inputs, dq, dqt, *strides, *dq.stride(), *dqt.stride(),
             spec.q_heads, spec.kv_group, spec.seq_q, spec.seq_k, width, spec.scale, spec.causal_offset, TMA=tma,
             **common,
         )
-    tma = tma_loads(q.device) and _tma_ready(q, q_t, do, do_t)
-    with _descriptor_scratch(q.device, tma):
+    with _tile_loads(q.device, q, q_t, do, do_t) as tma:
         kern.tangent_bwd_dkdv[lambda meta: (triton.cdiv(spec.seq_k, meta["BLOCK_N"]), spec.batch * spec.kv_heads)](
             *inputs, dk, dv, dkt, dvt, *strides, *dk.stride(), *dv.stride(), *dkt.stride(), *dvt.stride(),
             spec.q_heads, spec.kv_heads, spec.kv_group, spec.seq_q, spec.seq_k, width, spec.scale,

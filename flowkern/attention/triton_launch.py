@@ -77,6 +77,15 @@ def _descriptor_scratch(device: torch.device, enabled: bool):
         allocator.reset(token)
 
 
+@contextlib.contextmanager
+def _tile_loads(device: torch.device, *tensors: torch.Tensor | None):
+    """The TMA constexpr of one launch whose walked tiles come from `tensors` (`tma_loads` and `_tma_ready`),
+    yielded with the descriptors' scratch allocator in place for the launch."""
+    tma = tma_loads(device) and _tma_ready(*tensors)
+    with _descriptor_scratch(device, tma):
+        yield tma
+
+
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
@@ -115,12 +124,10 @@ def attention_fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec: AttentionSpec):
     tangents = (q_t, k_t, v_t, o_t) if has_tangent else (q, k, v, o)
     zero = (0, 0, 0, 0)
 
-    tma = tma_loads(q.device) and _tma_ready(k, v, k_t, v_t)
-
     def grid(meta):
         return (triton.cdiv(spec.seq_q, meta["BLOCK_M"]), spec.batch * spec.q_heads)
 
-    with _descriptor_scratch(q.device, tma):
+    with _tile_loads(q.device, k, v, k_t, v_t) as tma:
         kern.attention_fwd[grid](
             q, k, v, *tangents[:3], mask, o, tangents[3], stats,
             *q.stride(), *k.stride(), *v.stride(),
@@ -154,15 +161,13 @@ def attention_bwd(q, k, v, o, stats, do, attn_mask, spec: AttentionSpec):
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *mask_strides)
 
     delta_exact = torch.empty_like(delta)
-    tma = tma_loads(q.device) and _tma_ready(k, v)
-    with _descriptor_scratch(q.device, tma):
+    with _tile_loads(q.device, k, v) as tma:
         kern.attention_bwd_dq[lambda meta: (triton.cdiv(spec.seq_q, meta["BLOCK_M"]), spec.batch * spec.q_heads)](
             q, k, v, do, stats, delta, mask, dq, delta_exact, *strides, *dq.stride(),
             spec.q_heads, spec.kv_group, spec.seq_q, spec.seq_k, width, spec.scale, spec.causal_offset, TMA=tma,
             **common,
         )
-    tma = tma_loads(q.device) and _tma_ready(q, do)
-    with _descriptor_scratch(q.device, tma):
+    with _tile_loads(q.device, q, do) as tma:
         kern.attention_bwd_dkdv[lambda meta: (triton.cdiv(spec.seq_k, meta["BLOCK_N"]), spec.batch * spec.kv_heads)](
             q, k, v, do, stats, delta_exact, mask, dk, dv, *strides, *dk.stride(), *dv.stride(),
             spec.q_heads, spec.kv_heads, spec.kv_group, spec.seq_q, spec.seq_k, width, spec.scale,

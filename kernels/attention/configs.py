@@ -113,8 +113,8 @@ attention_fwd = triton.autotune(
     configs=_configs(_FWD, _FWD_TANGENT, _FWD_TMA, _FWD_TANGENT_TMA),
     key=_KEY + ["HAS_TANGENT", "TMA"],
     prune_configs_by={"early_config_prune": _pruner(
-        lambda flag: _by_loads(_FWD_TANGENT, _FWD_TANGENT_TMA)(flag) if flag("HAS_TANGENT")
-        else _by_loads(_FWD, _FWD_TMA)(flag))},
+        lambda flag: {(False, False): _FWD, (True, False): _FWD_TANGENT, (False, True): _FWD_TMA,
+                      (True, True): _FWD_TANGENT_TMA}[bool(flag("HAS_TANGENT")), bool(flag("TMA"))])},
 )(attention_fwd_kernel)
 
 attention_bwd_dkdv = triton.autotune(
