@@ -7,7 +7,8 @@ regression gate compares. Baselines:
 * the layer ops and attention: the stock PyTorch way (`torch.func.jvp` over the plain functional op; the math-SDPA
   JVP; `F.scaled_dot_product_attention`);
 * the flow-map jump: the plain tensor expression x + (s − t)·u;
-* divergence, likelihoods and training steps: the same call on flowkern's PyTorch reference backend.
+* divergence, likelihoods and training steps: the same call on flowkern's PyTorch reference backend;
+* the step with minibatch-OT noise: the same step solving the pairing inside it instead of one step ahead.
 
 Shapes: a DiT-XL-like layer (2048 rows × 1152 features, bf16) and B=1, H=16, N=2048, D=64 attention on a GPU;
 `--smoke` makes every shape tiny and runs on the CPU in float32 (the reference backend on both sides).
@@ -195,3 +196,31 @@ def test_training_step(benchmark, record, smoke, device, method):
     benchmark.group = "training step (MLP flow map, 2-D data)"
     benchmark.extra_info.update(method=method, batch=size["batch"])
     record(benchmark, trainer.train_step, device, baseline=_reference(trainer.train_step))
+
+
+def test_training_step_ot_pairing(benchmark, record, smoke, device):
+    """A shortcut-model step with minibatch-OT noise on image-sized rows (3·32·32 features; 64 with --smoke): the
+    pairing solved one step ahead by the engine's worker thread against the same step solving it inside the step."""
+    from flowkern.methods.shortcut import Shortcut
+    from flowkern.train import TrainConfig, Trainer
+    from flowkern.train.batches import Batches
+
+    size = _size(smoke)
+    dim = 64 if smoke else 3 * 32 * 32
+
+    def rows(n, generator):
+        return torch.randn(n, dim, generator=generator)
+
+    def trainer(ahead: bool) -> Trainer:
+        torch.manual_seed(0)
+        model = flowkern.nn.MLPFlowMap(dim, hidden=size["hidden"], depth=2, time_dim=16)
+        config = TrainConfig(steps=10**6, batch=size["batch"], warmup=1, ema_decays=(0.99,), eval_ema=0.99,
+                             bf16=False)
+        t = Trainer(Shortcut(model, coupling="ot"), rows, config, progress=False, device=device)
+        t.batches = Batches(rows, config.batch, rank=0, world=1, device=t.device, seed=0,
+                            pairing=t.method.noise_pairing(), ahead=ahead)
+        return t
+
+    benchmark.group = "training step (MLP flow map, image-sized rows, OT pairing)"
+    benchmark.extra_info.update(method="shortcut", batch=size["batch"], features=dim, coupling_block=256)
+    record(benchmark, trainer(True).train_step, device, baseline=trainer(False).train_step)

@@ -98,3 +98,17 @@ def test_consistency_sampler_renoises_with_the_coupling(renoise):
     assert torch.allclose((y - target.double()) / (level ** 2 - SIGMA_MIN ** 2) ** 0.5, want, atol=1e-8)
     if renoise == "ot":
         assert not torch.allclose(want, z)
+
+
+def test_a_partial_block_is_paired_against_draws_of_the_noise_scale():
+    """The rows after the last full block are paired inside a full block of fresh draws: scale·N(0, I), the law z
+    was drawn from (sCT and the TrigFlow sampler couple z ~ N(0, σ_d²I))."""
+    gen = torch.Generator().manual_seed(0)
+    block, extra, dim, sigma = 8, 4, 2000, 0.25
+    x0 = torch.randn(block + extra, dim, generator=gen)
+    z = sigma * torch.randn(block + extra, dim, generator=gen)
+    paired = couple(x0, z, "ot", block, gen, scale=sigma)
+    assert abs(float(paired[block:].std()) - sigma) < 0.01
+    assert abs(float(couple(x0, z, "ot", block, gen)[block:].std()) - 1.0) < 0.02   # scale says what z is
+    with pytest.raises(ValueError, match="scale"):
+        couple(x0, z, "ot", block, gen, scale=0.0)

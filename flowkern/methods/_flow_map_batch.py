@@ -14,7 +14,7 @@ from torch import Tensor
 from flowkern._precision import accumulation_dtype
 from flowkern._validate import check_int
 from flowkern.methods._util import check_probability
-from flowkern.methods.coupling import DEFAULT_BLOCK, paired_noise
+from flowkern.methods.coupling import DEFAULT_BLOCK, check_noise, paired_noise
 from flowkern.methods.edm import col
 from flowkern.methods.flow_matching import Diagonal, interpolate
 
@@ -36,11 +36,11 @@ def time_dtype(x0: Tensor) -> torch.dtype:
     return accumulation_dtype(x0.dtype)
 
 
-def noised(x0: Tensor, t: Tensor, coupling: str = "independent",
-           block: int = DEFAULT_BLOCK) -> tuple[Tensor, Tensor]:
-    """(x_t, ε − x₀) for fresh noise ε ~ N(0, I) paired with x0 by `coupling` (`flowkern.methods.coupling`): the
-    interpolant and its conditional velocity."""
-    eps = paired_noise(x0, coupling, block)
+def noised(x0: Tensor, t: Tensor, coupling: str = "independent", block: int = DEFAULT_BLOCK,
+           eps: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(x_t, ε − x₀) for fresh noise ε ~ N(0, I) paired with x0 by `coupling` (`flowkern.methods.coupling`), or for
+    `eps`, noise already paired with x0 (a loss's `noise=`): the interpolant and its conditional velocity."""
+    eps = paired_noise(x0, coupling, block) if check_noise(eps, x0) is None else eps
     return interpolate(x0, eps, t), eps - x0
 
 

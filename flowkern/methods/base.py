@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from flowkern._validate import check_finite_scalar
+from flowkern.methods.coupling import NoisePairing
 from flowkern.methods.parameters import method_parameters
 
 
@@ -52,6 +53,10 @@ class Method(torch.nn.Module):
     `flowkern train` builds for the method embeds its times (`flowkern.nn.TimePairEmbedding`'s time_scale and mode).
     `model_copies`: the attributes holding copies of the model that follow its weights (an EMA target; None where
     the method keeps none), sharded like it under FSDP (`flowkern.train.fsdp`).
+
+    A method whose noise is paired with its data (minibatch OT, `flowkern.methods.coupling`) says how in
+    `noise_pairing()` and takes that noise as ``loss(..., noise=)``: the engine then draws each batch's noise and
+    pairs it one step ahead, off the step's critical path; called without it, the loss draws and pairs its own.
     """
 
     name: ClassVar[str]
@@ -95,6 +100,11 @@ class Method(torch.nn.Module):
         callable for the GRAD pass (the DDP-wrapped self.model under DDP, else self.model itself); no-grad passes
         (teacher, EMA target, JVP) use self.model / self.teacher directly."""
         raise NotImplementedError
+
+    def noise_pairing(self) -> NoisePairing | None:
+        """How the loss's noise is paired with x0 (a `flowkern.methods.coupling.NoisePairing`), for a method whose
+        `loss` takes ``noise=``; None (the default): the loss draws its own noise independently of the data."""
+        return None
 
     def sample(self, model: nn.Module, noise: Tensor, steps: int) -> Tensor:
         """Few-step sample from noise (t = 1) to data (t = 0) with `model` (the engine passes EMA weights)."""

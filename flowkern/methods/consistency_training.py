@@ -33,7 +33,8 @@ from flowkern._rng import replay_rng
 from flowkern._validate import check_finite_scalar, check_tensor
 from flowkern.methods._util import check_choice, check_positive_int
 from flowkern.methods.base import Method
-from flowkern.methods.coupling import DEFAULT_BLOCK, Coupling, check_coupling, couple
+from flowkern.methods.coupling import (DEFAULT_BLOCK, Coupling, NoisePairing, check_coupling, check_noise, couple,
+                                      noise_pairing)
 from flowkern.methods.edm import (
     RHO,
     SIGMA_DATA,
@@ -158,19 +159,25 @@ class ConsistencyTraining(Method):
     def f(self, net: Callable, y: Tensor, sigma: Tensor) -> Tensor:
         return consistency_function(net, y, sigma, sigma_min=self.sigma_min, sigma_data=self.sigma_data)
 
-    def targets(self, net: Callable, x0: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(f_θ(x₀ + σ_hi·z, σ_hi), sg f_θ(x₀ + σ_lo·z, σ_lo), weight 1/(σ_hi − σ_lo)) — float32."""
+    def noise_pairing(self) -> NoisePairing | None:
+        return noise_pairing(self.coupling, self.coupling_block)
+
+    def targets(self, net: Callable, x0: Tensor, step: int,
+                noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(f_θ(x₀ + σ_hi·z, σ_hi), sg f_θ(x₀ + σ_lo·z, σ_lo), weight 1/(σ_hi − σ_lo)) — float32. noise: z ~ N(0, I)
+        paired with x0 (None: drawn here)."""
         check_tensor("x0", x0)
+        check_noise(noise, x0)
         x0 = x0.float()
         hi, lo = self.sigma_pairs(x0.shape[0], step, x0.device)
-        z = couple(x0, torch.randn_like(x0), self.coupling, self.coupling_block)
+        z = couple(x0, torch.randn_like(x0), self.coupling, self.coupling_block) if noise is None else noise.float()
         with replay_rng(x0.device), torch.no_grad():  # the grad pass below sees the same dropout mask
             target = self.f(self.model, x0 + col(lo, x0) * z, lo)
         pred = self.f(net, x0 + col(hi, x0) * z, hi)
         return pred, target, 1 / (hi - lo)
 
-    def loss(self, net: Callable, x0: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
-        pred, target, weight = self.targets(net, x0, step)
+    def loss(self, net: Callable, x0: Tensor, step: int, noise: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        pred, target, weight = self.targets(net, x0, step, noise)
         loss = (weight * distance(pred, target, self.distance, default_huber_c(pred))).mean()
         stats = {"num_scales": float(self.num_scales(step))} if self.schedule == "ict" else \
             {"ect_stage": float(self.ect_stage(step))}

@@ -14,6 +14,12 @@ the multistep sampler that re-noises with it: a batch is cut into consecutive bl
 rows is paired as a member of a full block (its rows together with the n − r rows before them, against n fresh
 draws), so every row sees the coupling of an n-block whenever the batch has at least n rows.
 
+The assignment is solved on the host. A training step that paired its batch inside the loss would wait for it
+(the cost matrix copied back, then milliseconds of solver while the device idles), so a method returns its
+`NoisePairing` from `Method.noise_pairing()` and takes the paired noise as its loss's `noise=` argument: the
+engine draws the next batch and its noise and pairs them in a background thread while the current step runs
+(`flowkern.train.batches`).
+
 The intermediate marginals of the coupled process are NOT those of the independent one (x₀ + σ·ε with ε ⟂ x₀), so
 a model trained with this coupling must be re-noised with it too (`flowkern.methods.edm.consistency_sample`,
 renoise='ot'); re-noising with independent noise leaves its training distribution (2-D toys: 8-step samples worse
@@ -22,12 +28,13 @@ than 1-step ones).
 from __future__ import annotations
 
 import typing
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from flowkern._validate import check_int, check_tensor
+from flowkern._validate import check_finite_scalar, check_int, check_like, check_tensor
 from flowkern.methods._util import check_choice
 
 Coupling = Literal["independent", "ot"]
@@ -66,14 +73,22 @@ def ot_permutation(x0: Tensor, z: Tensor) -> Tensor:
     return perm.to(x0.device)
 
 
+def draw_normal(shape, like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """N(0, I) draws of `shape` in like's dtype and on its device, from `generator` wherever that lives."""
+    device = like.device if generator is None else generator.device
+    return torch.randn(shape, dtype=like.dtype, device=device, generator=generator).to(like.device)
+
+
 def couple(x0: Tensor, z: Tensor, coupling: str, block: int = DEFAULT_BLOCK,
-           generator: torch.Generator | None = None) -> Tensor:
+           generator: torch.Generator | None = None, scale: float = 1.0) -> Tensor:
     """Noise paired with x0 under `coupling`: 'independent' returns z itself; 'ot' returns, block by block of `block`
-    rows, z re-ordered by `ot_permutation` (a last partial block is paired inside a full one against fresh draws from
-    `generator`, see the module docstring). x0, z: [B, ...] alike; the result is shaped and typed like z."""
+    rows, z re-ordered by `ot_permutation` (a last partial block is paired inside a full one against fresh draws
+    scale·N(0, I) from `generator`, see the module docstring; `scale` is the standard deviation z was drawn with).
+    x0, z: [B, ...] alike; the result is shaped and typed like z."""
     if check_coupling(coupling) == "independent":
         return z
     _check_pair(x0, z)
+    scale = check_finite_scalar("scale", scale, positive=True)
     n = x0.shape[0]
     block = min(check_int("block", block, minimum=1), max(n, 1))   # fewer rows than a block: what there is
     out = torch.empty_like(z)
@@ -83,7 +98,7 @@ def couple(x0: Tensor, z: Tensor, coupling: str, block: int = DEFAULT_BLOCK,
         out[lo:lo + block] = zb[ot_permutation(xb, zb)]
     if full < n:
         lo = n - block      # the trailing rows with the block - r before them, against a fresh block of draws
-        fresh = torch.randn((block, *z.shape[1:]), dtype=z.dtype, device=z.device, generator=generator)
+        fresh = draw_normal((block, *z.shape[1:]), z, generator) * scale
         paired = fresh[ot_permutation(x0[lo:], fresh)]
         out[full:] = paired[full - lo:]
     return out
@@ -101,3 +116,35 @@ def paired_noise(x0: Tensor, coupling: str, block: int = DEFAULT_BLOCK, labels: 
         rows = (labels == c).nonzero().squeeze(1)
         eps[rows] = couple(x0[rows], eps[rows], coupling, block)
     return eps
+
+
+@dataclass(frozen=True)
+class NoisePairing:
+    """How a method pairs its training noise with the data: ε = scale·z, z ~ N(0, I) shaped like x0, paired with it
+    by minibatch OT in blocks of `block` rows (`couple`). `draw(x0, generator)` draws and pairs one batch's."""
+
+    block: int = DEFAULT_BLOCK
+    scale: float = 1.0
+
+    def __post_init__(self):
+        check_int("block", self.block, minimum=1)
+        check_finite_scalar("scale", self.scale, positive=True)
+
+    def draw(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """ε [B, ...] like x0 (its dtype and device), paired with x0; every draw from `generator` (None: the global
+        RNG of x0's device)."""
+        check_tensor("x0", x0)
+        z = draw_normal(x0.shape, x0, generator) * self.scale
+        return couple(x0, z, "ot", self.block, generator, self.scale)
+
+
+def noise_pairing(coupling: str, block: int, scale: float = 1.0) -> NoisePairing | None:
+    """The `NoisePairing` of a method trained with `coupling` (None for 'independent': nothing to pair)."""
+    return None if check_coupling(coupling) == "independent" else NoisePairing(block, scale)
+
+
+def check_noise(noise: Tensor | None, x0: Tensor) -> Tensor | None:
+    """A loss's `noise=` argument: None, or a tensor like x0 (shape, dtype, device)."""
+    if noise is not None:
+        check_like("noise", noise, "x0", x0)
+    return noise

@@ -31,7 +31,8 @@ from flowkern._nvtx import nvtx_range
 from flowkern._validate import check_finite_scalar, check_int
 from flowkern.methods._util import JVP_FORMS, check_choice, check_probability
 from flowkern.methods.base import Method
-from flowkern.methods.coupling import DEFAULT_BLOCK, Coupling, check_coupling, paired_noise
+from flowkern.methods.coupling import (DEFAULT_BLOCK, Coupling, NoisePairing, check_coupling, check_noise,
+                                      noise_pairing, paired_noise)
 from flowkern.methods.flow_matching import interpolate, logit_normal
 
 
@@ -146,15 +147,15 @@ class MeanFlow(Method):
                 guided = guided + kappa * _first(self.model(z, t, t, y=labels)).to(v.dtype)
         return torch.where(inside, guided, v)
 
-    def targets(self, x0: Tensor, labels: Tensor | None = None):
+    def targets(self, x0: Tensor, labels: Tensor | None = None, noise: Tensor | None = None):
         """(z_t, t, r, ṽ, y): the interpolant, float32 times [B] (r ≤ t), the (guided) velocity in x0's dtype and
         the network's labels (None unconditional; the null class on the dropped rows). All random draws of the
-        step happen here, before any network pass."""
+        step happen here, before any network pass; noise: ε paired with x0 (None: drawn here, `noise`)."""
         labels = self._labels(labels, x0)
         n = x0.shape[0]
         t, r = mean_flow_times(n, mean=self.t_mean, std=self.t_std, equal_fraction=self.equal_fraction,
                                device=x0.device)
-        eps = self.noise(x0, labels)
+        eps = self.noise(x0, labels) if check_noise(noise, x0) is None else noise
         z, v = interpolate(x0, eps, t), eps - x0
         if labels is None:
             return z, t, r, v, None
@@ -166,6 +167,9 @@ class MeanFlow(Method):
     def noise(self, x0: Tensor, labels: Tensor | None) -> Tensor:
         """ε ~ N(0, I) paired with x0 by `coupling` (within each class when conditional, `paired_noise`)."""
         return paired_noise(x0, self.coupling, self.coupling_block, labels)
+
+    def noise_pairing(self) -> NoisePairing | None:
+        return noise_pairing(self.coupling, self.coupling_block)
 
     def prediction_and_target(self, net, z, t, r, v, y):
         """(u, u_tgt): u differentiable, u_tgt = sg(v − (t − r)·du/dt) with du/dt along (v, 1, 0)."""
@@ -181,10 +185,11 @@ class MeanFlow(Method):
         target = (v.float() - (t - r).view(shape) * dudt.float()).detach()
         return u, target
 
-    def loss(self, net, x0, step, labels: Tensor | None = None):
-        """The adaptively weighted MeanFlow loss of a batch (labels: class indices for num_classes > 0)."""
+    def loss(self, net, x0, step, labels: Tensor | None = None, noise: Tensor | None = None):
+        """The adaptively weighted MeanFlow loss of a batch (labels: class indices for num_classes > 0; noise: ε
+        paired with x0, within each class when conditional, None: drawn here)."""
         with nvtx_range("flowkern.train.targets"):
-            z, t, r, v, y = self.targets(x0, labels)
+            z, t, r, v, y = self.targets(x0, labels, noise)
         u, target = self.prediction_and_target(net, z, t, r, v, y)
         sq = (u.float() - target).square().flatten(1).sum(1)
         weight = (sq.detach() + self.weight_eps).pow(-self.weight_power)

@@ -29,7 +29,8 @@ from flowkern._validate import check_bool, check_finite_scalar, check_int, check
 from flowkern.methods._util import JVP_FORMS, check_choice
 from flowkern.methods.base import Auxiliary, Method
 from flowkern.methods.consistency_training import scaled_p_mean
-from flowkern.methods.coupling import DEFAULT_BLOCK, Coupling, check_coupling, couple
+from flowkern.methods.coupling import (DEFAULT_BLOCK, Coupling, NoisePairing, check_coupling, check_noise, couple,
+                                      noise_pairing)
 from flowkern.methods.edm import col
 from flowkern.methods.trigflow import (
     MID_T,
@@ -106,15 +107,17 @@ class _ContinuousConsistency(Method):
             return 1.0
         return min(1.0, max(int(step), 0) / self.tangent_warmup)
 
-    def targets(self, net: Callable, x0: Tensor, step: int) -> dict[str, Tensor]:
+    def targets(self, net: Callable, x0: Tensor, step: int, noise: Tensor | None = None) -> dict[str, Tensor]:
         """One draw: {"pred": F_θ (with graph), "target": sg(F⁻ + g) (rows with a non-finite tangent zeroed in both),
         "t": TrigFlow times [B], "keep": rows with a finite tangent [B] bool, "tangent_norm": ‖g‖ before the
-        normalisation [B]}. Float32 (float64 for float64 x0)."""
+        normalisation [B]}. Float32 (float64 for float64 x0). noise: z ~ N(0, σ_d²I) paired with x0 (None: drawn
+        here, `noise(x0)`)."""
         check_tensor("x0", x0)
+        check_noise(noise, x0)
         acc = accumulation_dtype(x0.dtype)
         x0 = x0.to(acc)
         t = training_times(x0.shape[0], self.p_mean, self.p_std, self.sigma_data, x0.device).to(acc)
-        z = self.noise(x0)
+        z = self.noise(x0) if noise is None else noise.to(acc)
         cos, sin = col(torch.cos(t), x0), col(torch.sin(t), x0)
         x_t = cos * x0 + sin * z
         dx_dt = self.dx_dt(x0, z, x_t, t).to(acc)
@@ -134,10 +137,11 @@ class _ContinuousConsistency(Method):
             pred = torch.where(col(keep, pred), pred.to(acc), torch.zeros_like(g))
         return {"pred": pred, "target": target.detach(), "t": t, "keep": keep, "tangent_norm": norm}
 
-    def loss(self, net: Callable, x0: Tensor, step: int) -> tuple[Tensor | dict[str, Tensor], dict[str, Tensor]]:
+    def loss(self, net: Callable, x0: Tensor, step: int,
+             noise: Tensor | None = None) -> tuple[Tensor | dict[str, Tensor], dict[str, Tensor]]:
         """The mean over the kept rows of e^{−w}·‖F_θ − F⁻ − g‖²/dim + w; with adaptive weighting the same scalar
         is the weighting network's loss too (the engine differentiates each entry for its own network only)."""
-        d = self.targets(net, x0, step)
+        d = self.targets(net, x0, step, noise)
         keep = d["keep"]
         with torch.autocast(x0.device.type, enabled=False):
             diff = (d["pred"] - d["target"]).reshape(keep.shape[0], -1)
@@ -185,7 +189,11 @@ class SCT(_ContinuousConsistency):
         self.coupling_block = check_int("coupling_block", coupling_block, minimum=1)
 
     def noise(self, x0: Tensor) -> Tensor:
-        return couple(x0, torch.randn_like(x0) * self.sigma_data, self.coupling, self.coupling_block)
+        return couple(x0, torch.randn_like(x0) * self.sigma_data, self.coupling, self.coupling_block,
+                      scale=self.sigma_data)
+
+    def noise_pairing(self) -> NoisePairing | None:
+        return noise_pairing(self.coupling, self.coupling_block, self.sigma_data)
 
     def sample(self, model: nn.Module, noise: Tensor, steps: int) -> Tensor:
         """`trigflow_sample`, re-noising with the training coupling."""

@@ -37,7 +37,7 @@ from flowkern.methods._flow_map_batch import (flow_map_velocity, noised, off_dia
                                               triangle_times)
 from flowkern.methods._util import check_choice, check_probability
 from flowkern.methods.base import Method
-from flowkern.methods.coupling import DEFAULT_BLOCK, Coupling, check_coupling
+from flowkern.methods.coupling import DEFAULT_BLOCK, Coupling, NoisePairing, check_coupling, noise_pairing
 from flowkern.methods.edm import col
 from flowkern.methods.shortcut import shortcut_target
 from flowkern.nn import jvp
@@ -92,8 +92,12 @@ class _SelfDistillation(Method):
         self.coupling = check_coupling(coupling)
         self.coupling_block = check_int("coupling_block", coupling_block, minimum=1)
 
-    def draw(self, x0: Tensor):
-        """(x_t, t, s, conditional velocity ε − x₀, number of diagonal rows); rows [0, n) have s = t."""
+    def noise_pairing(self) -> NoisePairing | None:
+        return noise_pairing(self.coupling, self.coupling_block)
+
+    def draw(self, x0: Tensor, noise: Tensor | None = None):
+        """(x_t, t, s, conditional velocity ε − x₀, number of diagonal rows); rows [0, n) have s = t. noise: ε
+        paired with x0 (None: drawn here)."""
         check_tensor("x0", x0)
         batch = x0.shape[0]
         n_off = off_diagonal_rows(batch, self.off_diagonal_fraction)
@@ -102,16 +106,16 @@ class _SelfDistillation(Method):
         t_diag = torch.rand(n_diag, device=x0.device, dtype=tdt)
         t_off, s_off = triangle_times(n_off, device=x0.device, dtype=tdt)
         t, s = torch.cat([t_diag, t_off]), torch.cat([t_diag, s_off])
-        x_t, velocity = noised(x0, t, self.coupling, self.coupling_block)
+        x_t, velocity = noised(x0, t, self.coupling, self.coupling_block, noise)
         return x_t, t, s, velocity, n_diag
 
     def off_diagonal_target(self, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def targets(self, net: Callable, x0: Tensor):
+    def targets(self, net: Callable, x0: Tensor, noise: Tensor | None = None):
         """(prediction, target, number of diagonal rows): rows [0, n) flow matching, the rest the off-diagonal term;
         the target carries no grad."""
-        x_t, t, s, velocity, n = self.draw(x0)
+        x_t, t, s, velocity, n = self.draw(x0, noise)
         with nvtx_range("flowkern.train.targets"):
             target = velocity
             if n < x_t.shape[0]:
@@ -119,8 +123,8 @@ class _SelfDistillation(Method):
                 target = torch.cat([velocity[:n], off.to(velocity.dtype)])
         return _velocity_of(net(x_t, t, s)), target.detach(), n
 
-    def loss(self, net, x0, step):
-        pred, target, n = self.targets(net, x0)
+    def loss(self, net, x0, step, noise: Tensor | None = None):
+        pred, target, n = self.targets(net, x0, noise)
         err = squared_error(pred, target)
         logs = {"fm_mse": err[:n].mean().detach()} if n else {}
         if n < err.shape[0]:
@@ -177,12 +181,12 @@ class EulerianSelfDistillation(_SelfDistillation):
     network_time_mode: ClassVar[str] = "ts"   # (t, t − s) makes du/dt blow up: docs/methods.md
     network_time_scale: ClassVar[float] = 1.0   # unscaled times: du/dt in the target not inflated ×1000
 
-    def targets(self, net: Callable, x0: Tensor):
+    def targets(self, net: Callable, x0: Tensor, noise: Tensor | None = None):
         """(prediction, target, number of diagonal rows). One no-grad pass gives v = u(x_t, t, t) on the
         off-diagonal rows, then ONE forward-mode pass with autograd on (`flowkern.jvp(..., grad=True)`) gives the
         prediction u(x_t, t, s) of every row and, on the off-diagonal rows, du/dt along the tangent (v, 1, 0)
         (zero tangents on the diagonal rows): the target v − (t − s)·du/dt is stop-gradient."""
-        x_t, t, s, velocity, n = self.draw(x0)
+        x_t, t, s, velocity, n = self.draw(x0, noise)
         with nvtx_range("flowkern.train.targets"):
             v = diagonal_velocity(self.model, x_t[n:], t[n:])
             x_dot = torch.cat([torch.zeros_like(x_t[:n]), v.to(x_t.dtype)])
@@ -208,10 +212,10 @@ class LagrangianSelfDistillation(_SelfDistillation):
 
     name: ClassVar[str] = "lsd"
 
-    def targets(self, net: Callable, x0: Tensor):
+    def targets(self, net: Callable, x0: Tensor, noise: Tensor | None = None):
         """(prediction, target, number of diagonal rows): the prediction is u on the diagonal rows and ∂_sΦ on the
         others (one JVP in s through the grad pass), the target ε − x₀ and sg v(Φ(x_t, t, s), s)."""
-        x_t, t, s, velocity, n = self.draw(x0)
+        x_t, t, s, velocity, n = self.draw(x0, noise)
         u, ds_phi = time_derivative_of_jump(net, x_t, t, s)
         target = velocity
         if n < x_t.shape[0]:

@@ -38,7 +38,7 @@ from flowkern.methods._flow_map_batch import (flow_map_velocity, noised, off_dia
                                               time_dtype)
 from flowkern.methods._util import check_decay, check_probability, frozen_copy
 from flowkern.methods.base import Method
-from flowkern.methods.coupling import DEFAULT_BLOCK, Coupling, check_coupling
+from flowkern.methods.coupling import DEFAULT_BLOCK, Coupling, NoisePairing, check_coupling, noise_pairing
 from flowkern.methods.edm import col
 
 _LEVEL_SLACK = 1e-6  # relative slack when comparing a half step with the finest level
@@ -178,9 +178,12 @@ class Shortcut(Method):
     def target_model(self) -> nn.Module:
         return self.target if self.target is not None else self.model
 
-    def targets(self, net: Callable, x0: Tensor) -> tuple[Tensor, Tensor, int]:
+    def noise_pairing(self) -> NoisePairing | None:
+        return noise_pairing(self.coupling, self.coupling_block)
+
+    def targets(self, net: Callable, x0: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
         """(prediction, target, number of diagonal rows) for a batch x0 [B, ...]: rows [0, n) flow matching,
-        rows [n, B) self-consistency. The target carries no grad."""
+        rows [n, B) self-consistency. The target carries no grad. noise: ε paired with x0 (None: drawn here)."""
         check_tensor("x0", x0)
         batch = x0.shape[0]
         n_off = off_diagonal_rows(batch, self.bootstrap_fraction)
@@ -190,7 +193,7 @@ class Shortcut(Method):
             t_diag = grid_times(n_diag, self.levels, device=x0.device, dtype=tdt)
             t_off, s_off = shortcut_times(n_off, self.levels, device=x0.device, dtype=tdt)
             t, s = torch.cat([t_diag, t_off]), torch.cat([t_diag, s_off])
-            x_t, velocity = noised(x0, t, self.coupling, self.coupling_block)
+            x_t, velocity = noised(x0, t, self.coupling, self.coupling_block, noise)
             target = velocity
             if n_off:
                 u_target = shortcut_target(self.target_model(), x_t[n_diag:], t_off, s_off, finest=1.0 / self.levels,
@@ -200,8 +203,8 @@ class Shortcut(Method):
         pred = out[0] if isinstance(out, tuple) else out
         return pred, target.detach(), n_diag
 
-    def loss(self, net, x0, step):
-        pred, target, n_diag = self.targets(net, x0)
+    def loss(self, net, x0, step, noise: Tensor | None = None):
+        pred, target, n_diag = self.targets(net, x0, noise)
         err = squared_error(pred, target)
         logs = {"fm_mse": err[:n_diag].mean().detach()} if n_diag else {}
         if n_diag < err.shape[0]:

@@ -178,7 +178,7 @@ def trigflow_sample(model: Callable, noise: Tensor, steps: int, sigma_data: floa
         for i, t in enumerate(times):
             if i:
                 z = torch.randn(noise.shape, dtype=acc, device=noise.device, generator=generator) * sigma_data
-                z = couple(x0, z, renoise, coupling_block, generator)
+                z = couple(x0, z, renoise, coupling_block, generator, scale=sigma_data)
                 x = math.cos(t) * x0 + math.sin(t) * z
             x0 = consistency_function(model, x.to(noise.dtype), torch.full((batch,), t, dtype=acc,
                                                                               device=noise.device), sigma_data)

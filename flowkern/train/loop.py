@@ -1,7 +1,8 @@
 """The training loop shared by every method (`Trainer`); it owns every optimiser (docs/training.md).
 
-One step: data → method.loss(net, x0, step) (bf16 autocast on CUDA; the method keeps time and loss in float32) →
-for each network (the model, then each of `method.auxiliary_networks()`) its loss term's gradient with respect to
+One step: data (and, for a method that pairs its noise with the data, that noise: both drawn and paired one step
+ahead by a worker thread, `flowkern.train.batches`) → method.loss(net, x0, step[, noise]) (bf16 autocast on CUDA;
+the method keeps time and loss in float32) → for each network (the model, then each of `method.auxiliary_networks()`) its loss term's gradient with respect to
 its own parameters only → gradient all-reduce (DDP) → clip → NaN/Inf guard → optimiser step (the model: AdamW/RAdam;
 an auxiliary: Adam with its own lr, betas and weight decay; every one on the run's warm-up / decay schedule) → EMA →
 method.on_step_end(step). Each phase runs inside an NVTX range (flowkern.train.data/loss/backward/optimizer/ema).
@@ -36,6 +37,7 @@ from flowkern._nvtx import nvtx_range
 from flowkern.methods.base import Method
 from flowkern import _rng as rng
 from flowkern.train import checkpoint, distributed, fsdp, metrics_log
+from flowkern.train.batches import Batches
 from flowkern.train.signals import stop_requests
 from flowkern.train.stops import RankTimeout, TrainingDiverged, TrainingInterrupted
 from flowkern.train.config import TrainConfig, lr_factor
@@ -166,7 +168,8 @@ class Trainer:
         self.progress = progress and self.rank == 0
         self.tensorboard = tensorboard
         rng.seed_all(config.seed + 1000 * self.rank)
-        self.data_generator = torch.Generator().manual_seed(config.seed)   # the same stream on every rank
+        self.batches = Batches(data, config.batch, rank=self.rank, world=self.world, device=self.device,
+                               seed=config.seed, pairing=method.noise_pairing())
         self.method = method.to(self.device)
         self.net = method.model
         self._template = None    # under FSDP: a whole copy of the model, for eval_model
@@ -213,6 +216,11 @@ class Trainer:
         self.step_hooks: list = []   # called with each step's record (e.g. the --profile trace's step)
 
     @property
+    def data_generator(self) -> torch.Generator:
+        """The data stream's generator (the same on every rank; a batch drawn ahead has already advanced it)."""
+        return self.batches.data_generator
+
+    @property
     def params(self) -> list[torch.nn.Parameter]:
         """The model optimiser's parameters."""
         return self.param_groups[MODEL]
@@ -240,11 +248,6 @@ class Trainer:
         return self._losses
 
     # -- one step ------------------------------------------------------------------------------------------------
-    def _batch(self) -> torch.Tensor:
-        b = self.config.batch
-        x = self.data(b * self.world, self.data_generator)
-        return x[self.rank * b:(self.rank + 1) * b].to(self.device, non_blocking=True)
-
     def _autocast(self):
         if self.bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -281,9 +284,10 @@ class Trainer:
         step = self.step_count
         self.method.train()
         with nvtx_range("flowkern.train.data"):
-            x0 = self._batch()
+            x0, noise = self.batches.next()
         with nvtx_range("flowkern.train.loss"), self._autocast():
-            losses, info = self.method.loss(self.net, x0, step)
+            paired = {} if noise is None else {"noise": noise}
+            losses, info = self.method.loss(self.net, x0, step, **paired)
         terms = _loss_terms(self.method, losses, [MODEL, *self.auxiliaries])
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
@@ -427,7 +431,7 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        states = distributed.gather_objects({**rng.get_state(), "data": self.data_generator.get_state()})
+        states = distributed.gather_objects({**rng.get_state(), **self.batches.state_dict()})
         kwargs = self.method.hyperparameters() if hasattr(self.method, "hyperparameters") else \
             self.extra.get("method_kwargs", {})
         full = fsdp.full_state if self.config.fsdp else (lambda x: x)    # sharded tensors gathered: full weights
@@ -486,12 +490,13 @@ class Trainer:
         self._longest_skip_run.copy_(self._skip_run)
         self._losses, self._pending = list(state.get("losses", [])), []
         states = state["rng"]
+        reseed = self.config.seed + self.step_count
         if len(states) == self.world:
             mine = states[self.rank]
             rng.set_state(mine)
-            self.data_generator.set_state(mine["data"])
+            self.batches.load_state_dict(mine, reseed=reseed)
         else:   # another world size: keep the data stream, reseed the rest deterministically
-            self.data_generator.set_state(states[0]["data"])
+            self.batches.load_state_dict({"data": states[0]["data"]}, reseed=reseed)
             rng.seed_all(self.config.seed + 1000 * self.rank + self.step_count)
 
     def eval_model(self) -> nn.Module:
