@@ -92,6 +92,22 @@ def test_resume_continues_the_same_run(tmp_path, capsys):
     assert "schedule = \"ict\"" in (out / "config.toml").read_text()
 
 
+def test_a_checkpoint_from_before_coupling_resumes_and_rebuilds_with_independent_noise(tmp_path):
+    """ct trained with independent noise before `coupling` existed; its checkpoint lacks the setting, and today's
+    default ("ot") would change the run on resume and the sampler's re-noising on eval."""
+    from flowkern.train.rebuild import restore
+
+    out = tmp_path / "ct"
+    assert main(["train", "ct", "--data", "8gaussians", "--out", str(out), "--no-eval",
+                 *with_flag(TINY, "--steps", "2")]) == 0
+    state = checkpoint.load(out / "checkpoint.pt")
+    assert state["method_kwargs"].pop("coupling") == "ot"
+    checkpoint.save(out / "checkpoint.pt", state)
+    assert restore(checkpoint.load(out / "checkpoint.pt"))[0].coupling == "independent"
+    assert main(["train", "ct", "--out", str(out), "--resume", "--steps", "3", "--no-eval"]) == 0
+    assert checkpoint.load(out / "checkpoint.pt")["method_kwargs"]["coupling"] == "independent"
+
+
 def test_divergence_ends_with_a_message_and_status_1(tmp_path, monkeypatch, capsys):
     from flowkern.methods.flow_matching import FlowMatching
 

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 RUN_VALUES = ("sigma_data", "total_steps", "data_dim")
 REQUIRED = inspect.Parameter.empty  # the default of a parameter the caller must give
+# parameters added after checkpoints were first written, with the value every run before them had (ct trained
+# with independent noise before `coupling` existed): a checkpoint that lacks one rebuilds its method with it
+EARLIER_VALUES = {"coupling": "independent"}
 
 
 @dataclass(frozen=True)
@@ -77,3 +80,9 @@ def method_parameters(cls: type) -> list[MethodParameter]:
     return [MethodParameter(p.name, hints.get(p.name, p.annotation), p.default, docs.get(p.name, ""))
             for p in inspect.signature(cls.__init__).parameters.values()
             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "teacher"]
+
+
+def stored_kwargs(cls: type, kwargs: dict) -> dict:
+    """A checkpoint's method_kwargs for `cls`, completed with `EARLIER_VALUES` for the parameters it predates."""
+    names = {p.name for p in method_parameters(cls)}
+    return {**{k: v for k, v in EARLIER_VALUES.items() if k in names and k not in kwargs}, **kwargs}

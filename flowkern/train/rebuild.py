@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from flowkern.methods.parameters import stored_kwargs
 from flowkern.train import checkpoint
 
 RUN_KEYS = (*checkpoint.ENGINE_KEYS, "arch", "data")
@@ -115,7 +116,7 @@ def restore(state: dict):
     except (ValueError, ImportError) as err:
         raise checkpoint.CheckpointError(f"checkpoint of method {state['method']!r}: {err}") from None
     teacher = network(state["teacher_arch"]) if state.get("teacher_arch") else None
-    method = build_method(cls, network(state["arch"]), state["method_kwargs"], teacher)
+    method = build_method(cls, network(state["arch"]), stored_kwargs(cls, state["method_kwargs"]), teacher)
     method.load_state_dict(state["method_state"])
     config = TrainConfig.from_dict(state["config"])
     ema = EMA(method.model, config.ema_decays)

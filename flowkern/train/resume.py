@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from flowkern.methods.parameters import stored_kwargs
 from flowkern.train import method_options
 from flowkern.train.run_options import RESUMABLE, TRAIN_OPTIONS, CLIError, Run, flag
 
@@ -51,7 +52,7 @@ def resumed_run(run: Run, state: dict) -> tuple[Run, list[str]]:
             changes.append(f"{key}: {_shown(before)} → {_shown(value)}")
         train[key] = value
     train["out"] = str(run.out)
-    kwargs = dict(state["method_kwargs"])
+    kwargs = stored_kwargs(run.cls, state["method_kwargs"])
     for key, value in run.explicit_method.items():
         if key in kwargs and not _same(value, kwargs[key]):
             raise CLIError(f"--resume: {method_options.flag(run.method, key)} {_shown(value)} conflicts with the "
