@@ -29,6 +29,14 @@ def noise_seed(seed: int, rank: int) -> int:
     return seed + 1000 * rank + NOISE_SEED_OFFSET
 
 
+def _start_worker(threads: int, device: torch.device) -> None:
+    """The worker thread takes the caller's intra-op thread count (a new thread starts with the default) and, on
+    CUDA, the rank's device, so that page-locking does not open a context on device 0."""
+    torch.set_num_threads(threads)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 class Batches:
     """(x0, noise) per step for one rank: `next()`; noise is None without a pairing.
 
@@ -51,9 +59,8 @@ class Batches:
         self.data_generator = torch.Generator().manual_seed(seed)
         self.noise_generator = torch.Generator().manual_seed(noise_seed(seed, rank))
         self.ahead = pairing is not None if ahead is None else bool(ahead)
-        threads = torch.get_num_threads()   # a new thread would start with the default count
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="flowkern-batches",
-                                        initializer=torch.set_num_threads, initargs=(threads,)) if self.ahead else None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="flowkern-batches", initializer=_start_worker,
+                                        initargs=(torch.get_num_threads(), self.device)) if self.ahead else None
         self._next: tuple[Future, dict] | None = None   # the batch in flight and the states it was drawn from
 
     def _draw(self) -> tuple[Tensor, Tensor | None]:
