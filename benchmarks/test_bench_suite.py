@@ -1,4 +1,4 @@
-"""The benchmark table: every public op and one training step per method family, each beside its baseline.
+"""The benchmark table: every public op and one training step of every registered method, each beside its baseline.
 
 One row per case, measured in the same run as its baseline (`record` in conftest.py): the median time, TFLOP/s or
 GB/s where the work is counted, peak memory, and `speedup` = baseline time / flowkern time, the figure the
@@ -25,6 +25,7 @@ import flowkern
 from flowkern import ops
 from flowkern._measure import attention_jvp_flops
 from flowkern.baselines import math_sdpa_jvp
+from flowkern.methods import method_names
 
 
 def _size(smoke: bool) -> dict:
@@ -134,9 +135,10 @@ def test_flow_map_jump(benchmark, record, smoke, device):
            baseline=lambda: x + ((s - t)[:, None] * u.float()).to(x.dtype), bytes_moved=_rows_bytes(size, 3))
 
 
-def _mlp(size, device, seed=0):
+def _mlp(size, device, seed=0, divergence_head=False):
     torch.manual_seed(seed)
-    return flowkern.nn.MLPFlowMap(2, hidden=size["hidden"], depth=2, time_dim=16).to(device)
+    return flowkern.nn.MLPFlowMap(2, hidden=size["hidden"], depth=2, time_dim=16,
+                                  divergence_head=divergence_head).to(device)
 
 
 def _reference(fn):
@@ -177,13 +179,17 @@ def test_density(benchmark, record, smoke, device, case):
 def _method(name, size, device):
     from flowkern.methods import get_method
 
-    model, teacher = _mlp(size, device), _mlp(size, device, seed=1)
+    cls = get_method(name)
+    model = _mlp(size, device, divergence_head=getattr(cls, "divergence_head", False))
+    teacher = _mlp(size, device, seed=1)
     kwargs = {"fm": {}, "pd": dict(teacher=teacher, total_steps=1000), "cd": dict(teacher=teacher, sigma_data=0.5),
-              "ct": dict(sigma_data=0.5, total_steps=1000), "ctm": dict(teacher=teacher, sigma_data=0.5)}[name]
-    return get_method(name)(model, **kwargs)
+              "ct": dict(sigma_data=0.5, total_steps=1000), "ctm": dict(teacher=teacher, sigma_data=0.5),
+              "meanflow": {}, "sct": dict(sigma_data=0.5), "scd": dict(teacher=teacher, sigma_data=0.5),
+              "shortcut": {}, "lsd": {}, "esd": {}, "psd": {}, "f2d2": dict(teacher=teacher)}[name]
+    return cls(model, **kwargs)
 
 
-@pytest.mark.parametrize("method", ["fm", "pd", "cd", "ct", "ctm"])
+@pytest.mark.parametrize("method", method_names())
 def test_training_step(benchmark, record, smoke, device, method):
     """One optimiser step of the engine (loss, backward, optimiser, EMA) on an MLP flow map and 2-D data."""
     from flowkern.data import get_dataset
