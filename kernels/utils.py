@@ -47,6 +47,22 @@ def load_tile(base, rows, cols, stride_row, stride_col, n_rows, n_cols, other: t
 
 
 @triton.jit
+def load_own_tile(base, rows, cols, stride_row, stride_col, n_rows, n_cols, other: tl.constexpr):
+    """A program's own row tile (the one it will store results for), `load_tile` with the rows past n_rows read
+    as row n_rows − 1 instead of masked: those rows are computed on real data and never stored, and no row
+    predicate lives from this load to the program's masked stores at its end (ptxas spilled it across the main
+    loop of the attention kernels). n_rows ≥ 1."""
+    return load_tile(base, own_rows(rows, n_rows), cols, stride_row, stride_col, n_rows, n_cols, other, False)
+
+
+@triton.jit
+def own_rows(rows, n_rows):
+    """rows with those past n_rows replaced by n_rows − 1: the rows a program reads its own per-row values from
+    (`load_own_tile`); n_rows ≥ 1."""
+    return tl.minimum(rows, n_rows - 1)
+
+
+@triton.jit
 def row_tiles(base, n_rows, n_cols, stride_row, stride_col, offs_rows, offs_cols,
               TMA: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """Where a walk over the row tiles of the matrix base[:n_rows, :n_cols] reads them from: a TMA tensor

@@ -15,7 +15,8 @@ Three kernels, run in this order:
   head of its GQA group with that Δ, so dK and dV are summed over the group in registers (no atomics,
   deterministic); grid (cdiv(seq_k, BLOCK_N), batch·kv_heads).
 Each walk reads its tiles (dQ: keys and values; dK/dV: queries and dO) through TMA descriptors when TMA,
-else through pointers, as the forward.
+else through pointers, as the forward; a program's own tile (dQ: Q, dO and the row statistics; dK/dV: K, V) has
+its rows past the end read from the last row, as the forward's query tile.
 Rows whose every key is removed have (m, 1/l) = (+inf, 0), so P = 0 and every gradient they send is exactly 0.
 S − m is formed first and l is divided out after the exponential: with a huge |m| (a −1e9 padding mask, logits
 scaled by −1e4) a saved log-sum-exp m + log l would round log l away and make P up to Nk× too large.
@@ -24,7 +25,8 @@ import triton
 import triton.language as tl
 
 from flowkern.kernels.attention.scores import key_tile_ranges, masked_scores, query_tile_ranges, softmax_exp
-from flowkern.kernels.utils import load_row_tile, load_rows, load_tile, mma, row_tiles, store_tile
+from flowkern.kernels.utils import (load_own_tile, load_row_tile, load_rows, load_tile, mma, own_rows, row_tiles,
+                                    store_tile)
 
 
 @triton.jit
@@ -125,10 +127,10 @@ def attention_bwd_dkdv_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)  # [BLOCK_M]
     offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
 
-    k = load_tile(K + b * stride_kb + h_kv * stride_kh, offs_n, offs_d, stride_kn, stride_kd,
-                  seq_k, head_dim, 0.0)  # [BLOCK_N, BLOCK_D]
-    v = load_tile(V + b * stride_vb + h_kv * stride_vh, offs_n, offs_d, stride_vn, stride_vd,
-                  seq_k, head_dim, 0.0)  # [BLOCK_N, BLOCK_D]
+    k = load_own_tile(K + b * stride_kb + h_kv * stride_kh, offs_n, offs_d, stride_kn, stride_kd,
+                      seq_k, head_dim, 0.0)  # [BLOCK_N, BLOCK_D]
+    v = load_own_tile(V + b * stride_vb + h_kv * stride_vh, offs_n, offs_d, stride_vn, stride_vd,
+                      seq_k, head_dim, 0.0)  # [BLOCK_N, BLOCK_D]
     kT = tl.trans(k)
     vT = tl.trans(v)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -188,13 +190,14 @@ def attention_bwd_dq_kernel(
     offs_n0 = tl.arange(0, BLOCK_N)  # [BLOCK_N]
     offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
 
-    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd,
-                  seq_q, head_dim, 0.0)  # [BLOCK_M, BLOCK_D]
-    do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod,
-                   seq_q, head_dim, 0.0)  # [BLOCK_M, BLOCK_D]
-    row_max = tl.load(ROW_STATS + (pid_bh * seq_q + offs_m) * 2, mask=offs_m < seq_q, other=float("inf"))
-    inv_l = tl.load(ROW_STATS + (pid_bh * seq_q + offs_m) * 2 + 1, mask=offs_m < seq_q, other=0.0)
-    delta = tl.load(DELTA + pid_bh * seq_q + offs_m, mask=offs_m < seq_q, other=0.0)  # Δ̂, [BLOCK_M]
+    q = load_own_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd,
+                      seq_q, head_dim, 0.0)  # [BLOCK_M, BLOCK_D]
+    do = load_own_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod,
+                       seq_q, head_dim, 0.0)  # [BLOCK_M, BLOCK_D]
+    own = pid_bh * seq_q + own_rows(offs_m, seq_q)  # rows past seq_q read the last one's (never stored)
+    row_max = tl.load(ROW_STATS + own * 2)
+    inv_l = tl.load(ROW_STATS + own * 2 + 1)
+    delta = tl.load(DELTA + own)  # Δ̂, [BLOCK_M]
     mask_base = MASK + b * stride_maskb + h * stride_maskh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     pk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # B = Σ P K

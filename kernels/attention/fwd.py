@@ -29,7 +29,9 @@ rides in the FMA that centres it, Ṡ − μ̂' = c·(Q̇Kᵀ + QK̇ᵀ) − μ�
 
 Key/value tiles come through TMA descriptors of the program's (batch, head) matrices when TMA (sm_90; the host
 checks strides and alignment), else through pointers advanced by BLOCK_N rows a tile; both read 0 past seq_k and
-the head dim.
+the head dim. The program's own query tile (Q, Q̇) is read with its rows past seq_q taken from row seq_q − 1
+(`load_own_tile`): they are computed and never stored, and no row predicate has to live across the key loops to
+the masked stores (ptxas had spilled it).
 
 Cost: six tile GEMMs (QKᵀ, Q̇Kᵀ, QK̇ᵀ, p̃V, p̃V̇, p̃(Ṡ − μ̂)V), 12·Nq·Nk·D FLOPs per head. HAS_TANGENT=False gives the
 plain flash forward (two GEMMs) from the same code.
@@ -41,7 +43,7 @@ import triton
 import triton.language as tl
 
 from flowkern.kernels.attention.scores import key_tile_ranges, masked_scores, softmax_exp
-from flowkern.kernels.utils import exp_ftz, load_row_tile, load_tile, mma, row_tiles, store_tile
+from flowkern.kernels.utils import exp_ftz, load_own_tile, load_row_tile, mma, row_tiles, store_tile
 
 
 @triton.jit
@@ -138,8 +140,8 @@ def attention_fwd_kernel(
     offs_n0 = tl.arange(0, BLOCK_N)  # [BLOCK_N]
     offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
 
-    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd,
-                  seq_q, head_dim, 0.0)  # [BLOCK_M, BLOCK_D]
+    q = load_own_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd,
+                      seq_q, head_dim, 0.0)  # [BLOCK_M, BLOCK_D]
     # The key/value tiles: TMA descriptors, or the first tile's pointers advanced by BLOCK_N rows per tile.
     k_tiles = row_tiles(K + b * stride_kb + h_kv * stride_kh, seq_k, head_dim, stride_kn, stride_kd, offs_n0, offs_d,
                         TMA, BLOCK_N, BLOCK_D)
@@ -150,8 +152,8 @@ def attention_fwd_kernel(
     kt_tiles = k_tiles
     vt_tiles = v_tiles
     if HAS_TANGENT:
-        q_t = load_tile(QT + b * stride_qtb + h * stride_qth, offs_m, offs_d, stride_qtm, stride_qtd,
-                        seq_q, head_dim, 0.0)  # [BLOCK_M, BLOCK_D]
+        q_t = load_own_tile(QT + b * stride_qtb + h * stride_qth, offs_m, offs_d, stride_qtm, stride_qtd,
+                            seq_q, head_dim, 0.0)  # [BLOCK_M, BLOCK_D]
         kt_tiles = row_tiles(KT + b * stride_ktb + h_kv * stride_kth, seq_k, head_dim, stride_ktn, stride_ktd,
                              offs_n0, offs_d, TMA, BLOCK_N, BLOCK_D)
         vt_tiles = row_tiles(VT + b * stride_vtb + h_kv * stride_vth, seq_k, head_dim, stride_vtn, stride_vtd,

@@ -25,13 +25,15 @@ Three kernels:
 Without G (HAS_DO=False) the GVᵀ and PᵀG products drop out. Rows whose every key is removed have m = +inf and 1/l = 0, so P = 0
 and every gradient they send is exactly 0. Operands of the GEMMs are in the input dtype, accumulation in float32.
 The walked tiles (dQ pass: K, V, K̇, V̇; dK/dV pass: Q, Q̇, G, Ḡ) come through TMA descriptors when TMA, else through
-pointers, as in the forward.
+pointers, as in the forward; a program's own tile (dQ: Q, Q̇, Ḡ, G and the row reductions; dK/dV: K, V, K̇, V̇) has
+its rows past the end read from the last row, as the forward's query tile.
 """
 import triton
 import triton.language as tl
 
 from flowkern.kernels.attention.scores import key_tile_ranges, masked_scores, query_tile_ranges, softmax_exp
-from flowkern.kernels.utils import load_row_tile, load_rows, load_tile, mma, row_tiles, store_tile
+from flowkern.kernels.utils import (load_own_tile, load_row_tile, load_rows, load_tile, mma, own_rows, row_tiles,
+                                    store_tile)
 
 
 @triton.jit
@@ -186,21 +188,21 @@ def tangent_bwd_dq_kernel(
     offs_n0 = tl.arange(0, BLOCK_N)  # [BLOCK_N]
     offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
 
-    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, 0.0)
-    q_t = load_tile(QT + b * stride_qtb + h * stride_qth, offs_m, offs_d, stride_qtm, stride_qtd, seq_q, head_dim,
-                    0.0)
-    do_t = load_tile(DOT + b * stride_dotb + h * stride_doth, offs_m, offs_d, stride_dotm, stride_dotd, seq_q,
-                     head_dim, 0.0)
+    q = load_own_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim,
+                      0.0)
+    q_t = load_own_tile(QT + b * stride_qtb + h * stride_qth, offs_m, offs_d, stride_qtm, stride_qtd, seq_q,
+                        head_dim, 0.0)
+    do_t = load_own_tile(DOT + b * stride_dotb + h * stride_doth, offs_m, offs_d, stride_dotm, stride_dotd, seq_q,
+                         head_dim, 0.0)
     do = do_t
     if HAS_DO:
-        do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, seq_q,
-                       head_dim, 0.0)
-    row = pid_bh * seq_q + offs_m
-    in_rows = offs_m < seq_q
-    row_max = tl.load(ROW_STATS + row * 2, mask=in_rows, other=float("inf"))  # [BLOCK_M]
-    inv_l = tl.load(ROW_STATS + row * 2 + 1, mask=in_rows, other=0.0)
-    delta_t = tl.load(DELTA_T + row, mask=in_rows, other=0.0)
-    kappa = tl.load(KAPPA + row, mask=in_rows, other=0.0)
+        do = load_own_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, seq_q,
+                           head_dim, 0.0)
+    own = pid_bh * seq_q + own_rows(offs_m, seq_q)  # rows past seq_q read the last one's (never stored)
+    row_max = tl.load(ROW_STATS + own * 2)  # [BLOCK_M]
+    inv_l = tl.load(ROW_STATS + own * 2 + 1)
+    delta_t = tl.load(DELTA_T + own)
+    kappa = tl.load(KAPPA + own)
     # key/value tiles: TMA descriptors, or the pointers of keys [0, BLOCK_N) shifted per tile
     k_tiles = row_tiles(K + b * stride_kb + h_kv * stride_kh, seq_k, head_dim, stride_kn, stride_kd, offs_n0, offs_d,
                         TMA, BLOCK_N, BLOCK_D)
@@ -233,7 +235,7 @@ def tangent_bwd_dq_kernel(
     store_tile(DQ + b * stride_dqb + h * stride_dqh, dq, offs_m, offs_d, stride_dqm, stride_dqd, seq_q, head_dim)
     store_tile(DQT + b * stride_dqtb + h * stride_dqth, dstk * scale, offs_m, offs_d, stride_dqtm, stride_dqtd,
                seq_q, head_dim)
-    tl.store(MU + row, mu, mask=in_rows)
+    tl.store(MU + pid_bh * seq_q + offs_m, mu, mask=offs_m < seq_q)
 
 
 @triton.jit
@@ -265,12 +267,14 @@ def tangent_bwd_dkdv_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)  # [BLOCK_M]
     offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
 
-    k = load_tile(K + b * stride_kb + h_kv * stride_kh, offs_n, offs_d, stride_kn, stride_kd, seq_k, head_dim, 0.0)
-    v = load_tile(V + b * stride_vb + h_kv * stride_vh, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim, 0.0)
-    k_t = load_tile(KT + b * stride_ktb + h_kv * stride_kth, offs_n, offs_d, stride_ktn, stride_ktd, seq_k, head_dim,
-                    0.0)
-    v_t = load_tile(VT + b * stride_vtb + h_kv * stride_vth, offs_n, offs_d, stride_vtn, stride_vtd, seq_k, head_dim,
-                    0.0)
+    k = load_own_tile(K + b * stride_kb + h_kv * stride_kh, offs_n, offs_d, stride_kn, stride_kd, seq_k, head_dim,
+                      0.0)
+    v = load_own_tile(V + b * stride_vb + h_kv * stride_vh, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim,
+                      0.0)
+    k_t = load_own_tile(KT + b * stride_ktb + h_kv * stride_kth, offs_n, offs_d, stride_ktn, stride_ktd, seq_k,
+                        head_dim, 0.0)
+    v_t = load_own_tile(VT + b * stride_vtb + h_kv * stride_vth, offs_n, offs_d, stride_vtn, stride_vtd, seq_k,
+                        head_dim, 0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dkt = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
