@@ -168,7 +168,7 @@ def main(argv=None) -> int:
                 if any(label.startswith(k + " ") for k in args.kernels):
                     jobs.extend((label, launch, config)
                                 for config in _configs(launch, args.sweep, args.stages, head_dim, args.narrow))
-    walks = "interior + edge loops" if _config.split_tiles() else "one masked loop"
+    walks = _config.tile_walks()
     loads = "TMA descriptors" if _config._env["tma"] == "1" else "pointers"  # where the tensors allow
     print(f"sm_{args.arch}, bf16, B=1 H=32 N=8192, Triton {triton.__version__}, JIT specialisation, tile walks: "
           f"{walks}, tile loads: {loads}; {len(jobs)} compiles on {args.jobs} processes", flush=True)

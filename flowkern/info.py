@@ -128,7 +128,7 @@ def _tile_walks() -> str:
     from flowkern import _config
 
     try:
-        return "interior + edge loops" if _config.split_tiles() else "one masked loop"
+        return _config.tile_walks()
     except (ValueError, ImportError) as err:
         return f"unknown: {err}"
 

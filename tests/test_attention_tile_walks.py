@@ -1,7 +1,7 @@
 """The Triton attention kernels walk their tiles in two kinds: interior tiles (inside the sequences and, when causal,
 wholly on or below the diagonal: no bounds or causal test) and edge tiles (the diagonal band, partial last tiles,
-a partial key tile of the dK/dV walk), in loops of their own (`split_tiles()`, Triton >= 3.9) or every tile as an
-edge tile in one loop (Triton 3.6): both structures run here, each with every kernel reading its tiles through TMA
+a partial key tile of the dK/dV walk), in loops of their own (`split_tiles()`: Triton >= 3.9, and the plain forward
+through descriptors) or every tile as an edge tile in one loop (Triton 3.6): both structures run here, each with every kernel reading its tiles through TMA
 descriptors (`tma_loads()`, sm_90; the interpreter emulates them, zero fill past the bounds included) and through
 pointers. With the interpreter's 32-query × 16-key tiles these shapes give every kernel both
 kinds; each result is checked against float64 math attention: O, Ȯ, the gradients of O (flash backward) and of
@@ -73,6 +73,30 @@ def test_interior_and_edge_tiles_match_math_attention(nq, nk, causal, mask, spli
         bound = 8 * floor * max(1.0, want.abs().max().item())
         err = (got.double() - want).abs().max().item()
         assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
+
+
+def test_auto_splits_the_plain_forward_through_descriptors_on_older_triton(monkeypatch):
+    """'auto' on Triton 3.6: the plain forward through descriptors walks two loops, the tangent forward and the
+    backward passes one; the results still match math attention."""
+    from flowkern.attention import triton_launch
+
+    monkeypatch.setattr("triton.__version__", "3.6.0")
+    monkeypatch.setitem(flowkern._config._env, "split_tiles", "auto")
+    monkeypatch.setitem(flowkern._config._env, "tma", "1")
+    seen = []
+    real = triton_launch._walk_flags
+    monkeypatch.setattr(triton_launch, "_walk_flags", lambda dtype, **kw: seen.append(real(dtype, **kw)) or seen[-1])
+    q, k, v, q_t, k_t, v_t = make_inputs(1, 2, 2, 70, 53, 16, seed=3)
+    with flowkern.use_backend("triton"):
+        out = flowkern.attention(q, k, v, is_causal=True)
+        assert [f["SPLIT_TILES"] for f in seen] == [True]
+        o, o_t = flowkern.jvp_attention(q, k, v, q_t, k_t, v_t, is_causal=True)
+        assert [f["SPLIT_TILES"] for f in seen] == [True, False]
+    d = [x.double() for x in (q, k, v)]
+    with sdpa_kernel(SDPBackend.MATH):
+        want = F.scaled_dot_product_attention(*d, is_causal=True)
+    for got in (out, o):
+        assert (got.double() - want).abs().max().item() <= 8 * ABS_FLOOR[torch.float32] * max(1.0, want.abs().max())
 
 
 @pytest.mark.parametrize("name,make,ready", [

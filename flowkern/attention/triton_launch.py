@@ -23,9 +23,10 @@ def _dot_flags(dtype: torch.dtype) -> dict:
     return {"UPCAST": upcast, "INPUT_PRECISION": "tf32" if tf32 else "ieee"}
 
 
-def _walk_flags(dtype: torch.dtype) -> dict:
-    """The constexprs of every tile-walking attention kernel: the dot flags and the loop structure."""
-    return {"SPLIT_TILES": split_tiles(), **_dot_flags(dtype)}
+def _walk_flags(dtype: torch.dtype, *, plain_forward_tma: bool = False) -> dict:
+    """The constexprs of every tile-walking attention kernel: the dot flags and the loop structure
+    (`split_tiles`; plain_forward_tma: the forward without tangent, through TMA descriptors)."""
+    return {"SPLIT_TILES": split_tiles(plain_forward_tma=plain_forward_tma), **_dot_flags(dtype)}
 
 
 def _tma_ready(*tensors: torch.Tensor | None) -> bool:
@@ -136,7 +137,7 @@ def attention_fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec: AttentionSpec):
             *mask_strides, *o.stride(), *(o_t.stride() if has_tangent else zero),
             spec.q_heads, spec.kv_group, spec.seq_q, spec.seq_k, width, spec.scale, spec.causal_offset,
             HAS_TANGENT=has_tangent, CAUSAL=spec.is_causal, MASK_KIND=spec.mask_kind, TMA=tma,
-            BLOCK_D=_block_d(width), **_walk_flags(q.dtype),
+            BLOCK_D=_block_d(width), **_walk_flags(q.dtype, plain_forward_tma=tma and not has_tangent),
         )
     dv = spec.head_dim_v
     return o[..., :dv], (o_t[..., :dv] if has_tangent else None), stats
