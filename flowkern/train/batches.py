@@ -29,12 +29,12 @@ def noise_seed(seed: int, rank: int) -> int:
     return seed + 1000 * rank + NOISE_SEED_OFFSET
 
 
-def _start_worker(threads: int, device: torch.device) -> None:
+def _start_worker(threads: int, cuda_index: int | None) -> None:
     """The worker thread takes the caller's intra-op thread count (a new thread starts with the default) and, on
     CUDA, the rank's device, so that page-locking does not open a context on device 0."""
     torch.set_num_threads(threads)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    if cuda_index is not None:
+        torch.cuda.set_device(cuda_index)
 
 
 class Batches:
@@ -59,15 +59,18 @@ class Batches:
         self.data_generator = torch.Generator().manual_seed(seed)
         self.noise_generator = torch.Generator().manual_seed(noise_seed(seed, rank))
         self.ahead = pairing is not None if ahead is None else bool(ahead)
+        cuda_index = None
+        if self.ahead and self.device.type == "cuda":   # "cuda" without an index: the caller's current device
+            cuda_index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="flowkern-batches", initializer=_start_worker,
-                                        initargs=(torch.get_num_threads(), self.device)) if self.ahead else None
+                                        initargs=(torch.get_num_threads(), cuda_index)) if self.ahead else None
         self._next: tuple[Future, dict] | None = None   # the batch in flight and the states it was drawn from
 
     def _draw(self) -> tuple[Tensor, Tensor | None]:
         b = self.batch
         x0 = self.data(b * self.world, self.data_generator)[self.rank * b:(self.rank + 1) * b]
         noise = None if self.pairing is None else self.pairing.draw(x0, self.noise_generator)
-        if self.device.type == "cuda":   # page-locked: the copy to the device does not hold the host
+        if self.device.type == "cuda" and x0.device.type == "cpu":   # page-locked: the copy does not hold the host
             x0, noise = x0.pin_memory(), None if noise is None else noise.pin_memory()
         return x0, noise
 
