@@ -102,20 +102,20 @@ def _triton_version() -> tuple[int, int]:
     return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
-def split_tiles(*, plain_forward_tma: bool = False) -> bool:
+def split_tiles(*, before_3_9: bool = False) -> bool:
     """Whether an attention kernel walks its interior tiles (no bounds or causal tests, pipelined) in a loop of
     their own before the masked edge tiles (True), or every tile in one masked, pipelined loop (False);
-    plain_forward_tma: the walk is the forward without tangent, reading its tiles through TMA descriptors.
+    before_3_9: the walk is one that older Triton compiles as two loops without spills too (the kernel's
+    `kernels/attention/configs.py: splits_before_3_9`).
 
     FLOWKERN_SPLIT_TILES=1/0 forces either; 'auto' splits on Triton >= 3.9: its compile of the two loops is
     spill-free and shorter per tile. Triton 3.6 spills hundreds of registers on the same kernels with pointers and
-    compiles the one loop spill-free; with descriptors its two loops of the plain forward are spill-free at every
-    candidate tile and 8–34% fewer instructions per score, so 'auto' splits that walk there too (the tangent
-    forward and the backward passes still spill inside the loop at their pinned tiles). Both walks give the same
-    results (tests/test_attention_tile_walks.py)."""
+    compiles the one loop spill-free; with descriptors some walks compile as two loops without spills there and
+    are 8–34% shorter per score, and 'auto' splits those (`before_3_9`). Both walks give the same results
+    (tests/test_attention_tile_walks.py)."""
     value = _tristate("split_tiles", "FLOWKERN_SPLIT_TILES")
     if value == "auto":
-        return plain_forward_tma or _triton_version() >= SPLIT_TILES_FROM
+        return before_3_9 or _triton_version() >= SPLIT_TILES_FROM
     return value == "1"
 
 
@@ -123,8 +123,8 @@ def tile_walks() -> str:
     """How the attention kernels walk their tiles here, in words (`split_tiles`)."""
     if split_tiles():
         return "interior + edge loops"
-    if split_tiles(plain_forward_tma=True):
-        return "one masked loop (the plain forward through TMA descriptors: interior + edge loops)"
+    if split_tiles(before_3_9=True):
+        return "one masked loop (interior + edge loops for the walks of SPLIT_BEFORE_3_9 through TMA descriptors)"
     return "one masked loop"
 
 

@@ -75,23 +75,40 @@ def test_interior_and_edge_tiles_match_math_attention(nq, nk, causal, mask, spli
         assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
 
 
-def test_auto_splits_the_plain_forward_through_descriptors_on_older_triton(monkeypatch):
-    """'auto' on Triton 3.6: the plain forward through descriptors walks two loops, the tangent forward and the
-    backward passes one; the results still match math attention."""
-    from flowkern.attention import triton_launch
+WALKS = ["fwd", "bwd_dq", "bwd_dkdv", "fwd_tangent", "tangent_bwd_dq", "tangent_bwd_dkdv"]
 
-    monkeypatch.setattr("triton.__version__", "3.6.0")
+
+@pytest.mark.parametrize("version,tma,split", [
+    ("3.6.0", "1", [True, True, False, False, False, True]),     # kernels/attention/configs.py SPLIT_BEFORE_3_9
+    ("3.6.0", "0", [False] * 6),                                  # pointers: one loop on older Triton
+    ("3.9.0", "1", [True] * 6), ("3.9.0", "0", [True] * 6)])
+def test_auto_walk_per_kernel_follows_the_triton_version_and_the_loads(version, tma, split, monkeypatch):
+    """'auto': every walk splits from Triton 3.9 on; before, only the walks of SPLIT_BEFORE_3_9 (head dim 16: the
+    64 bucket) and only through descriptors. The results match math attention whichever walk runs."""
+    from flowkern.attention import tangent_triton_launch, triton_launch
+
+    monkeypatch.setattr("triton.__version__", version)
     monkeypatch.setitem(flowkern._config._env, "split_tiles", "auto")
-    monkeypatch.setitem(flowkern._config._env, "tma", "1")
-    seen = []
+    monkeypatch.setitem(flowkern._config._env, "tma", tma)
+    seen = {}
     real = triton_launch._walk_flags
-    monkeypatch.setattr(triton_launch, "_walk_flags", lambda dtype, **kw: seen.append(real(dtype, **kw)) or seen[-1])
+
+    def record(dtype, kernel, head_dim, loads):
+        flags = real(dtype, kernel, head_dim, loads)
+        seen[kernel] = flags["SPLIT_TILES"]
+        return flags
+
+    monkeypatch.setattr(triton_launch, "_walk_flags", record)
+    monkeypatch.setattr(tangent_triton_launch, "_walk_flags", record)
     q, k, v, q_t, k_t, v_t = make_inputs(1, 2, 2, 70, 53, 16, seed=3)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, q_t, k_t, v_t)]
+    g = torch.randn(1, 2, 70, 16, generator=torch.Generator().manual_seed(4))
     with flowkern.use_backend("triton"):
-        out = flowkern.attention(q, k, v, is_causal=True)
-        assert [f["SPLIT_TILES"] for f in seen] == [True]
-        o, o_t = flowkern.jvp_attention(q, k, v, q_t, k_t, v_t, is_causal=True)
-        assert [f["SPLIT_TILES"] for f in seen] == [True, False]
+        out = flowkern.attention(*leaves[:3], is_causal=True)
+        torch.autograd.grad(out, leaves[:3], g)
+        o, o_t = flowkern.jvp_attention(*leaves, is_causal=True)
+        torch.autograd.grad((o_t * g).sum(), leaves)
+    assert [seen[w] for w in WALKS] == split, seen
     d = [x.double() for x in (q, k, v)]
     with sdpa_kernel(SDPBackend.MATH):
         want = F.scaled_dot_product_attention(*d, is_causal=True)

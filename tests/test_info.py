@@ -83,12 +83,12 @@ def test_tile_walk_choice_follows_the_triton_version_and_the_override(setenv, mo
     for version, split in [("3.6.0", False), ("3.7.1", False), ("3.9.0", True), ("3.10.0+git1a2b", True)]:
         monkeypatch.setattr("triton.__version__", version)
         assert _config.split_tiles() is split, version
-        assert _config.split_tiles(plain_forward_tma=True) is True, version   # spill-free on 3.6 with descriptors
+        assert _config.split_tiles(before_3_9=True) is True, version   # the walks of SPLIT_BEFORE_3_9
         assert _config.tile_walks() == ("interior + edge loops" if split else
-                                        "one masked loop (the plain forward through TMA descriptors: interior + "
-                                        "edge loops)")
+                                        "one masked loop (interior + edge loops for the walks of SPLIT_BEFORE_3_9 "
+                                        "through TMA descriptors)")
     setenv("FLOWKERN_SPLIT_TILES", "0")
-    assert _config.split_tiles() is False and _config.split_tiles(plain_forward_tma=True) is False
+    assert _config.split_tiles() is False and _config.split_tiles(before_3_9=True) is False
     setenv("FLOWKERN_SPLIT_TILES", "1")
     assert _config.split_tiles() is True
     setenv("FLOWKERN_SPLIT_TILES", "two")

@@ -33,20 +33,19 @@ def attention_tangent_bwd(q, k, v, q_t, k_t, v_t, o, o_t, stats, do, do_t, attn_
     mask, mask_strides = _mask_args(attn_mask, spec, q)
     strides = (*q.stride(), *k.stride(), *v.stride(), *q_t.stride(), *k_t.stride(), *v_t.stride(), *do_.stride(),
                *do_t.stride(), *mask_strides)
-    common = dict(HAS_DO=has_do, CAUSAL=spec.is_causal, MASK_KIND=spec.mask_kind, BLOCK_D=block_d,
-                  **_walk_flags(q.dtype))
+    common = dict(HAS_DO=has_do, CAUSAL=spec.is_causal, MASK_KIND=spec.mask_kind, BLOCK_D=block_d)
     inputs = (q, k, v, q_t, k_t, v_t, do_, do_t, stats, delta_t, kappa, mu, mask)
     # dQ first: it writes μ, which the dK/dV pass reads
     with _tile_loads(q.device, k, v, k_t, v_t) as tma:
         kern.tangent_bwd_dq[lambda meta: (triton.cdiv(spec.seq_q, meta["BLOCK_M"]), bh)](
             *inputs, dq, dqt, *strides, *dq.stride(), *dqt.stride(),
-            spec.q_heads, spec.kv_group, spec.seq_q, spec.seq_k, width, spec.scale, spec.causal_offset, TMA=tma,
-            **common,
+            spec.q_heads, spec.kv_group, spec.seq_q, spec.seq_k, width, spec.scale, spec.causal_offset,
+            **common, **_walk_flags(q.dtype, "tangent_bwd_dq", width, tma),
         )
     with _tile_loads(q.device, q, q_t, do, do_t) as tma:
         kern.tangent_bwd_dkdv[lambda meta: (triton.cdiv(spec.seq_k, meta["BLOCK_N"]), spec.batch * spec.kv_heads)](
             *inputs, dk, dv, dkt, dvt, *strides, *dk.stride(), *dv.stride(), *dkt.stride(), *dvt.stride(),
             spec.q_heads, spec.kv_heads, spec.kv_group, spec.seq_q, spec.seq_k, width, spec.scale,
-            spec.causal_offset, TMA=tma, **common,
+            spec.causal_offset, **common, **_walk_flags(q.dtype, "tangent_bwd_dkdv", width, tma),
         )
     return dq[..., :e], dk[..., :e], dv[..., :ev], dqt[..., :e], dkt[..., :e], dvt[..., :ev]

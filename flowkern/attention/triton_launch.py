@@ -23,10 +23,12 @@ def _dot_flags(dtype: torch.dtype) -> dict:
     return {"UPCAST": upcast, "INPUT_PRECISION": "tf32" if tf32 else "ieee"}
 
 
-def _walk_flags(dtype: torch.dtype, *, plain_forward_tma: bool = False) -> dict:
-    """The constexprs of every tile-walking attention kernel: the dot flags and the loop structure
-    (`split_tiles`; plain_forward_tma: the forward without tangent, through TMA descriptors)."""
-    return {"SPLIT_TILES": split_tiles(plain_forward_tma=plain_forward_tma), **_dot_flags(dtype)}
+def _walk_flags(dtype: torch.dtype, kernel: str, head_dim: int, tma: bool) -> dict:
+    """The constexprs of a tile-walking attention kernel: the dot flags, the loads (`tma`) and the loop structure
+    (`split_tiles`; `kernel` is its name in kernels/attention/configs.py's SPLIT_BEFORE_3_9)."""
+    kern = kernel_module("attention.configs")
+    split = split_tiles(before_3_9=kern.splits_before_3_9(kernel, head_dim, tma))
+    return {"SPLIT_TILES": split, "TMA": tma, **_dot_flags(dtype)}
 
 
 def _tma_ready(*tensors: torch.Tensor | None) -> bool:
@@ -136,8 +138,8 @@ def attention_fwd(q, k, v, q_t, k_t, v_t, attn_mask, spec: AttentionSpec):
             *(v_t.stride() if has_tangent else zero),
             *mask_strides, *o.stride(), *(o_t.stride() if has_tangent else zero),
             spec.q_heads, spec.kv_group, spec.seq_q, spec.seq_k, width, spec.scale, spec.causal_offset,
-            HAS_TANGENT=has_tangent, CAUSAL=spec.is_causal, MASK_KIND=spec.mask_kind, TMA=tma,
-            BLOCK_D=_block_d(width), **_walk_flags(q.dtype, plain_forward_tma=tma and not has_tangent),
+            HAS_TANGENT=has_tangent, CAUSAL=spec.is_causal, MASK_KIND=spec.mask_kind, BLOCK_D=_block_d(width),
+            **_walk_flags(q.dtype, "fwd_tangent" if has_tangent else "fwd", width, tma),
         )
     dv = spec.head_dim_v
     return o[..., :dv], (o_t[..., :dv] if has_tangent else None), stats
@@ -158,20 +160,20 @@ def attention_bwd(q, k, v, o, stats, do, attn_mask, spec: AttentionSpec):
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     mask, mask_strides = _mask_args(attn_mask, spec, q)
-    common = dict(CAUSAL=spec.is_causal, MASK_KIND=spec.mask_kind, BLOCK_D=block_d, **_walk_flags(q.dtype))
+    common = dict(CAUSAL=spec.is_causal, MASK_KIND=spec.mask_kind, BLOCK_D=block_d)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *mask_strides)
 
     delta_exact = torch.empty_like(delta)
     with _tile_loads(q.device, k, v) as tma:
         kern.attention_bwd_dq[lambda meta: (triton.cdiv(spec.seq_q, meta["BLOCK_M"]), spec.batch * spec.q_heads)](
             q, k, v, do, stats, delta, mask, dq, delta_exact, *strides, *dq.stride(),
-            spec.q_heads, spec.kv_group, spec.seq_q, spec.seq_k, width, spec.scale, spec.causal_offset, TMA=tma,
-            **common,
+            spec.q_heads, spec.kv_group, spec.seq_q, spec.seq_k, width, spec.scale, spec.causal_offset,
+            **common, **_walk_flags(q.dtype, "bwd_dq", width, tma),
         )
     with _tile_loads(q.device, q, do) as tma:
         kern.attention_bwd_dkdv[lambda meta: (triton.cdiv(spec.seq_k, meta["BLOCK_N"]), spec.batch * spec.kv_heads)](
             q, k, v, do, stats, delta_exact, mask, dk, dv, *strides, *dk.stride(), *dv.stride(),
             spec.q_heads, spec.kv_heads, spec.kv_group, spec.seq_q, spec.seq_k, width, spec.scale,
-            spec.causal_offset, TMA=tma, **common,
+            spec.causal_offset, **common, **_walk_flags(q.dtype, "bwd_dkdv", width, tma),
         )
     return dq[..., :spec.head_dim], dk[..., :spec.head_dim], dv[..., :spec.head_dim_v]

@@ -62,6 +62,21 @@ _BWD_DQ_TMA = {64: [(128, 128, 8), (64, 128, 4), (64, 64, 4), (128, 64, 8)],
                256: [(32, 64, 8), (32, 32, 4), (32, 16, 4)]}
 _STAGES = (3, 2)
 
+# The walks that Triton < 3.9 also compiles as interior + edge loops with no spill inside a loop at any candidate
+# tile of their TMA list: (kernel, head-dim bucket), with descriptors only (with pointers 3.6 spills hundreds of
+# registers there). From `kernel_report.py` on Triton 3.6 with FLOWKERN_SPLIT_TILES=1 against 0 (RESULTS.md):
+# 8–34% fewer warp instructions per score for the plain forward, 10–25% for dQ at 64, 10–12% for dK/dV at 128,
+# 10–15% for the tangent dK/dV at 64. The others spill inside the loop at their pinned tile when split there.
+SPLIT_BEFORE_3_9 = {("fwd", 64), ("fwd", 128), ("fwd", 256), ("bwd_dq", 64), ("bwd_dq", 256), ("bwd_dkdv", 128),
+                    ("tangent_bwd_dkdv", 64)}
+
+
+def splits_before_3_9(kernel: str, head_dim: int, tma: bool) -> bool:
+    """Whether `kernel` (fwd, fwd_tangent, bwd_dq, bwd_dkdv, tangent_bwd_dq, tangent_bwd_dkdv) at `head_dim` (its
+    list's bucket) walks interior + edge loops on Triton < 3.9 too: listed in SPLIT_BEFORE_3_9 and read through
+    TMA descriptors."""
+    return tma and (kernel, _bucket(head_dim)) in SPLIT_BEFORE_3_9
+
 
 def _bucket(block_d: int) -> int:
     return 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
