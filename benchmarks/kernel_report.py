@@ -8,7 +8,7 @@ with the JIT's own specialisation (`jit_compile.py`: stride == 1 and group == 1 
 tile of a wider grid; narrower tiles at head dim 256). Per kernel and config it prints, from the cubin (the cuobjdump/nvdisasm bundled with Triton):
 
 * regs, stack bytes and spill instructions (STL stores / LDL loads to local memory; `in loop`: those inside a
-  loop with matrix instructions, paid every tile);
+  loop with matrix instructions, paid every tile of it; `in main`: those inside the main loop alone);
 * shared memory bytes per program;
 * the matrix instructions: HGMMA (wgmma, sm_90's warpgroup MMA) vs HMMA (mma.sync, the Ampere path);
 * the main loop: the SASS instructions between the target and the backward branch of the first loop holding the
@@ -111,7 +111,8 @@ def _compile_job(item):
         return index, (lines[-1] if lines else type(exc).__name__)[:80]
 
 
-HEADER = (f"{'kernel':<24}{'BM,BN,warps,stages':>20}{'regs':>6}{'STL':>5}{'LDL':>5}{'in loop':>8}{'smem KiB':>9}"
+HEADER = (f"{'kernel':<24}{'BM,BN,warps,stages':>20}{'regs':>6}{'STL':>5}{'LDL':>5}{'in loop':>8}{'in main':>8}"
+          f"{'smem KiB':>9}"
           f"{'wgmma':>7}{'mma.sync':>9}{'loop instr':>11}{'edge':>6}{'loops':>6}{'warp instr/kscore':>18}")
 
 
@@ -124,7 +125,7 @@ def format_row(label: str, config, row) -> str:
     if isinstance(row, str):
         return f"{label:<24}{config_label:>20}  FAILED: {row}"
     return (f"{label:<24}{config_label:>20}{row['regs']:>6}{row['stl']:>5}{row['ldl']:>5}{row['loop_spills']:>8}"
-            f"{row['smem'] / 1024:>9.1f}"
+            f"{row['main_loop_spills']:>8}{row['smem'] / 1024:>9.1f}"
             f"{row['wgmma']:>7}{row['mma_sync']:>9}{row['loop_instructions']:>11}{row['edge_instructions'] or '':>6}"
             f"{row['loops']:>6}"
             f"{warp_instructions_per_kscore(row, config):>18.1f}")

@@ -5,7 +5,8 @@ Uses the cuobjdump bundled with Triton (or the one on PATH). No side effects on 
 * regs, stack: `cuobjdump --dump-resource-usage`;
 * stl / ldl: SASS stores to and loads from local memory (register spills, or arrays indexed at run time);
   loop_spills: those inside a loop holding matrix instructions (a value saved before the loop and reloaded after it
-  costs two instructions a program; one spilled inside the loop costs them every tile);
+  costs two instructions a program; one spilled inside the loop costs them every tile); main_loop_spills: those
+  inside the main loop (the edge loop runs for a few tiles of a program, the main loop for all the others);
 * wgmma / mma_sync: HGMMA (sm_90's warpgroup MMA) and HMMA (mma.sync, the pre-Hopper tensor-core path) counts;
 * loop_instructions: SASS instructions (NOPs excluded) between the target and the backward branch of the main loop:
   what one thread issues per iteration of it. The main loop is the first (in code order) of the loops holding the
@@ -70,10 +71,15 @@ def main_loop(instructions) -> dict:
     most = max((mma for mma, _ in counted), default=0)
     hot = [count for mma, count in counted if mma == most]
     mma_loops = [(start, end) for (start, end), (mma, _) in zip(sorted(loops), counted) if mma]
-    loop_spills = sum(_opcode(t).startswith(("STL", "LDL")) and any(s <= a <= e for s, e in mma_loops)
-                      for a, t in instructions)
+    main = next(((s, e) for (s, e), (mma, _) in zip(sorted(loops), counted) if mma == most and mma), None)
+
+    def spills_in(ranges):
+        return sum(_opcode(t).startswith(("STL", "LDL")) and any(s <= a <= e for s, e in ranges)
+                   for a, t in instructions)
+
     return {"loop_instructions": hot[0] if hot else 0, "edge_instructions": max(hot[1:], default=0),
-            "loop_mma": most, "loops": len(loops), "loop_spills": loop_spills}
+            "loop_mma": most, "loops": len(loops), "loop_spills": spills_in(mma_loops),
+            "main_loop_spills": spills_in([main] if main else [])}
 
 
 def resource_usage(cubin: bytes) -> dict:

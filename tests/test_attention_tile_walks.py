@@ -79,7 +79,7 @@ WALKS = ["fwd", "bwd_dq", "bwd_dkdv", "fwd_tangent", "tangent_bwd_dq", "tangent_
 
 
 @pytest.mark.parametrize("version,tma,split", [
-    ("3.6.0", "1", [True, True, False, False, False, True]),     # kernels/attention/configs.py SPLIT_BEFORE_3_9
+    ("3.6.0", "1", [True, True, True, True, False, True]),       # kernels/attention/configs.py SPLIT_BEFORE_3_9
     ("3.6.0", "0", [False] * 6),                                  # pointers: one loop on older Triton
     ("3.9.0", "1", [True] * 6), ("3.9.0", "0", [True] * 6)])
 def test_auto_walk_per_kernel_follows_the_triton_version_and_the_loads(version, tma, split, monkeypatch):

@@ -287,7 +287,7 @@ def test_main_loop_is_the_backward_branch_with_the_matrix_instructions():
             (0x60, "FMUL R6, R7, R8"), (0x70, "@P1 BRA 0x40"),           # the main loop: 3 instructions + NOP
             (0x80, "EXIT"), (0x90, "BRA 0x90")]                          # the trailing self-branch
     assert main_loop(code) == {"loop_instructions": 3, "edge_instructions": 0, "loop_mma": 1, "loops": 2,
-                               "loop_spills": 0}
+                               "loop_spills": 0, "main_loop_spills": 0}
 
 
 def test_main_loop_is_the_first_of_the_loops_with_the_most_matrix_instructions():
@@ -298,11 +298,11 @@ def test_main_loop_is_the_first_of_the_loops_with_the_most_matrix_instructions()
     code = [(0x00, "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24"), (0x10, "FMUL R6, R7, R8"),
             (0x20, "@P1 BRA 0x00"),                                      # interior: 3 instructions
             (0x30, "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24"), (0x40, "FSEL R6, R7, R8, P0"),
-            (0x50, "ISETP.GE.AND P0, PT, R1, R2, PT"), (0x60, "FMUL R6, R7, R8"),
-            (0x70, "@P1 BRA 0x30"),                                      # edge: 5 instructions
+            (0x50, "LDL R9, [R1]"), (0x60, "FMUL R6, R7, R8"),
+            (0x70, "@P1 BRA 0x30"),                                      # edge: 5 instructions, one a spill
             (0x80, "EXIT"), (0x90, "BRA 0x90")]
     assert main_loop(code) == {"loop_instructions": 3, "edge_instructions": 5, "loop_mma": 1, "loops": 2,
-                               "loop_spills": 0}
+                               "loop_spills": 1, "main_loop_spills": 0}
 
 
 def test_out_of_line_returns_are_not_loops_and_spills_are_placed():
@@ -320,4 +320,4 @@ def test_out_of_line_returns_are_not_loops_and_spills_are_placed():
             (0x90, "SYNCS.PHASECHK.TRANS64.TRYWAIT P2, [UR4], R3"), (0xa0, "@!P2 BRA 0x90"),  # spin
             (0xb0, "BRA 0x30")]                                          # back into the loop body
     assert main_loop(code) == {"loop_instructions": 5, "edge_instructions": 0, "loop_mma": 1, "loops": 2,
-                               "loop_spills": 1}
+                               "loop_spills": 1, "main_loop_spills": 1}

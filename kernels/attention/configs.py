@@ -62,13 +62,16 @@ _BWD_DQ_TMA = {64: [(128, 128, 8), (64, 128, 4), (64, 64, 4), (128, 64, 8)],
                256: [(32, 64, 8), (32, 32, 4), (32, 16, 4)]}
 _STAGES = (3, 2)
 
-# The walks that Triton < 3.9 also compiles as interior + edge loops with no spill inside a loop at any candidate
-# tile of their TMA list: (kernel, head-dim bucket), with descriptors only (with pointers 3.6 spills hundreds of
-# registers there). From `kernel_report.py` on Triton 3.6 with FLOWKERN_SPLIT_TILES=1 against 0 (RESULTS.md):
-# 8–34% fewer warp instructions per score for the plain forward, 10–25% for dQ at 64, 10–12% for dK/dV at 128,
-# 10–15% for the tangent dK/dV at 64. The others spill inside the loop at their pinned tile when split there.
-SPLIT_BEFORE_3_9 = {("fwd", 64), ("fwd", 128), ("fwd", 256), ("bwd_dq", 64), ("bwd_dq", 256), ("bwd_dkdv", 128),
-                    ("tangent_bwd_dkdv", 64)}
+# The walks that Triton < 3.9 also compiles as interior + edge loops with a spill-free main (interior) loop,
+# shorter than its one loop, at the pinned tile of their TMA list: (kernel, head-dim bucket), with descriptors only
+# (with pointers 3.6 spills hundreds of registers in the main loop). From `kernel_report.py` on Triton 3.6 with
+# FLOWKERN_SPLIT_TILES=1 against 0 (RESULTS.md): the main loop is 1–34% shorter per score. Some keep a few spill
+# instructions in their edge loop, which runs for the few masked tiles of a program. Not listed: dK/dV at 256 (a
+# spill in the main loop), the tangent dQ pass (longer when split), the tangent dK/dV at 128 and 256 (their pinned
+# tiles spill in the main loop either way).
+SPLIT_BEFORE_3_9 = {("fwd", 64), ("fwd", 128), ("fwd", 256), ("fwd_tangent", 64), ("fwd_tangent", 128),
+                    ("fwd_tangent", 256), ("bwd_dq", 64), ("bwd_dq", 128), ("bwd_dq", 256), ("bwd_dkdv", 64),
+                    ("bwd_dkdv", 128), ("tangent_bwd_dkdv", 64)}
 
 
 def splits_before_3_9(kernel: str, head_dim: int, tma: bool) -> bool:
