@@ -248,6 +248,25 @@ def test_auxiliary_nan_skips_the_step():
     assert not all(torch.equal(p, q) for p, q in zip(trainer.method.critic.parameters(), critic))
 
 
+def test_two_trainers_loading_one_state_dict_train_apart():
+    """A state dict loaded from memory is copied: two trainers resumed from it run the same steps, and training
+    them leaves the dict as it was."""
+    first = _trainer(FlowMatching(engine_net()), steps=8)
+    first.fit(4)
+    state = first.state_dict()
+    moments = [v.clone() for s in state["optimizers"]["model"]["state"].values() for v in s.values()
+               if isinstance(v, torch.Tensor)]
+    runs = []
+    for _ in range(2):
+        t = _trainer(FlowMatching(engine_net(seed=3)), steps=8)
+        t.load(state)
+        t.fit()
+        runs.append(t.losses)
+    assert runs[0] == runs[1]
+    after = [v for s in state["optimizers"]["model"]["state"].values() for v in s.values() if isinstance(v, torch.Tensor)]
+    assert all(torch.equal(a, b) for a, b in zip(moments, after))
+
+
 def test_auxiliary_optimizer_resumes_exactly(tmp_path):
     straight = _critic_trainer(steps=6)
     straight.fit()

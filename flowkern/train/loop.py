@@ -120,6 +120,18 @@ def _loss_terms(method: Method, losses, names) -> dict[str, torch.Tensor]:
     return {name: losses[name].float() for name in names if name in losses}
 
 
+def _copied_on(tree, device: torch.device):
+    """`tree` (dicts, lists, tuples) with each tensor an optimiser would keep as it is cloned: those on `device`,
+    and scalars (the step counts, which stay on the host); the others are copied when moved to `device`."""
+    if isinstance(tree, torch.Tensor):
+        return tree.clone() if tree.device == device or tree.dim() == 0 else tree
+    if isinstance(tree, dict):
+        return {k: _copied_on(v, device) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_copied_on(v, device) for v in tree)
+    return tree
+
+
 def _mean_gradients_over_ranks(params) -> None:
     """p.grad ← mean over the ranks of p.grad, in one all-reduce (for networks outside the DDP wrapper)."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -455,7 +467,9 @@ class Trainer:
         return out
 
     def load(self, path_or_state) -> None:
-        """Resume exactly: weights, EMA, every optimiser and scheduler, step, every RNG (this rank's)."""
+        """Resume exactly: weights, EMA, every optimiser and scheduler, step, every RNG (this rank's). A state dict
+        given in memory is left as it was: the optimisers get copies of its tensors on this run's device (torch's
+        `Optimizer.load_state_dict` keeps those as they are and would train them in place)."""
         if isinstance(path_or_state, dict):
             state = checkpoint.require(path_or_state, checkpoint.ENGINE_KEYS)
         else:
@@ -480,8 +494,12 @@ class Trainer:
             if missing:
                 raise checkpoint.CheckpointError(f"checkpoint has no {group[:-1]} state for {missing}")
             for name, obj in getattr(self, group).items():
-                if self.config.fsdp and group == "optimizers":
-                    fsdp.load_optimizer_state(obj, state[group][name])
+                if group == "optimizers":
+                    own = _copied_on(state[group][name], self.device)
+                    if self.config.fsdp:
+                        fsdp.load_optimizer_state(obj, own)
+                    else:
+                        obj.load_state_dict(own)
                 else:
                     obj.load_state_dict(state[group][name])
         self.step_count = state["step"]
