@@ -91,7 +91,7 @@ def verbose_build() -> bool:
 
 # The first Triton release whose compile of the two-loop attention walks was measured spill-free at the pinned tiles
 # (sm_90, `benchmarks/kernel_report.py`); on Triton 3.6 the same kernels spill hundreds of registers with pointers
-# (RESULTS.md), and with TMA descriptors only the plain forward compiles both loops spill-free at every tile.
+# (RESULTS.md); with TMA descriptors the walks of kernels/attention/configs.py's SPLIT_BEFORE_3_9 split there too.
 SPLIT_TILES_FROM = (3, 9)
 
 

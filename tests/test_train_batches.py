@@ -181,3 +181,9 @@ def test_bad_pairings():
         NoisePairing(8, -1.0)
     with pytest.raises(TypeError, match="pairing"):
         Batches(get_dataset("moons").sample, 8, rank=0, world=1, device="cpu", seed=0, pairing="ot")
+    with pytest.raises(TypeError, match="data"):
+        Batches(None, 8, rank=0, world=1, device="cpu", seed=0)
+    with pytest.raises(ValueError, match="batch"):
+        Batches(get_dataset("moons").sample, 0, rank=0, world=1, device="cpu", seed=0)
+    with pytest.raises(ValueError, match="rank"):
+        Batches(get_dataset("moons").sample, 8, rank=2, world=2, device="cpu", seed=0)

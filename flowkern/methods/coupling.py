@@ -73,7 +73,7 @@ def ot_permutation(x0: Tensor, z: Tensor) -> Tensor:
     return perm.to(x0.device)
 
 
-def draw_normal(shape, like: Tensor, generator: torch.Generator | None) -> Tensor:
+def _normal_draws(shape, like: Tensor, generator: torch.Generator | None) -> Tensor:
     """N(0, I) draws of `shape` in like's dtype and on its device, from `generator` wherever that lives."""
     device = like.device if generator is None else generator.device
     return torch.randn(shape, dtype=like.dtype, device=device, generator=generator).to(like.device)
@@ -98,7 +98,7 @@ def couple(x0: Tensor, z: Tensor, coupling: str, block: int = DEFAULT_BLOCK,
         out[lo:lo + block] = zb[ot_permutation(xb, zb)]
     if full < n:
         lo = n - block      # the trailing rows with the block - r before them, against a fresh block of draws
-        fresh = draw_normal((block, *z.shape[1:]), z, generator) * scale
+        fresh = _normal_draws((block, *z.shape[1:]), z, generator) * scale
         paired = fresh[ot_permutation(x0[lo:], fresh)]
         out[full:] = paired[full - lo:]
     return out
@@ -134,7 +134,7 @@ class NoisePairing:
         """ε [B, ...] like x0 (its dtype and device), paired with x0; every draw from `generator` (None: the global
         RNG of x0's device)."""
         check_tensor("x0", x0)
-        z = draw_normal(x0.shape, x0, generator) * self.scale
+        z = _normal_draws(x0.shape, x0, generator) * self.scale
         return couple(x0, z, "ot", self.block, generator, self.scale)
 
 

@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import Tensor
 
+from flowkern._validate import check_int
 from flowkern.methods.coupling import NoisePairing
 
 NOISE_SEED_OFFSET = 0x5EED   # the noise generator of rank r starts at seed + 1000·r + this
@@ -51,6 +52,13 @@ class Batches:
 
     def __init__(self, data: Callable, batch: int, *, rank: int, world: int, device: torch.device, seed: int,
                  pairing: NoisePairing | None = None, ahead: bool | None = None):
+        if not callable(data):
+            raise TypeError(f"data must be callable data(n, generator), got {type(data).__name__}")
+        check_int("batch", batch, minimum=1)
+        check_int("world", world, minimum=1)
+        check_int("rank", rank, minimum=0)
+        if rank >= world:
+            raise ValueError(f"rank must be < world ({world}), got {rank}")
         if pairing is not None and not isinstance(pairing, NoisePairing):
             raise TypeError(f"pairing must be a flowkern.methods.coupling.NoisePairing or None, "
                             f"got {type(pairing).__name__}")

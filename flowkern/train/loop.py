@@ -2,10 +2,10 @@
 
 One step: data (and, for a method that pairs its noise with the data, that noise: both drawn and paired one step
 ahead by a worker thread, `flowkern.train.batches`) → method.loss(net, x0, step[, noise]) (bf16 autocast on CUDA;
-the method keeps time and loss in float32) → for each network (the model, then each of `method.auxiliary_networks()`) its loss term's gradient with respect to
-its own parameters only → gradient all-reduce (DDP) → clip → NaN/Inf guard → optimiser step (the model: AdamW/RAdam;
-an auxiliary: Adam with its own lr, betas and weight decay; every one on the run's warm-up / decay schedule) → EMA →
-method.on_step_end(step). Each phase runs inside an NVTX range (flowkern.train.data/loss/backward/optimizer/ema).
+the method keeps time and loss in float32) → for each network (the model, then each of
+`method.auxiliary_networks()`) its loss term's gradient with respect to its own parameters only → gradient
+all-reduce (DDP) → clip → NaN/Inf guard → optimiser step (the model: AdamW/RAdam; an auxiliary: Adam with its own
+lr, betas and weight decay; every one on the run's warm-up / decay schedule) → EMA → method.on_step_end(step). Each phase runs inside an NVTX range (flowkern.train.data/loss/backward/optimizer/ema).
 
 The NaN/Inf guard decides on the device: the step's verdict is a tensor that the fused optimisers, the EMA and
 the skip counters take as it is, so a step costs no host synchronisation. The host reads the device only every
@@ -121,15 +121,11 @@ def _loss_terms(method: Method, losses, names) -> dict[str, torch.Tensor]:
 
 
 def _copied_on(tree, device: torch.device):
-    """`tree` (dicts, lists, tuples) with each tensor an optimiser would keep as it is cloned: those on `device`,
-    and scalars (the step counts, which stay on the host); the others are copied when moved to `device`."""
-    if isinstance(tree, torch.Tensor):
-        return tree.clone() if tree.device == device or tree.dim() == 0 else tree
-    if isinstance(tree, dict):
-        return {k: _copied_on(v, device) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_copied_on(v, device) for v in tree)
-    return tree
+    """`tree` (an optimiser state dict) with each tensor the optimiser would keep as it is cloned: those on
+    `device`, and scalars (the step counts, which stay on the host); the others are copied when moved there."""
+    from torch.utils._pytree import tree_map_only
+
+    return tree_map_only(torch.Tensor, lambda t: t.clone() if t.device == device or t.dim() == 0 else t, tree)
 
 
 def _mean_gradients_over_ranks(params) -> None:
